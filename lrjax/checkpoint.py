@@ -1,0 +1,104 @@
+"""Orbax checkpoints: the latest N and the best by a metric, saved asynchronously, restored with fallback.
+
+A checkpoint is a `Composite` of two items, so plain Orbax can read it without lrjax:
+  - `state`: a pytree of arrays (model parameters, optimizer state, best weights, RNG key data),
+    written with `StandardSave`;
+  - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run dir).
+Per-epoch metrics are handed to the manager, which keeps the best checkpoint by `best_metric`
+(`AnyPreservationPolicy([LatestN, BestN])`: `max_to_keep` with `best_fn` alone would delete the latest).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lrjax.errors import CheckpointError
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep_latest: int = 2, best_metric: str = "val_loss",
+                 mode: str = "min", async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        sign = -1.0 if mode == "min" else 1.0
+
+        def score(metrics):  # BestN keeps the highest scores; a non-finite value is never best
+            value = float(metrics.get(best_metric, math.nan))
+            return sign * value if math.isfinite(value) else -math.inf
+
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy([
+                policies.LatestN(n=keep_latest),
+                policies.BestN(get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False),
+            ]),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save killed midway
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float], force: bool = False) -> None:
+        """Starts an (asynchronous) save; the previous save is finished first by Orbax."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          metrics={k: float(v) for k, v in metrics.items()}, force=force)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
+        """Restores `step` (default: the newest intact one) into the structure of `target`.
+
+        An unreadable checkpoint is reported and moved aside to `checkpoints/unreadable-STEP` (never
+        deleted), and the next older one is tried; raises `CheckpointError` naming them if none is readable.
+        """
+        self.manager.wait_until_finished()
+        candidates = [step] if step is not None else list(reversed(self.all_steps()))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        failures = []
+        for s in candidates:
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                if failures:
+                    print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
+                return s, restored["state"], dict(restored["meta"])
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
+                failures.append(s)
+                print(f"lrjax: checkpoint {self.directory / str(s)} is unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                      file=sys.stderr)
+                if step is None:
+                    self._move_aside(s)
+        raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {failures}); "
+                              "move the folder away to start afresh")
+
+    def _move_aside(self, step: int) -> None:
+        src = self.directory / str(step)
+        if jax.process_index() == 0 and src.exists():
+            dst = self.directory / f"unreadable-{step}"
+            n = 1
+            while dst.exists():
+                dst, n = self.directory / f"unreadable-{step}.{n}", n + 1
+            src.rename(dst)
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,121 @@
+"""The `lrjax` command line: a parser generated from `lrjax.config.Config`, and one call per subcommand.
+
+Every flag is a `Config` field (its help text and the subcommands that show it live there); the
+jobs themselves are `lrjax.workflow` functions. User errors (`LrjaxError`) print one line and exit 1
+(2 for a bad flag); SIGTERM/SIGINT during training exits 143/130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+from lrjax.config import Config
+from lrjax.errors import ConfigError, LrjaxError
+
+SUBCOMMANDS = {
+    "find-lr": "learning-rate range test: lr_find.json/.csv/.png and a suggested rate",
+    "train": "train with --lr: early stopping, Orbax checkpoints (resumable), TensorBoard, metrics.json",
+    "run": "the seed workflow: range test -> suggested rate -> re-initialised model -> training -> test",
+    "sweep": "train a log grid of learning rates at once (one vmapped program) and compare them",
+}
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
+
+
+def _unwrap_optional(tp):
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _tuple_parser(item_type, name):
+    def parse(text: str):
+        try:
+            return tuple(item_type(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item_type.__name__}s, got {text!r}")
+    parse.__name__ = name
+    return parse
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata["help"]
+    tp = _unwrap_optional(tp)
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        return
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        shown = ",".join(str(v) for v in f.default)
+        parser.add_argument(flag, type=_tuple_parser(item, f"{item.__name__} list"), default=f.default,
+                            metavar=item.__name__.upper() + ",...", help=f"{help_text} (default: {shown})")
+        return
+    shown = "" if f.default is None else f" (default: {f.default})"
+    parser.add_argument(flag, type=tp, default=f.default, metavar=tp.__name__.upper(), help=help_text + shown)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrjax", description="Find a good learning rate fast, then train with it (JAX/Flax NNX).",
+        epilog="Run `lrjax SUBCOMMAND --help` for a subcommand's flags.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    hints = typing.get_type_hints(Config)
+    for name, description in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=description, description=description)
+        for f in dataclasses.fields(Config):
+            if name in f.metadata["commands"]:
+                _add_field(p, f, hints[f.name])
+        if name == "train":
+            p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                           help="end after this epoch as a preemption would (time-boxed jobs, tests)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))  # exits 2 with usage
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from lrjax import mesh as mesh_lib
+        from lrjax import workflow
+
+        mesh_lib.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        if args.command == "find-lr":
+            workflow.find_lr_job(cfg)
+        elif args.command == "train":
+            workflow.train_job(cfg, stop_after=args.stop_after)
+        elif args.command == "run":
+            workflow.run_job(cfg)
+        elif args.command == "sweep":
+            from lrjax import sweep as sweep_lib
+
+            sweep_lib.sweep_job(cfg)
+    except workflow.Interrupted as e:
+        print(f"lrjax: {e}", file=sys.stderr)
+        return EXIT_SIGNAL.get(e.result.interrupted, 1)
+    except LrjaxError as e:
+        print(f"lrjax: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lrjax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The one typed, frozen configuration of lrjax, shared by the CLI and research scripts.
+
+Every field carries its help text and the subcommands that expose it; `lrjax.cli` generates its
+argument parser from these fields, so a new option is one new field here. Validation lives in
+`Config.__post_init__`: an invalid value raises `ConfigError` with the flag's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from lrjax.errors import ConfigError
+
+ALL = ("find-lr", "train", "run", "sweep")
+RANGE = ("find-lr", "run")
+TRAIN = ("train", "run", "sweep")
+
+from lrjax.optimizers import OPTIMIZERS
+
+
+def _f(default: Any, help: str, commands: tuple[str, ...] = ALL, **kw) -> Any:
+    return field(default=default, metadata={"help": help, "commands": commands, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- where things go and what data ---
+    workdir: str = _f("workdir", "output folder: lr_find.*, metrics.json, checkpoints/, tensorboard/")
+    dataset: str = _f("fashion_mnist", "dataset name: fashion_mnist, mnist (IDX files or TFDS), or any "
+                      "prepared TFDS image-classification dataset")
+    data_dir: str | None = _f(None, "folder of the four IDX .gz files, or a TFDS data_dir "
+                              "(default: $LRJAX_DATA_DIR, else TFDS's default)")
+    tfds_data_dir: str | None = _f(None, "read the dataset through tensorflow-datasets from this data_dir "
+                                   "(prepared there from the IDX files in --data-dir if needed)")
+    cache_dir: str | None = _f(None, "where decoded arrays and prepared TFDS data are cached "
+                               "(default: $LRJAX_CACHE_DIR or ~/.cache/lrjax)")
+    seed: int = _f(42, "seed for model init, batch order and everything random")
+    batch_size: int = _f(32, "global batch size (divided across devices)")
+    hidden_sizes: tuple[int, ...] = _f((300, 100), "hidden layer widths of the MLP, e.g. 300,100")
+    optimizer: str = _f("sgd", f"optax optimizer: {', '.join(OPTIMIZERS)}")
+    # --- range test ---
+    start_lr: float = _f(1e-3, "first learning rate of the range test", RANGE + ("sweep",))
+    factor: float | None = _f(1.005, "lr growth per step (ignored when --end-lr is given)", RANGE)
+    end_lr: float | None = _f(None, "last learning rate; with --num-steps, sets the factor", RANGE)
+    num_steps: int | None = _f(None, "range-test steps (default: one epoch of the training set)", RANGE)
+    diverge_factor: float = _f(4.0, "stop once the loss exceeds this x the best smoothed loss", RANGE)
+    beta: float = _f(0.98, "smoothing of the debiased exponential moving average", RANGE)
+    num_seeds: int = _f(1, "independent range tests (or sweep seeds) run as one vmapped program",
+                        RANGE + ("sweep",))
+    eval_every: int = _f(0, "validation loss every this many range-test steps (0: off)", RANGE)
+    suggestion: str = _f("default", "suggestion method: valley, steepest, minimum, seed or default",
+                         RANGE + ("sweep",))
+    skip_start: int = _f(10, "points skipped at the start of the curve by the suggestions", RANGE)
+    skip_end: int = _f(5, "points skipped at the end of the curve by the suggestions", RANGE)
+    chunk_steps: int = _f(256, "range-test steps per compiled chunk (progress granularity)", RANGE)
+    # --- training ---
+    lr: float | None = _f(None, "learning rate for training (`run` uses the range test's suggestion)",
+                          ("train",))
+    epochs: int = _f(100, "maximum number of epochs", TRAIN)
+    patience: int = _f(20, "early stopping: epochs without improvement of the monitor", TRAIN)
+    min_delta: float = _f(0.0, "early stopping: smallest change that counts as improvement", TRAIN)
+    monitor: str = _f("val_loss", "early stopping monitor: val_loss or val_accuracy", ("train", "run"))
+    restore_best: bool = _f(True, "end with the best epoch's weights (Keras restore_best_weights)",
+                            ("train", "run"))
+    keep_latest: int = _f(2, "latest checkpoints kept (the best one is always kept too)", ("train", "run"))
+    eval_batch_size: int = _f(1000, "batch size of the compiled evaluation")
+    # --- sweep ---
+    lrs: tuple[float, ...] = _f((1e-3, 1.0), "sweep: lo,hi range of a log grid, or an explicit list "
+                                "of rates when more than two are given", ("sweep",))
+    num_lrs: int = _f(16, "sweep: points of the log grid", ("sweep",))
+    lr_find_json: str | None = _f(None, "sweep: an lr_find.json whose suggestions to mark", ("sweep",))
+    # --- devices and clusters ---
+    mesh_shape: str = _f("auto", "devices: 'auto' (all, data-parallel) or e.g. '4' or 'members=2,data=4'")
+    coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
+    num_processes: int | None = _f(None, "jax.distributed process count (multi-host)")
+    process_id: int | None = _f(None, "jax.distributed process id (multi-host)")
+    progress: bool = _f(True, "progress output while running")
+
+    def __post_init__(self):
+        positive = ("batch_size", "epochs", "num_seeds", "chunk_steps", "eval_batch_size", "num_lrs",
+                    "keep_latest")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("patience", "eval_every", "skip_start", "skip_end", "min_delta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("start_lr", "end_lr", "lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{_flag(name)} must be a positive number, got {value}")
+        if self.end_lr is None and (self.factor is None or not self.factor > 1):
+            raise ConfigError(f"--factor must be > 1 (the rate grows), got {self.factor}")
+        if self.end_lr is not None and self.end_lr <= self.start_lr:
+            raise ConfigError(f"--end-lr {self.end_lr} must exceed --start-lr {self.start_lr}")
+        if self.num_steps is not None and self.num_steps < 2:
+            raise ConfigError(f"--num-steps must be >= 2, got {self.num_steps}")
+        if not 0 <= self.beta < 1:
+            raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
+        if not self.diverge_factor > 1:
+            raise ConfigError(f"--diverge-factor must be > 1, got {self.diverge_factor}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.suggestion not in ("default", "valley", "steepest", "minimum", "seed"):
+            raise ConfigError(f"--suggestion must be valley, steepest, minimum, seed or default, "
+                              f"got {self.suggestion!r}")
+        if self.monitor not in ("val_loss", "val_accuracy"):
+            raise ConfigError(f"--monitor must be val_loss or val_accuracy, got {self.monitor!r}")
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
+        if not self.dataset or not all(c.isalnum() or c in "_-/.:" for c in self.dataset):
+            raise ConfigError(f"--dataset {self.dataset!r} is not a dataset name")
+        if len(self.lrs) < 2 or any(not x > 0 for x in self.lrs):
+            raise ConfigError(f"--lrs needs two or more positive rates, got {self.lrs}")
+
+    # Convenience -------------------------------------------------------------------------------
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kw)
+
+    @property
+    def resolved_data_dir(self) -> str | None:
+        return self.data_dir or os.environ.get("LRJAX_DATA_DIR") or None
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        return (self.cache_dir or os.environ.get("LRJAX_CACHE_DIR")
+                or os.path.join(os.path.expanduser("~"), ".cache", "lrjax"))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

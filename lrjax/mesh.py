@@ -1,0 +1,104 @@
+"""Devices, meshes, shardings and `jax.distributed` start-up. Nothing else of lrjax is imported here.
+
+One code path for 1..N devices: programs run under `jax.set_mesh(mesh)` with a `data` axis (and
+optionally a `members` axis for sweeps and multi-seed range tests). Data and parameters are
+replicated; inside the compiled programs each batch is constrained to be split along `data`, so every
+device gathers and computes only its slice of the batch and XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lrjax.errors import ConfigError
+
+
+def parse_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
+    """'auto' -> all devices on `data`; '4' -> 4 on `data`; 'members=2,data=4' -> both axes."""
+    spec = spec.strip()
+    if spec == "auto":
+        return {"data": num_devices}
+    try:
+        if "=" not in spec:
+            return {"data": int(spec)}
+        axes = {}
+        for part in spec.split(","):
+            name, size = part.split("=")
+            axes[name.strip()] = int(size)
+    except ValueError:
+        raise ConfigError(f"--mesh-shape {spec!r} is not 'auto', an integer or 'members=M,data=D'") from None
+    unknown = set(axes) - {"members", "data"}
+    if unknown:
+        raise ConfigError(f"--mesh-shape: unknown axis {sorted(unknown)}; use members and data")
+    return {"members": axes.get("members", 1), "data": axes.get("data", 1)}
+
+
+def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
+    """A mesh over the available devices (all processes') with a `data` axis, from a --mesh-shape spec."""
+    n = jax.device_count()
+    axes = parse_mesh_shape(spec, n)
+    size = int(np.prod(list(axes.values())))
+    if size != n:
+        raise ConfigError(f"--mesh-shape {spec!r} needs {size} devices but {n} are available")
+    return jax.make_mesh(tuple(axes.values()), tuple(axes))
+
+
+def data_axis_size(mesh: jax.sharding.Mesh | None = None) -> int:
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get("data", 1) if mesh.axis_names else 1
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    d = data_axis_size(mesh)
+    if batch_size % d:
+        raise ConfigError(f"--batch-size {batch_size} must divide by the {d} devices of the data axis")
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Inside a compiled program: split the leading (batch) axis over the ambient mesh's `data` axis."""
+    if data_axis_size() <= 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P("data"))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+    """Places a pytree (numpy or jax arrays) fully replicated on every device of `mesh`.
+
+    With several processes each process passes identical host values (data and init derive from
+    the seed), so the global array is assembled from process-local copies without communication.
+    """
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Starts `jax.distributed` for multi-host jobs; returns whether it did.
+
+    Flags win; otherwise JAX's own cluster auto-detection (SLURM, Open MPI, Kubernetes, TPU pods) is
+    used when such an environment is present, and a single process starts nothing.
+    """
+    explicit = coordinator_address is not None or num_processes is not None
+    cluster = any(v in os.environ for v in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    if not explicit and not cluster:
+        return False
+    if explicit and (num_processes or 1) > 1 and jax.config.jax_platforms in (None, "", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except ValueError as e:  # no cluster detected after all: single process
+        if explicit:
+            raise ConfigError(f"jax.distributed.initialize failed: {e}") from None
+        return False
+    return True
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

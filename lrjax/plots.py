@@ -1,0 +1,79 @@
+"""Matplotlib figures written to PNG files (Agg backend: no display needed). Plotting only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_MARKERS = {"valley": "o", "steepest": "v", "minimum": "s", "seed": "D"}
+
+
+def plot_lr_find(result, path: str | Path) -> None:
+    """The seed's plot done well: loss vs lr (log x), y clipped to the first loss, min line, suggestions."""
+    lrs, losses, smoothed = result.lrs, result.losses, result.smoothed
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if len(lrs):
+        ax.plot(lrs, losses, color="0.75", lw=0.8, label="loss (raw)")
+        if result.num_seeds > 1:
+            lo, hi = result.band
+            ax.fill_between(lrs, lo, hi, color="C0", alpha=0.2, label=f"{result.num_seeds} seeds (min-max)")
+        ax.plot(lrs, smoothed, color="C0", lw=2, label="loss (smoothed)")
+        ax.axhline(float(np.min(smoothed)), color="k", ls=":", lw=1, label=f"min {np.min(smoothed):.3g}")
+        ax.set_xscale("log")
+        top = float(losses[0]) if np.isfinite(losses[0]) else float(np.nanmax(smoothed))
+        ax.set_ylim(float(np.min(smoothed)) * 0.9, top * 1.05)
+        for i, (name, lr) in enumerate(result.suggestions.items()):
+            if lr is None:
+                continue
+            y = float(np.interp(np.log(lr), np.log(lrs), smoothed))
+            chosen = name == result.method
+            ax.plot([lr], [y], marker=_MARKERS.get(name, "o"), ms=10 if chosen else 7, ls="none",
+                    color=f"C{i + 1}", label=f"{name}: {lr:.3g}" + (" (suggested)" if chosen else ""))
+        if result.diverged_lr is not None:
+            ax.axvline(result.diverged_lr, color="C3", ls="--", lw=1, label=f"diverged at {result.diverged_lr:.3g}")
+        if len(result.val_steps):
+            ax.plot(lrs[result.val_steps], result.val_losses, "x", color="C5", label="validation loss")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"LR range test: {result.optimizer}, batch {result.batch_size}, {result.num_seeds} seed(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str | Path,
+                 rows: int = 4, cols: int = 10) -> None:
+    """The seed's grid of the first training images titled with their class names."""
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.5))
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(np.squeeze(images[i]), cmap="binary")
+            ax.set_title(class_names[int(labels[i])], fontsize=8)
+    fig.subplots_adjust(wspace=0.2, hspace=0.5)
+    _save(fig, path)
+
+
+def plot_history(history: Sequence[dict], path: str | Path) -> None:
+    """Training curves (the seed's pd.DataFrame(history).plot()): loss and accuracy per epoch."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    epochs = [h["epoch"] for h in history]
+    for key, style in (("loss", "C0-"), ("val_loss", "C0--"), ("accuracy", "C1-"), ("val_accuracy", "C1--")):
+        ax.plot(epochs, [h[key] for h in history], style, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

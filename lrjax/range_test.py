@@ -1,0 +1,300 @@
+"""The learning-rate range test as one compiled program, and its result object.
+
+The rates come from an optax exponential schedule (`optax.exponential_decay` with decay_rate > 1,
+transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
+data, so another start or factor never recompiles. The steps run in `lax.scan` over device-resident
+data with the batch order drawn on device; `num_seeds` independent tests are one `jax.vmap`-ed
+program. The scan runs in equal chunks of a few hundred steps so the host can print progress between
+them (the same compiled chunk is reused; the host dispatches chunk i+1 before reading chunk i) and
+can stop early once every seed has diverged. Divergence is detected on device: later steps of a
+diverged seed are masked (skipped) and never reach the curve, the suggestion or the plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from lrjax import steps, suggest
+from lrjax.steps import OptimizerFactory, TrainState
+
+
+def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None,
+                    end_lr: float | None = None) -> np.ndarray:
+    """Rates of the range test from optax's exponential schedule: start * factor**i, i < num_steps.
+
+    Give `factor` (the seed's x1.005 per step) or `end_lr` (the last rate, reached at the last step).
+    """
+    if (factor is None) == (end_lr is None):
+        raise ValueError("give exactly one of factor and end_lr")
+    if end_lr is not None:
+        factor = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
+    schedule = optax.exponential_decay(init_value=start_lr, transition_steps=1, decay_rate=factor)
+    return np.asarray(jax.device_get(schedule(jnp.arange(num_steps))), np.float32)
+
+
+class _Carry(struct.PyTreeNode):
+    state: TrainState
+    avg: jax.Array  # exponential moving average of the loss (biased)
+    best: jax.Array  # best debiased (smoothed) loss so far
+    diverged_step: jax.Array  # -1 until the test diverges
+    t: jax.Array
+
+
+def _init_carry(state: TrainState) -> _Carry:
+    return _Carry(state=state, avg=jnp.zeros([]), best=jnp.full([], jnp.inf),
+                  diverged_step=jnp.full([], -1, jnp.int32), t=jnp.zeros([], jnp.int32))
+
+
+def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
+    """Runs one chunk of range-test steps; pure and vmappable over seeds (carry, idx, w).
+
+    A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
+    state is left as it is and the step's loss is NaN and `valid` is False.
+    """
+    val_x, val_y, val_w = val
+
+    def body(c: _Carry, inputs):
+        i, wi, lr, act = inputs
+        run = act & (c.diverged_step < 0)
+
+        def step(c: _Carry):
+            state, m = steps.train_step(c.state.with_lr(lr), steps.gather_batch(x, y, i, wi))
+            loss = m["loss"]
+            avg = hp["beta"] * c.avg + (1 - hp["beta"]) * loss
+            smoothed = avg / (1 - hp["beta"] ** (c.t + 1).astype(jnp.float32))
+            # fastai's rule on the smoothed loss (robust to batch noise); a non-finite loss always stops.
+            bad = ~jnp.isfinite(loss) | (smoothed > hp["diverge_factor"] * c.best)
+            new = c.replace(state=state, avg=avg, best=jnp.minimum(c.best, smoothed),
+                            diverged_step=jnp.where(bad, c.t, -1), t=c.t + 1)
+            return new, loss, ~bad
+
+        def skip(c: _Carry):
+            return c.replace(t=c.t + act.astype(jnp.int32)), jnp.full([], jnp.nan), jnp.zeros([], bool)
+
+        c, loss, valid = jax.lax.cond(run, step, skip, c)
+        if val_x is None:
+            val_loss = jnp.full([], jnp.nan)
+        else:
+            do_eval = valid & ((c.t - 1) % hp["eval_every"] == 0)
+            val_loss = jax.lax.cond(
+                do_eval, lambda s: steps.eval_step(s, (val_x, val_y, val_w))["loss_sum"] / jnp.sum(val_w),
+                lambda s: jnp.full([], jnp.nan), c.state)
+        return c, {"loss": jnp.where(valid, loss, jnp.nan), "valid": valid, "val_loss": val_loss}
+
+    return jax.lax.scan(body, carry, (idx, w, lrs, active))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _run_chunk(carry, x, y, idx, w, lrs, active, val, hp):
+    fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None))
+    carry, out = fn(carry, x, y, idx, w, lrs, active, val, hp)
+    # The carry is donated to the next chunk: the host reads divergence from this output instead.
+    return carry, {**out, "diverged_step": carry.diverged_step + 0}
+
+
+@partial(jax.jit, static_argnames=("batch_size", "num_steps"))
+def _seed_indices(keys, n, *, batch_size, num_steps):
+    return jax.vmap(lambda k: steps.epoch_indices(k, n.shape[0], batch_size, num_steps))(keys)
+
+
+def _chunking(num_steps: int, chunk_steps: int) -> tuple[int, int]:
+    """Equal chunks of at most `chunk_steps` covering num_steps with the fewest padded steps."""
+    num_chunks = -(-num_steps // chunk_steps)
+    return num_chunks, -(-num_steps // num_chunks)
+
+
+@dataclasses.dataclass
+class RangeTestResult:
+    """What a range test measured; `lrs`, `losses` and `smoothed` cover the steps before divergence."""
+
+    lrs: np.ndarray
+    losses: np.ndarray  # raw loss per step, mean over seeds
+    smoothed: np.ndarray  # debiased EMA of `losses`
+    per_seed_losses: np.ndarray  # (num_seeds, len(lrs))
+    suggestions: dict[str, float | None]
+    suggestion: float | None
+    method: str
+    diverged_step: int | None
+    diverged_lr: float | None
+    num_steps: int
+    num_seeds: int
+    optimizer: str
+    batch_size: int
+    seed: int
+    wall_time_s: float
+    compile_time_s: float
+    val_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
+    val_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def band(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spread over seeds (min, max of the per-seed smoothed curves)."""
+        sm = np.stack([suggest.smooth(l, self.beta) for l in self.per_seed_losses])
+        return sm.min(0), sm.max(0)
+
+    beta: float = 0.98
+
+    def to_json(self) -> dict[str, Any]:
+        d = {
+            "lrs": self.lrs.tolist(), "losses": self.losses.tolist(), "smoothed": self.smoothed.tolist(),
+            "suggestion": self.suggestion, "suggestions": self.suggestions, "method": self.method,
+            "diverged_step": self.diverged_step, "diverged_lr": self.diverged_lr,
+            "num_steps": self.num_steps, "num_seeds": self.num_seeds, "optimizer": self.optimizer,
+            "batch_size": self.batch_size, "seed": self.seed, "beta": self.beta,
+            "wall_time_s": self.wall_time_s, "compile_time_s": self.compile_time_s,
+        }
+        if self.num_seeds > 1:
+            d["per_seed_losses"] = self.per_seed_losses.tolist()
+        if len(self.val_steps):
+            d["val_steps"] = self.val_steps.tolist()
+            d["val_losses"] = self.val_losses.tolist()
+        return d
+
+    def save(self, workdir: str | Path) -> None:
+        """Writes lr_find.json, lr_find.csv and lr_find.png into `workdir`."""
+        from lrjax import plots
+
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "lr_find.json").write_text(json.dumps(self.to_json(), indent=1))
+        header = ["step", "lr", "loss", "smoothed"] + [f"loss_seed{i}" for i in range(self.num_seeds)
+                                                       if self.num_seeds > 1]
+        rows = [header]
+        for i, (lr, loss, sm) in enumerate(zip(self.lrs, self.losses, self.smoothed)):
+            extra = [f"{v:.6g}" for v in self.per_seed_losses[:, i]] if self.num_seeds > 1 else []
+            rows.append([str(i), f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}", *extra])
+        (workdir / "lr_find.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+        self.plot(workdir / "lr_find.png")
+
+    def plot(self, path: str | Path) -> None:
+        from lrjax import plots
+
+        plots.plot_lr_find(self, path)
+
+
+def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size: int = 32,
+            start_lr: float = 1e-3, factor: float | None = 1.005, end_lr: float | None = None,
+            num_steps: int | None = None, diverge_factor: float = 4.0, beta: float = 0.98,
+            num_seeds: int = 1, seed: int = 42, eval_every: int = 0, eval_examples: int = 1000,
+            method: str = "default", skip_start: int = 10, skip_end: int = 5,
+            chunk_steps: int = 256, stop_on_divergence: bool = True,
+            progress: Callable[[dict], None] | None = None,
+            init_fn: Callable[[int], nnx.Module] | None = None) -> RangeTestResult:
+    """Runs the learning-rate range test and returns a `RangeTestResult`.
+
+    `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
+    `init_fn(seed + s)` when given, else from `model`'s own weights (all seeds alike). `optimizer` is
+    a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has `x_train`,
+    `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
+    rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
+    default `num_steps` is one epoch.
+    """
+    t_start = time.perf_counter()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    n = x.shape[0]
+    if num_steps is None:
+        num_steps = steps.steps_per_epoch(n, batch_size)
+    if end_lr is not None:
+        factor = None
+    lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
+
+    models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
+    states = [steps.init_state(m, optimizer, start_lr) for m in models]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    carry = jax.vmap(_init_carry)(stacked)
+    keys = jax.vmap(lambda s: jax.random.key(s))(jnp.arange(seed, seed + num_seeds))
+    idx, w = _seed_indices(keys, jnp.zeros((n, 0)), batch_size=batch_size, num_steps=num_steps)
+
+    if eval_every > 0:
+        m = min(eval_examples, len(data.x_valid))
+        val = (jnp.asarray(data.x_valid[:m]), jnp.asarray(data.y_valid[:m]), jnp.ones(m, jnp.float32))
+    else:
+        val = (None, None, None)
+    hp = {"beta": jnp.float32(beta), "diverge_factor": jnp.float32(diverge_factor),
+          "eval_every": jnp.int32(max(eval_every, 1))}
+
+    num_chunks, chunk = _chunking(num_steps, chunk_steps)
+    padded = num_chunks * chunk
+    pad = padded - num_steps
+    lrs_dev = jnp.asarray(np.concatenate([lrs, np.full(pad, lrs[-1])]))
+    active = jnp.arange(padded) < num_steps
+    idx = jnp.concatenate([idx, jnp.zeros((num_seeds, pad, batch_size), idx.dtype)], 1)
+    w = jnp.concatenate([w, jnp.zeros((num_seeds, pad, batch_size), w.dtype)], 1)
+
+    compile_time = 0.0
+    outputs = []
+    pending = None
+    for c in range(num_chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        args = (carry, x, y, idx[:, sl], w[:, sl], lrs_dev[sl], active[sl], val, hp)
+        if c == 0:
+            t0 = time.perf_counter()
+            compiled = _run_chunk.lower(*args).compile()
+            compile_time = time.perf_counter() - t0
+        carry, out = compiled(*args)  # dispatched asynchronously
+        if pending is not None and _report(pending, progress, lrs, num_steps, stop_on_divergence):
+            outputs.append(pending[1])
+            pending = None
+            break
+        if pending is not None:
+            outputs.append(pending[1])
+        pending = (c, out)
+    if pending is not None:
+        _report(pending, progress, lrs, num_steps, stop_on_divergence)
+        outputs.append(pending[1])
+
+    out = jax.device_get(outputs)
+    per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
+    valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
+    val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]
+    diverged = out[-1]["diverged_step"]
+    # The mean curve needs every seed: it ends where the first seed stopped being valid.
+    length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
+    first_div = [int(d) for d in diverged if d >= 0]
+    diverged_step = min(first_div) if first_div else None
+    per_seed = per_seed[:, :length]
+    losses = per_seed.mean(0)
+    smoothed = suggest.smooth(losses, beta)
+    kept_lrs = lrs[:length].astype(np.float64)
+    suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+    method = suggest.DEFAULT_METHOD if method == "default" else method
+    val_mask = np.isfinite(val_losses[:, :length]).all(0)
+    return RangeTestResult(
+        lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
+        suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
+        diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None,
+        num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
+        seed=seed, beta=beta, wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time,
+        val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
+
+
+def _report(pending, progress, lrs, num_steps, stop_on_divergence) -> bool:
+    """Reads a finished chunk (blocking), reports progress; True when every seed has diverged."""
+    c, out = pending
+    loss, diverged = jax.device_get((out["loss"], out["diverged_step"]))
+    chunk = loss.shape[1]
+    done = min((c + 1) * chunk, num_steps)
+    finite = loss[np.isfinite(loss)]
+    if progress is not None:
+        progress({"step": done, "num_steps": num_steps, "lr": float(lrs[done - 1]),
+                  "loss": float(finite[-1]) if finite.size else math.nan,
+                  "diverged": bool((diverged >= 0).all())})
+    return stop_on_divergence and bool((diverged >= 0).all())
+
+
+def _name(optimizer: Any) -> str:
+    return getattr(optimizer, "__name__", None) or getattr(getattr(optimizer, "func", None), "__name__",
+                                                           repr(optimizer))

@@ -1,0 +1,203 @@
+"""Learning-rate suggestions read off a range-test curve, and the smoothing that precedes them.
+
+Only numpy: no JAX, nothing else from lrjax. Everything here is a pure function of arrays.
+
+* `smooth` turns raw per-step losses into a debiased exponential moving average.
+* `valley`, `steepest`, `minimum` and `seed` each map an already *smoothed* curve
+  ``(lrs, losses)`` to one suggested learning rate (a Python float), or None when the curve is
+  too short to say anything.  `METHODS` names them; `suggest_all` runs every one.
+
+All suggestion functions share one preparation step (`_prepare`):
+
+1. points where the loss is NaN or +-inf, or the learning rate is non-finite or <= 0 (every
+   rule works on, or is meaningful on, a log-lr axis) are dropped, keeping ``lrs`` and
+   ``losses`` aligned;
+2. the first ``skip_start`` and last ``skip_end`` of the *remaining* points are cut off (the
+   warm-up noise and the blow-up at the end of a range test);
+3. if that leaves fewer than 3 points, the whole finite curve from step 1 is used instead;
+   if the finite curve itself has fewer than 3 points, the method returns None.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "minimum",
+    "seed",
+    "smooth",
+    "steepest",
+    "suggest_all",
+    "valley",
+]
+
+_MIN_POINTS = 3
+
+
+def smooth(losses, beta: float = 0.98) -> np.ndarray:
+    """Debiased exponential moving average of ``losses`` (float64, same length).
+
+    ``avg_t = beta * avg_{t-1} + (1 - beta) * x_t`` with ``avg_{-1} = 0``, and the returned value
+    is ``avg_t / (1 - beta**(t + 1))``.  The division removes the bias towards 0 of the early
+    averages, so a constant sequence comes back unchanged.  ``beta = 0`` returns the input.
+
+    A non-finite loss propagates to every later point (the average never forgets it); the
+    suggestion functions then drop those points.
+
+    Raises ValueError unless ``0 <= beta < 1`` or if ``losses`` is not one-dimensional.
+    """
+    beta = float(beta)
+    if not (0.0 <= beta < 1.0):  # also rejects NaN
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    x = np.asarray(losses, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"losses must be one-dimensional, got shape {x.shape}")
+    out = np.empty_like(x)
+    avg = 0.0
+    for t in range(x.shape[0]):
+        avg = beta * avg + (1.0 - beta) * x[t]
+        out[t] = avg / (1.0 - beta ** (t + 1))
+    return out
+
+
+def _prepare(lrs, losses, skip_start: int, skip_end: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The shared preparation described in the module docstring; None if < 3 usable points."""
+    lrs = np.asarray(lrs, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64)
+    if lrs.ndim != 1 or losses.ndim != 1:
+        raise ValueError(
+            f"lrs and losses must be one-dimensional, got shapes {lrs.shape} and {losses.shape}"
+        )
+    if lrs.shape != losses.shape:
+        raise ValueError(f"lrs and losses differ in length: {lrs.shape[0]} != {losses.shape[0]}")
+    skip_start, skip_end = int(skip_start), int(skip_end)
+    if skip_start < 0 or skip_end < 0:
+        raise ValueError(f"skip_start and skip_end must be >= 0, got {skip_start}, {skip_end}")
+
+    keep = np.isfinite(losses) & np.isfinite(lrs) & (lrs > 0)
+    lrs, losses = lrs[keep], losses[keep]
+    n = lrs.shape[0]
+    if n < _MIN_POINTS:
+        return None
+    stop = n - skip_end
+    if stop - skip_start >= _MIN_POINTS:
+        return lrs[skip_start:stop], losses[skip_start:stop]
+    return lrs, losses
+
+
+def valley(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | None:
+    """fastai's default suggestion, "valley" (``fastai.callback.schedule.valley``; devised by
+    ESRI on the fast.ai forums): a point inside the longest descent of the loss.  fastai
+    describes it as "roughly 2/3 through the longest valley"; the formula below actually lands
+    about half-way along the span (``sections + sections / 2`` is half of ``end - start``).
+
+    On the prepared curve (see the module docstring), with ``n`` points:
+
+    * ``lds[i]`` is the length of the longest strictly decreasing subsequence of ``losses``
+      ending at ``i`` (not necessarily contiguous, so isolated upward blips are stepped over):
+      ``lds[i] = 1 + max(lds[j] for j < i if losses[j] > losses[i])``, or 1 if there is no such
+      ``j``.  The dynamic programme is O(n^2), with the inner loop vectorised in numpy.
+    * ``end`` is the first index with the largest ``lds``, and ``start = end - lds[end]``
+      (fastai's convention: one index before the first point of the subsequence when the
+      subsequence is contiguous).  If no two points decrease (every ``lds`` is 1),
+      ``start = end = 0``.
+    * ``sections = (end - start) / 3`` and ``idx = start + int(sections) + int(sections / 2)``,
+      i.e. roughly half-way between the first and second thirds of the span.
+
+    Returns ``lrs[idx]``.  The one departure from fastai: when the longest descent is two points
+    starting at the first point, fastai's ``idx`` is -1 and it wraps around to the *last* lr;
+    here ``idx`` is clamped to 0.
+    """
+    prepared = _prepare(lrs, losses, skip_start, skip_end)
+    if prepared is None:
+        return None
+    lrs, losses = prepared
+    n = losses.shape[0]
+    lds = np.ones(n, dtype=np.int64)
+    for i in range(1, n):
+        longer = losses[:i] > losses[i]
+        if longer.any():
+            lds[i] = np.max(lds[:i], where=longer, initial=0) + 1
+    end = int(np.argmax(lds))  # first occurrence, as fastai's strict '<' update keeps ties early
+    start = end - int(lds[end]) if lds[end] > 1 else 0
+    sections = (end - start) / 3
+    idx = start + int(sections) + int(sections / 2)
+    idx = min(max(idx, 0), n - 1)
+    return float(lrs[idx])
+
+
+def steepest(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | None:
+    """The learning rate where the loss falls fastest against log(lr).
+
+    The idea is fastai's "steep" suggestion and Lightning's ``LRFinder.suggestion`` (the point
+    of steepest descent).  Here the slope is taken against the log learning rate, not against
+    the step index: ``g = np.gradient(losses, np.log(lrs))`` (second-order central differences
+    inside, one-sided at the ends, exact for non-uniform spacing), and the suggestion is
+    ``lrs[argmin(g)]`` (first occurrence; non-finite slopes, e.g. from repeated lrs, are
+    ignored).  For a geometric lr grid this picks the same point as the index derivative; when
+    the growth factor varies along the run it does not, and the log-lr slope is the one that
+    matches the usual log-x plot.  Returns None if no slope is finite.
+    """
+    prepared = _prepare(lrs, losses, skip_start, skip_end)
+    if prepared is None:
+        return None
+    lrs, losses = prepared
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grads = np.gradient(losses, np.log(lrs))
+    finite = np.isfinite(grads)
+    if not finite.any():
+        return None
+    idx = int(np.argmin(np.where(finite, grads, np.inf)))
+    return float(lrs[idx])
+
+
+def minimum(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | None:
+    """fastai's "minimum" suggestion (``fastai.callback.schedule.minimum``): one tenth of the
+    learning rate at which the loss is lowest, ``lrs[argmin(losses)] / 10`` (first occurrence
+    on ties), on the prepared curve.
+    """
+    prepared = _prepare(lrs, losses, skip_start, skip_end)
+    if prepared is None:
+        return None
+    lrs, losses = prepared
+    return float(lrs[int(np.argmin(losses))] / 10.0)
+
+
+def seed(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | None:
+    """The rule of the project's seed article, Geron's *Hands-On Machine Learning*: take a rate
+    a little below the point where the loss turns back up (its example: the loss turns at
+    3e-1, so use 2e-1).
+
+    Made precise here: the turning point is the lr at the minimum of the (smoothed, prepared)
+    loss, ``lrs[argmin(losses)]`` (first occurrence on ties), and the suggestion is two thirds
+    of it, ``turning_lr * 2 / 3`` -- which maps the book's 3e-1 to exactly 2e-1.
+    """
+    prepared = _prepare(lrs, losses, skip_start, skip_end)
+    if prepared is None:
+        return None
+    lrs, losses = prepared
+    return float(lrs[int(np.argmin(losses))] * 2.0 / 3.0)
+
+
+METHODS: dict[str, Callable[..., float | None]] = {
+    "valley": valley,
+    "steepest": steepest,
+    "minimum": minimum,
+    "seed": seed,
+}
+
+# Placeholder: fastai's default. To be replaced by whichever method the range-test experiments
+# show works best for lrjax's models; do not read it as a recommendation yet.
+DEFAULT_METHOD = "valley"
+
+
+def suggest_all(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> dict[str, float | None]:
+    """Every method in `METHODS` on the same curve: ``{name: suggestion or None}``."""
+    return {
+        name: fn(lrs, losses, skip_start=skip_start, skip_end=skip_end)
+        for name, fn in METHODS.items()
+    }

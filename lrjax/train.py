@@ -1,0 +1,231 @@
+"""The host training loop: compiled epochs with early stopping, Orbax checkpoints and TensorBoard.
+
+Each epoch is one compiled program (`steps.train_epoch`) followed by a compiled evaluation of the
+validation set; the host syncs once per epoch and does everything with side effects between epochs:
+early stopping, best weights, checkpoints, TensorBoard, printing, signals. The data order of epoch
+e derives from (seed, e) only, so a run resumed from its checkpoint ends bit-identical (on CPU) to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lrjax import mesh as mesh_lib
+from lrjax import steps, tb
+from lrjax.checkpoint import Checkpointer
+from lrjax.errors import ConfigError, TrainingDiverged
+from lrjax.monitors import EarlyStopping
+from lrjax.steps import OptimizerFactory, TrainState
+
+# Settings that define a run: resuming a workdir with different values would mix two experiments.
+RUN_IDENTITY = ("dataset", "seed", "batch_size", "hidden_sizes", "optimizer", "lr")
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState  # best epoch's weights when restore_best_weights, else the last epoch's
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    best_val_loss: float | None
+    epochs_run: int
+    stopped_early: bool
+    interrupted: str | None = None  # the signal's name when stopped by SIGTERM/SIGINT
+    run_dir: Path | None = None
+    resumed_from: int | None = None
+    wall_time_s: float = 0.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def model(self) -> nnx.Module:
+        return self.state.model()
+
+    def evaluate(self, x, y, batch_size: int = 1000) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(
+            steps.evaluate(self.state, jnp.asarray(x), jnp.asarray(y), batch_size=batch_size)).items()}
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag checked between epochs (a second SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        _log(f"lrjax: {self.received} received: finishing the current epoch, then saving a checkpoint")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epochs: int = 100,
+        batch_size: int = 32, seed: int = 42, early_stopping: EarlyStopping | None = None,
+        workdir: str | Path | None = None, checkpoints: bool = True, tensorboard: bool = True,
+        keep_latest: int = 2, eval_batch_size: int = 1000, config: dict | None = None,
+        mesh: jax.sharding.Mesh | None = None, stop_after: int | None = None,
+        progress: Callable[[str], None] | None = print) -> FitResult:
+    """Trains `model` (its weights are the starting point; the object itself is not modified).
+
+    `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has
+    `x_train`, `y_train`, `x_valid`, `y_valid`. With a `workdir`, checkpoints go to
+    `workdir/checkpoints` (and an existing one is resumed) and TensorBoard events to
+    `workdir/tensorboard/run_*/{train,validation}`. `stop_after` ends the run after that epoch as a
+    preemption would (for tests and time-boxed jobs). Raises `TrainingDiverged` on a non-finite loss.
+    """
+    t_start = time.perf_counter()
+    early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
+    mesh_lib.check_batch_size(batch_size, mesh)
+    config = dict(config or {})
+    timings = {"compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
+
+    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr), mesh)
+    x, y, xv, yv = mesh_lib.replicate(
+        tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
+    seed_key = jax.random.key(seed)
+    best_params = jax.tree.map(jnp.copy, state.params)
+    history: list[dict[str, float]] = []
+    start_epoch, run_name, resumed_from = 0, tb.new_run_name(), None
+
+    workdir = Path(workdir) if workdir is not None else None
+    ckpt = None
+    if workdir is not None and checkpoints:
+        ckpt = Checkpointer(workdir / "checkpoints", keep_latest=keep_latest, best_metric=early_stopping.monitor,
+                            mode=early_stopping.mode)
+        if ckpt.latest_step() is not None:
+            target = _tree(state, best_params)
+            resumed_from, tree, meta = ckpt.restore(target)
+            _check_same_run(meta.get("config", {}), config, ckpt.directory)
+            state = state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
+                                  step=tree["step"])
+            best_params = tree["best_params"]
+            early_stopping.load_state_dict(meta["early_stopping"])
+            history = list(meta["history"])
+            start_epoch, run_name = int(meta["epoch"]), meta["run_name"]
+            _log(f"lrjax: resuming {workdir} from epoch {start_epoch} (checkpoint {resumed_from})")
+
+    writers = None
+    if workdir is not None and tensorboard:
+        writers = tb.RunWriters(workdir / "tensorboard" / run_name,
+                                purge_step=start_epoch + 1 if resumed_from is not None else None)
+        if resumed_from is None:
+            writers.train.write_text("hparams", tb.hparams_markdown({**config, "lr": lr, "epochs": epochs}))
+
+    epoch = start_epoch
+    interrupted = None
+    try:
+        with _StopSignals() as signals, jax.set_mesh(mesh):
+            for epoch in range(start_epoch + 1, epochs + 1):
+                if early_stopping.should_stop:
+                    epoch -= 1
+                    break
+                t0 = time.perf_counter()
+                if epoch == start_epoch + 1:
+                    compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, epoch),
+                                                       batch_size=batch_size).compile()
+                    timings["compile_s"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                state, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
+                t1 = time.perf_counter()
+                val_m = steps.evaluate(state, xv, yv, batch_size=eval_batch_size)
+                train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
+                t2 = time.perf_counter()
+                timings["train_s"] += t2 - t0
+                metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
+                           "val_loss": float(val_m["loss"]), "val_accuracy": float(val_m["accuracy"])}
+                if not _finite(*metrics.values()):
+                    raise TrainingDiverged(
+                        f"loss became non-finite in epoch {epoch} (train {metrics['loss']}, validation "
+                        f"{metrics['val_loss']}) at lr {lr:g}; lower the learning rate"
+                        + (f"; the best checkpoint so far is intact in {ckpt.directory}" if ckpt else ""))
+                if early_stopping.update(epoch, metrics):
+                    best_params = jax.tree.map(jnp.copy, state.params)
+                record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": t2 - t0}
+                history.append(record)
+                t3 = time.perf_counter()
+                if writers is not None:
+                    writers.write_epoch(epoch, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
+                                                "learning_rate": lr, "epoch_time_s": t2 - t0},
+                                        {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]})
+                t4 = time.perf_counter()
+                if ckpt is not None:
+                    meta = {"epoch": epoch, "early_stopping": early_stopping.state_dict(), "config": config,
+                            "history": history, "run_name": run_name, "lr": lr, "seed": seed}
+                    ckpt.save(epoch, _tree(state, best_params), meta, metrics)
+                t5 = time.perf_counter()
+                timings["tensorboard_s"] += t4 - t3
+                timings["checkpoint_s"] += t5 - t4
+                if progress is not None and jax.process_index() == 0:
+                    progress(_epoch_line(record, epochs, early_stopping, epoch))
+                if signals.received:
+                    interrupted = signals.received
+                    break
+                if stop_after is not None and epoch >= stop_after:
+                    break
+    finally:
+        t6 = time.perf_counter()
+        if ckpt is not None:
+            ckpt.close()  # finishes the asynchronous save, on every exit path
+        if writers is not None:
+            writers.close()
+        timings["checkpoint_s"] += time.perf_counter() - t6
+
+    final = state.replace(params=best_params) if early_stopping.restore_best_weights else state
+    return FitResult(
+        state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=early_stopping.best,
+        epochs_run=len(history), stopped_early=early_stopping.should_stop, interrupted=interrupted,
+        run_dir=writers.run_dir if writers else None, resumed_from=resumed_from,
+        wall_time_s=time.perf_counter() - t_start, timings=timings)
+
+
+def _tree(state: TrainState, best_params) -> dict[str, Any]:
+    return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
+            "best_params": best_params}
+
+
+def _check_same_run(saved: dict, current: dict, where: Path) -> None:
+    diff = {k: (saved.get(k), current.get(k)) for k in RUN_IDENTITY
+            if k in saved and k in current and saved.get(k) != current.get(k)}
+    if diff:
+        said = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+        raise ConfigError(f"{where} holds a run with {said}: use another --workdir to start a new run")
+
+
+def _epoch_line(r: dict, epochs: int, es: EarlyStopping, epoch: int) -> str:
+    mark = " *" if es.best_epoch == epoch else ""
+    return (f"epoch {r['epoch']:3d}/{epochs}  loss {r['loss']:.4f}  acc {r['accuracy']:.4f}  |  "
+            f"val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  |  {r['epoch_time_s']:.2f}s{mark}")

@@ -1,0 +1,190 @@
+"""The jobs behind the CLI subcommands, as functions of one `Config` (research scripts call them too).
+
+`find_lr_job` runs the range test and writes lr_find.{json,csv,png} and its TensorBoard curve;
+`train_job` trains with early stopping, checkpoints and TensorBoard, evaluates the best weights on
+the test set and writes metrics.json; `run_job` is the seed workflow: range test -> suggested rate ->
+re-initialised model (fixed seed) -> training -> test.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lrjax import mesh as mesh_lib
+from lrjax import optimizers, tb
+from lrjax.config import Config
+from lrjax.data import Dataset, load_dataset, save_samples
+from lrjax.errors import LrjaxError
+from lrjax.models import mlp
+from lrjax.monitors import EarlyStopping
+from lrjax.range_test import RangeTestResult, find_lr
+from lrjax.train import FitResult, fit
+
+
+def _say(cfg: Config, msg: str) -> None:
+    if cfg.progress and jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def load(cfg: Config) -> Dataset:
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.dataset, cfg.resolved_data_dir, cfg.resolved_cache_dir,
+                        tfds_data_dir=cfg.tfds_data_dir)
+    _say(cfg, f"data: {data.name} from {data.source}: train {len(data.x_train)}, validation "
+              f"{len(data.x_valid)}, test {len(data.x_test)} ({time.perf_counter() - t0:.2f}s)")
+    return data
+
+
+def model_for(cfg: Config, data: Dataset, seed: int | None = None):
+    return mlp(data.in_features, cfg.hidden_sizes, data.num_classes, seed=cfg.seed if seed is None else seed)
+
+
+class _Progress:
+    """A tqdm bar fed by the range test's per-chunk reports (stderr, main process only)."""
+
+    def __init__(self, cfg: Config, total: int):
+        self.bar = None
+        if cfg.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="lr range test", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def __call__(self, info: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(info["step"] - self.bar.n)
+            self.bar.set_postfix(lr=f"{info['lr']:.3g}", loss=f"{info['loss']:.4f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
+    data = data if data is not None else load(cfg)
+    workdir = Path(cfg.workdir)
+    mesh = mesh_lib.make_mesh(cfg.mesh_shape)
+    num_steps = cfg.num_steps or -(-len(data.x_train) // cfg.batch_size)
+    bar = _Progress(cfg, num_steps)
+    try:
+        with jax.set_mesh(mesh):
+            mesh_lib.check_batch_size(cfg.batch_size, mesh)
+            result = find_lr(
+                model_for(cfg, data), optimizers.get(cfg.optimizer), data, batch_size=cfg.batch_size,
+                start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
+                diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
+                eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
+                skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
+                init_fn=lambda s: model_for(cfg, data, s))
+    finally:
+        bar.close()
+    if jax.process_index() == 0:
+        result.save(workdir)
+        write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
+    if result.suggestion is None:
+        raise LrjaxError(f"the range test recorded too few points ({len(result.lrs)}) to suggest a rate; "
+                         "lower --start-lr or --diverge-factor's sensitivity, or raise --num-steps")
+    div = (f"diverged at step {result.diverged_step} (lr {result.diverged_lr:.3g})"
+           if result.diverged_step is not None else "did not diverge")
+    sugg = ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items() if v is not None)
+    _say(cfg, f"range test: {len(result.lrs)} steps, {div}, {result.wall_time_s:.1f}s "
+              f"(compile {result.compile_time_s:.1f}s); suggestions: {sugg}")
+    _say(cfg, f"suggested lr ({result.method}): {result.suggestion:.4g}  -> {workdir / 'lr_find.png'}")
+    return result
+
+
+def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
+    """The range-test curve in TensorBoard: loss, smoothed loss and lr against the step."""
+    writer = tb.Writer(logdir, purge_step=0)
+    try:
+        for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+            writer.write_scalars(i, {"loss": loss, "smoothed_loss": sm, "learning_rate": lr})
+        writer.write_text("suggestions", json.dumps(result.suggestions))
+    finally:
+        writer.close()
+
+
+def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
+              extra: dict[str, Any] | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json."""
+    t0 = time.perf_counter()
+    lr = lr if lr is not None else cfg.lr
+    if lr is None:
+        raise LrjaxError("lrjax train needs --lr (or use `lrjax run` to find one first)")
+    data = data if data is not None else load(cfg)
+    workdir = Path(cfg.workdir)
+    es = EarlyStopping(monitor=cfg.monitor, patience=cfg.patience, min_delta=cfg.min_delta,
+                       restore_best_weights=cfg.restore_best)
+    mesh = mesh_lib.make_mesh(cfg.mesh_shape)
+    result: FitResult = fit(
+        model_for(cfg, data), optimizers.get(cfg.optimizer), data, lr=lr, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
+        keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
+        config={**cfg.to_dict(), "lr": lr}, mesh=mesh, stop_after=stop_after,
+        progress=print if cfg.progress else None)
+    if result.interrupted:
+        raise Interrupted(result)
+    with jax.set_mesh(mesh):
+        test = result.evaluate(mesh_lib.replicate(data.x_test, mesh), mesh_lib.replicate(data.y_test, mesh),
+                               cfg.eval_batch_size)
+    metrics = {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": result.best_epoch,
+        "best_val_loss": _best_val_loss(result), "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
+        "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
+        "wall_time_s": time.perf_counter() - t0, **(extra or {}),
+        "tensorboard": str(result.run_dir) if result.run_dir else None,
+        "history": result.history,
+    }
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
+    _say(cfg, f"trained {result.epochs_run} epochs at lr {lr:.4g} ({stop}); test accuracy "
+              f"{test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
+    _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
+    return metrics
+
+
+def _best_val_loss(result: FitResult) -> float | None:
+    losses = [h["val_loss"] for h in result.history if h["epoch"] == result.best_epoch]
+    return losses[0] if losses else None
+
+
+class Interrupted(LrjaxError):
+    """Training stopped by SIGTERM/SIGINT after saving a checkpoint."""
+
+    def __init__(self, result: FitResult):
+        self.result = result
+        super().__init__(f"stopped by {result.interrupted} after epoch {result.history[-1]['epoch'] if result.history else 0}; "
+                         "checkpoint saved: run the same command again to resume")
+
+
+def run_job(cfg: Config) -> dict[str, Any]:
+    """The seed workflow end to end; returns metrics.json's content."""
+    t0 = time.perf_counter()
+    data = load(cfg)
+    workdir = Path(cfg.workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_samples(data, workdir / "samples.png")
+    lr_file = workdir / "lr_find.json"
+    if lr_file.exists() and (workdir / "checkpoints").exists():
+        # A resumed run keeps the rate its first attempt chose (the range test is deterministic anyway).
+        saved = json.loads(lr_file.read_text())
+        lr, method = saved["suggestion"], saved.get("method")
+        _say(cfg, f"resuming: using the earlier range test's rate {lr:.4g} from {lr_file}")
+    else:
+        result = find_lr_job(cfg, data)
+        lr, method = result.suggestion, result.method
+    metrics = train_job(cfg, data, lr=lr, extra={"lr_method": method})
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

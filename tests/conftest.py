@@ -1,0 +1,41 @@
+"""Shared fixtures: the real Fashion-MNIST folder (skipped where absent) and tiny synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrjax.data import from_arrays
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("LRJAX_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion_mnist"))
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    if not (REAL_DATA / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST files not found at {REAL_DATA} (../shared beside the project)")
+    return REAL_DATA
+
+
+def synthetic(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int = 4, seed: int = 0,
+              valid: int = 100):
+    """A learnable toy problem: each class is a noisy fixed prototype image (uint8)."""
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, (classes, size, size))
+
+    def make(n):
+        labels = rng.integers(0, classes, n)
+        noise = rng.normal(0, 40, (n, size, size))
+        return np.clip(protos[labels] + noise, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+    (xtr, ytr), (xte, yte) = make(n_train + valid), make(n_test)
+    return from_arrays("synthetic", xtr, ytr, xte, yte, valid_size=valid)
+
+
+@pytest.fixture
+def tiny_data():
+    return synthetic()
