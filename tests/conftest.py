@@ -22,15 +22,15 @@ def real_data_dir() -> Path:
 
 
 def synthetic(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int = 4, seed: int = 0,
-              valid: int = 100):
+              valid: int = 100, noise: float = 40.0):
     """A learnable toy problem: each class is a noisy fixed prototype image (uint8)."""
     rng = np.random.default_rng(seed)
     protos = rng.integers(0, 256, (classes, size, size))
 
     def make(n):
         labels = rng.integers(0, classes, n)
-        noise = rng.normal(0, 40, (n, size, size))
-        return np.clip(protos[labels] + noise, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+        jitter = rng.normal(0, noise, (n, size, size))
+        return np.clip(protos[labels] + jitter, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
     (xtr, ytr), (xte, yte) = make(n_train + valid), make(n_test)
     return from_arrays("synthetic", xtr, ytr, xte, yte, valid_size=valid)

@@ -1,0 +1,134 @@
+"""The range test on a tiny synthetic problem: rates, curve shape, divergence, seeds, compile counts."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from lrjax import range_test
+from lrjax.models import mlp
+from lrjax.range_test import exponential_lrs, find_lr
+
+from conftest import synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4)
+
+
+def model_fn(seed, data_=None):
+    return mlp(36, (16,), 4, seed=seed)
+
+
+def run(data, **kw):
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("chunk_steps", 64)
+    return find_lr(model_fn(0), optax.sgd, data, init_fn=model_fn, **kw)
+
+
+def test_rates_are_the_exponential_schedule():
+    lrs = exponential_lrs(1e-3, 50, factor=1.005)
+    np.testing.assert_allclose(lrs, 1e-3 * 1.005 ** np.arange(50), rtol=2e-6)
+    lrs = exponential_lrs(1e-7, 100, end_lr=10.0)
+    assert lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(ValueError):
+        exponential_lrs(1e-3, 10, factor=1.1, end_lr=1.0)
+
+
+def test_recorded_rates_and_curve_shape(data):
+    r = run(data, start_lr=1e-3, end_lr=100.0, num_steps=200)
+    # the recorded rates are start * factor**i, exactly those the steps used
+    factor = (100.0 / 1e-3) ** (1 / 199)
+    np.testing.assert_allclose(r.lrs, 1e-3 * factor ** np.arange(len(r.lrs)), rtol=1e-5)
+    # losses fall then rise: the smoothed minimum lies strictly inside, well below the start
+    i = int(np.argmin(r.smoothed))
+    assert 10 < i < len(r.smoothed) - 1
+    assert r.smoothed[i] < 0.7 * r.smoothed[0]
+    assert r.diverged_step is not None and r.diverged_lr == pytest.approx(r.lrs[-1] * factor, rel=1e-4)
+    assert np.all(np.isfinite(r.losses)) and np.all(np.isfinite(r.smoothed))
+    assert r.suggestion is not None and r.lrs[0] < r.suggestion < r.diverged_lr
+
+
+def test_divergence_is_masked_and_stops_early(data):
+    r = run(data, start_lr=1e-2, end_lr=1e6, num_steps=300)
+    assert r.diverged_step is not None and r.diverged_step < 300
+    assert len(r.lrs) == r.diverged_step == len(r.losses) == len(r.smoothed)
+    assert np.all(np.isfinite(r.losses))
+    # the losses before divergence stay below diverge_factor x best smoothed loss
+    assert np.all(r.smoothed <= 4 * np.minimum.accumulate(r.smoothed) + 1e-6)
+
+
+def test_no_divergence_keeps_every_step(data):
+    r = run(data, start_lr=1e-4, factor=1.001, num_steps=100)
+    assert r.diverged_step is None and len(r.lrs) == 100 and r.num_steps == 100
+
+
+def test_default_is_one_epoch(data):
+    r = run(data, start_lr=1e-4, factor=1.001)
+    assert r.num_steps == -(-len(data.x_train) // 16)
+
+
+def test_seeds_vmapped_equal_separate_runs(data):
+    kw = dict(start_lr=1e-3, end_lr=50.0, num_steps=120)
+    together = run(data, num_seeds=3, seed=5, **kw)
+    for s in range(3):
+        alone = run(data, num_seeds=1, seed=5 + s, **kw)
+        n = min(len(alone.losses), together.per_seed_losses.shape[1])
+        np.testing.assert_allclose(together.per_seed_losses[s, :n], alone.losses[:n], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(together.losses, together.per_seed_losses.mean(0), rtol=1e-6)
+    lo, hi = together.band
+    assert np.all(lo <= together.smoothed + 1e-6) and np.all(together.smoothed <= hi + 1e-6)
+
+
+def test_other_rates_do_not_recompile(data):
+    run(data, start_lr=1e-3, factor=1.01, num_steps=128)
+    size = range_test._run_chunk._cache_size()
+    r = run(data, start_lr=3e-4, factor=1.02, num_steps=128)
+    r = run(data, start_lr=1e-5, end_lr=1.0, num_steps=128)
+    assert range_test._run_chunk._cache_size() == size
+    assert r.lrs[0] == pytest.approx(1e-5)
+
+
+def test_model_is_not_changed(data):
+    model = model_fn(0)
+    before = jax.tree.map(np.asarray, jax.tree.leaves(model))
+    find_lr(model, optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=10.0, num_steps=64)
+    after = jax.tree.leaves(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_adam_works_as_well_as_sgd():
+    data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)  # not separable
+    kw = dict(batch_size=16, start_lr=1e-6, end_lr=10.0, num_steps=200, seed=0)
+    r = find_lr(model_fn(0), optax.sgd, data, **kw)
+    a = find_lr(model_fn(0), optax.adam, data, **kw)
+    assert a.optimizer == "adam"
+    assert a.suggestion is not None and a.smoothed.min() < 0.7 * a.smoothed[0]
+    # Adam's useful rates are far below SGD's: its curve turns earlier
+    assert a.lrs[10 + np.argmin(a.smoothed[10:])] < r.lrs[10 + np.argmin(r.smoothed[10:])]
+
+
+def test_validation_curve(data):
+    r = run(data, start_lr=1e-3, end_lr=10.0, num_steps=100, eval_every=10)
+    assert len(r.val_steps) >= 5 and np.all(r.val_steps % 10 == 0)
+    assert np.all(np.isfinite(r.val_losses))
+
+
+def test_outputs(tmp_path, data):
+    r = run(data, start_lr=1e-3, end_lr=100.0, num_steps=150, num_seeds=2)
+    r.save(tmp_path)
+    j = json.loads((tmp_path / "lr_find.json").read_text())
+    for key in ("lrs", "losses", "smoothed", "per_seed_losses", "suggestion", "suggestions", "diverged_step",
+                "diverged_lr", "num_steps", "num_seeds", "optimizer", "batch_size", "wall_time_s",
+                "compile_time_s"):
+        assert key in j, key
+    assert set(j["suggestions"]) == {"valley", "steepest", "minimum", "seed"}
+    assert j["suggestion"] == j["suggestions"][j["method"]]
+    rows = (tmp_path / "lr_find.csv").read_text().splitlines()
+    assert rows[0] == "step,lr,loss,smoothed,loss_seed0,loss_seed1" and len(rows) == len(j["lrs"]) + 1
+    assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
