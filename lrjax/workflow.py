@@ -28,7 +28,8 @@ from lrjax.train import FitResult, fit
 
 
 def _say(cfg: Config, msg: str) -> None:
-    if cfg.progress and jax.process_index() == 0:
+    """Summaries (always, main process only); `--no-progress` silences bars and epoch lines only."""
+    if jax.process_index() == 0:
         print(msg, flush=True)
 
 
