@@ -2,7 +2,7 @@
 
 Public API (re-exported here; each lives in the module named for what it holds):
 `Config`, `load_dataset`, `mlp`/`MLP`, `find_lr`/`RangeTestResult`, `fit`/`FitResult`,
-`EarlyStopping`, `suggest` (suggestion methods).
+`EarlyStopping`, `sweep`/`SweepResult`, `suggest` (suggestion methods).
 """
 
 from lrjax import suggest
@@ -12,10 +12,11 @@ from lrjax.errors import CheckpointError, ConfigError, DataError, LrjaxError, Tr
 from lrjax.models import MLP, mlp
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
+from lrjax.sweeps import SweepResult, sweep
 from lrjax.train import FitResult, fit
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "DataError", "Dataset", "EarlyStopping",
            "FitResult", "LrjaxError", "MLP", "RangeTestResult", "TrainingDiverged", "find_lr", "fit",
-           "load_dataset", "mlp", "suggest"]
+           "load_dataset", "mlp", "suggest", "sweep", "SweepResult"]

@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             workflow.run_job(cfg)
         elif args.command == "sweep":
-            from lrjax import sweep as sweep_lib
-
-            sweep_lib.sweep_job(cfg)
+            workflow.sweep_job(cfg)
     except workflow.Interrupted as e:
         print(f"lrjax: {e}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.result.interrupted, 1)

@@ -77,3 +77,33 @@ def _save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_sweep(result, path: str | Path) -> None:
+    """Best validation accuracy and loss vs learning rate (log x), seed spread shaded, suggestions marked."""
+    from lrjax.sweeps import nan_reduce
+
+    lrs = result.lrs
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, values, label in ((axes[0], result.best_val_accuracy, "best validation accuracy"),
+                              (axes[1], np.where(np.isfinite(result.best_val_loss), result.best_val_loss, np.nan),
+                               "best validation loss")):
+        mean = nan_reduce(np.nanmean, values, 0, np.nan)
+        ax.plot(lrs, mean, "o-", color="C0", label=f"mean over {len(result.seeds)} seed(s)")
+        if len(result.seeds) > 1:
+            ax.fill_between(lrs, nan_reduce(np.nanmin, values, 0, np.nan), nan_reduce(np.nanmax, values, 0, np.nan),
+                            color="C0", alpha=0.2, label="seed min-max")
+        div = result.diverged.any(0)
+        if div.any():
+            ax.plot(lrs[div], mean[div], "x", color="C3", ms=10, label="diverged")
+        ax.axvline(result.best_lr, color="k", ls=":", label=f"best lr {result.best_lr:.3g}")
+        for i, (name, lr) in enumerate((result.suggestions or {}).items()):
+            if lr:
+                ax.axvline(lr, color=f"C{i + 1}", ls="--", lw=1, label=f"{name} {lr:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"LR sweep: {len(lrs)} rates x {len(result.seeds)} seed(s), {result.epochs} epochs")
+    _save(fig, path)

@@ -9,6 +9,7 @@ which needs TensorFlow (`lrjax[tf]`). Without either, a one-line `DataError` say
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -37,8 +38,23 @@ def _builder(name: str, data_dir: str | None):
 def is_prepared(name: str, data_dir: str | None) -> bool:
     """True when `name` is prepared in `data_dir` in the array_record format `data_source` reads."""
     builder = _builder(name, data_dir)
-    return (builder.is_prepared()
+    # TFDS logs a warning for every unprepared version folder it looks at: not news to the user here.
+    with _quiet_absl():
+        prepared = builder.is_prepared()
+    return (prepared
             and tfds.core.FileFormat.ARRAY_RECORD in builder.info.available_file_formats())
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
 
 
 def load_tfds_arrays(name: str, data_dir: str | None,

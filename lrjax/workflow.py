@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from lrjax import mesh as mesh_lib
 from lrjax import optimizers, tb
@@ -189,3 +190,43 @@ def run_job(cfg: Config) -> dict[str, Any]:
     if jax.process_index() == 0:
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):
+    """Trains the grid of rates x seeds at once; writes sweep.{json,csv,png} and TensorBoard runs."""
+    from lrjax.sweeps import lr_grid, nan_reduce, sweep, write_sweep_events
+
+    data = data if data is not None else load(cfg)
+    workdir = Path(cfg.workdir)
+    grid = lr_grid(cfg.lrs, cfg.num_lrs)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    if suggestions is None:
+        lr_find_file = Path(cfg.lr_find_json) if cfg.lr_find_json else workdir / "lr_find.json"
+        if lr_find_file.exists():
+            suggestions = json.loads(lr_find_file.read_text()).get("suggestions")
+        elif cfg.lr_find_json:
+            raise LrjaxError(f"--lr-find-json {lr_find_file} does not exist")
+    _say(cfg, f"sweep: {len(grid)} rates {grid[0]:.3g}..{grid[-1]:.3g} x {len(seeds)} seed(s), "
+              f"{cfg.epochs} epochs, as one program")
+
+    def on_epoch(epoch, m):
+        if cfg.progress and jax.process_index() == 0:
+            acc = m["val_accuracy"]
+            mean = nan_reduce(np.nanmean, acc, 0, -1.0)
+            best = int(np.argmax(mean))
+            print(f"epoch {epoch:3d}/{cfg.epochs}  best val_acc {mean[best]:.4f} at lr "
+                  f"{grid[best]:.3g}  |  live members {int(np.isfinite(acc).sum())}/{acc.size}", flush=True)
+
+    result = sweep(lambda s: model_for(cfg, data, s), optimizers.get(cfg.optimizer), data, grid, seeds=seeds,
+                   epochs=cfg.epochs, batch_size=cfg.batch_size,
+                   patience=cfg.patience if cfg.patience < cfg.epochs else None,
+                   eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape),
+                   on_epoch=on_epoch)
+    result.suggestions = dict(suggestions or {})
+    if jax.process_index() == 0:
+        result.save(workdir)
+        write_sweep_events(result, workdir / "tensorboard" / "sweep", hparams={"optimizer": cfg.optimizer,
+                                                                               "batch_size": cfg.batch_size})
+    _say(cfg, f"best lr {result.best_lr:.4g} (mean best val_acc {result.best_val_accuracy.mean(0).max():.4f}); "
+              f"{int(result.diverged.sum())} member(s) diverged; {result.wall_time_s:.1f}s -> {workdir / 'sweep.png'}")
+    return result

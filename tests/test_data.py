@@ -1,0 +1,270 @@
+"""Tests for lrjax.idx and lrjax.data: the real Fashion-MNIST files, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrjax import data as data_lib
+from lrjax import idx as idx_lib
+from lrjax.data import load_dataset, save_samples
+from lrjax.errors import DataError
+from lrjax.idx import FILES, write_idx_gz
+
+from conftest import synthetic
+
+# --------------------------------------------------------------------------------------------
+# The real Fashion-MNIST files (skipped where ../shared/data/fashion_mnist is absent)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(real_data_dir):
+    return load_dataset("fashion_mnist", real_data_dir)
+
+
+@pytest.fixture(scope="module")
+def real_raw(real_data_dir):
+    return idx_lib.read_idx_folder(real_data_dir, "fashion_mnist")
+
+
+def test_real_shapes_dtypes_and_range(real):
+    assert real.x_train.shape == (55000, 28, 28, 1) and real.x_train.dtype == np.float32
+    assert real.x_valid.shape == (5000, 28, 28, 1) and real.x_valid.dtype == np.float32
+    assert real.x_test.shape == (10000, 28, 28, 1) and real.x_test.dtype == np.float32
+    assert real.y_train.shape == (55000,) and real.y_train.dtype == np.int32
+    assert real.y_valid.shape == (5000,) and real.y_valid.dtype == np.int32
+    assert real.y_test.shape == (10000,) and real.y_test.dtype == np.int32
+    for x in (real.x_train, real.x_valid, real.x_test):
+        assert x.min() == 0.0 and x.max() == 1.0  # full range used, scaled by 255
+    assert real.num_classes == 10 and real.in_features == 784
+    assert real.class_names[9] == "Ankle boot"
+
+
+def test_real_class_balance(real):
+    # Fashion-MNIST is exactly balanced: 6000 per class in the official train split, 1000 in test.
+    train_valid = np.concatenate([real.y_train, real.y_valid])
+    assert np.bincount(train_valid, minlength=10).tolist() == [6000] * 10
+    assert np.bincount(real.y_test, minlength=10).tolist() == [1000] * 10
+
+
+def test_real_validation_is_first_5000_official_images(real, real_raw):
+    # Golden number: the official first training label is 9 (Ankle boot).
+    assert real_raw["train_labels"][0] == 9
+    assert real.y_valid[0] == 9
+    np.testing.assert_array_equal(real.x_valid[..., 0], real_raw["train_images"][:5000] / np.float32(255))
+    np.testing.assert_array_equal(real.y_valid, real_raw["train_labels"][:5000])
+    np.testing.assert_array_equal(real.x_train[..., 0], real_raw["train_images"][5000:] / np.float32(255))
+    np.testing.assert_array_equal(real.y_test, real_raw["test_labels"])
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: each a DataError with a specific one-line message
+# --------------------------------------------------------------------------------------------
+
+
+def _raw_arrays(n_train=30, n_test=10, size=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "train_images": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+
+
+def _write_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, arr in arrays.items():
+        write_idx_gz(folder / FILES[key], arr)
+    return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    return _write_folder(tmp_path / "idx", _raw_arrays())
+
+
+def _copy_real(real_data_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for name in FILES.values():
+        shutil.copyfile(real_data_dir / name, dest / name)
+    return dest
+
+
+def test_synthetic_folder_loads(idx_folder):
+    # The baseline for the error tests below: the same folder, intact, loads.
+    raw = _raw_arrays()
+    ds = load_dataset("mnist", idx_folder, valid_size=10)
+    assert ds.x_train.shape == (20, 6, 6, 1) and ds.x_valid.shape == (10, 6, 6, 1)
+    np.testing.assert_array_equal(ds.x_valid[..., 0], raw["train_images"][:10] / np.float32(255))
+    np.testing.assert_array_equal(ds.y_train, raw["train_labels"][10:])
+    np.testing.assert_array_equal(ds.y_test, raw["test_labels"])
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=r"data folder .*nowhere does not exist"):
+        load_dataset("fashion_mnist", missing)
+    with pytest.raises(DataError, match=r"data folder .*nowhere does not exist"):
+        idx_lib.read_idx_folder(missing)
+
+
+def test_missing_file_is_named(idx_folder):
+    (idx_folder / FILES["test_labels"]).unlink()
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", idx_folder, valid_size=10)
+    msg = str(err.value)
+    assert "lacks t10k-labels-idx1-ubyte.gz" in msg
+    assert "train-images-idx3-ubyte.gz" not in msg  # only what is really missing is named
+    assert "\n" not in msg
+
+
+def test_empty_folder_names_all_files(tmp_path):
+    with pytest.raises(DataError) as err:
+        idx_lib.read_idx_folder(tmp_path, "fashion_mnist")
+    msg = str(err.value)
+    assert all(name in msg for name in FILES.values())
+    assert "zalandoresearch" in msg  # says where to get them
+
+
+def test_truncated_gzip(real_data_dir, tmp_path):
+    folder = _copy_real(real_data_dir, tmp_path / "fm")
+    path = folder / FILES["train_images"]
+    path.write_bytes(path.read_bytes()[:100000])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: truncated or corrupt gzip"):
+        load_dataset("fashion_mnist", folder)
+
+
+def test_truncated_gzip_synthetic(idx_folder):
+    path = idx_folder / FILES["test_images"]
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: truncated or corrupt gzip"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_not_gzip(idx_folder):
+    (idx_folder / FILES["train_labels"]).write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: truncated or corrupt gzip"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_checksum_mismatch_real(real_data_dir, tmp_path, real_raw):
+    folder = _copy_real(real_data_dir, tmp_path / "fm")
+    labels = real_raw["test_labels"].copy()
+    # Re-compressed but identical content still verifies (the sha256 is of the uncompressed bytes).
+    write_idx_gz(folder / FILES["test_labels"], labels)
+    assert (folder / FILES["test_labels"]).read_bytes() != (real_data_dir / FILES["test_labels"]).read_bytes()
+    assert idx_lib.read_idx_folder(folder, "fashion_mnist")["test_labels"].tolist() == labels.tolist()
+    # One altered label: a valid IDX file, but not the published one.
+    labels[0] = (labels[0] + 1) % 10
+    write_idx_gz(folder / FILES["test_labels"], labels)
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: sha256 .* does not match the "
+                                        r"published fashion_mnist file"):
+        load_dataset("fashion_mnist", folder)
+    # Without verification (or under a name with no checksum) the structure alone is checked.
+    assert idx_lib.read_idx_folder(folder, "fashion_mnist", verify=False)["test_labels"][0] == labels[0]
+
+
+def test_checksum_mismatch_synthetic(idx_folder):
+    # The same structurally valid files load as "mnist" (no checksum) but not as "fashion_mnist".
+    idx_lib.read_idx_folder(idx_folder, "mnist")
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: sha256 .* does not match"):
+        load_dataset("fashion_mnist", idx_folder, valid_size=10)
+
+
+def _write_raw_gz(path: Path, raw: bytes) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(raw)
+
+
+def test_wrong_magic_number(idx_folder):
+    images = _raw_arrays()["train_images"]
+    header = (2052).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    _write_raw_gz(idx_folder / FILES["train_images"], header + images.tobytes())
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: wrong IDX magic number 0x00000804"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_header_shape_not_matching_content(idx_folder):
+    images = _raw_arrays()["train_images"]  # 30 x 6 x 6
+    header = (2051).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in (31, 6, 6))
+    _write_raw_gz(idx_folder / FILES["train_images"], header + images.tobytes())
+    with pytest.raises(DataError, match=r"header says shape \(31, 6, 6\) \(1116 bytes\) but the file holds "
+                                        r"1080 bytes"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_too_short_file(idx_folder):
+    _write_raw_gz(idx_folder / FILES["test_labels"], b"\x00\x00\x08")
+    with pytest.raises(DataError, match=r"too short to be an IDX file \(3 bytes\)"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_label_out_of_range(idx_folder):
+    labels = _raw_arrays()["test_labels"]
+    labels[3] = 10
+    write_idx_gz(idx_folder / FILES["test_labels"], labels)
+    with pytest.raises(DataError, match=r"test labels range up to 10, expected 0\.\.9"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_images_labels_count_mismatch(idx_folder):
+    write_idx_gz(idx_folder / FILES["train_labels"], _raw_arrays()["train_labels"][:29])
+    with pytest.raises(DataError, match=r"train has 30 images but 29 labels"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_swapped_images_and_labels(idx_folder):
+    raw = _raw_arrays()
+    write_idx_gz(idx_folder / FILES["test_images"], raw["test_labels"])
+    write_idx_gz(idx_folder / FILES["test_labels"], raw["test_images"])
+    with pytest.raises(DataError, match=r"swapped"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+def test_too_few_training_images_for_validation(idx_folder):
+    with pytest.raises(DataError, match=r"30 training images, need more than the 5000 held out"):
+        load_dataset("mnist", idx_folder)
+
+
+# --------------------------------------------------------------------------------------------
+# save_samples and $LRJAX_DATA_DIR
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_samples_writes_png(tmp_path):
+    ds = synthetic(n_train=40, n_test=10, valid=10)
+    path = tmp_path / "samples.png"
+    save_samples(ds, path, rows=2, cols=5)
+    blob = path.read_bytes()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(blob) > 1000
+
+
+def test_env_data_dir_is_honoured(idx_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LRJAX_DATA_DIR", str(idx_folder))
+    monkeypatch.setenv("LRJAX_CACHE_DIR", str(tmp_path / "cache"))
+    ds = load_dataset("mnist", valid_size=10)
+    np.testing.assert_array_equal(ds.y_test, _raw_arrays()["test_labels"])
+    assert str(idx_folder) in ds.source
+    # An explicit data_dir wins over the variable.
+    other = _write_folder(tmp_path / "other", _raw_arrays(n_train=25, seed=1))
+    assert load_dataset("mnist", other, valid_size=10).x_train.shape[0] == 15
+    # And a variable pointing nowhere is reported as such.
+    monkeypatch.setenv("LRJAX_DATA_DIR", str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=r"gone does not exist \(--data-dir / LRJAX_DATA_DIR\)"):
+        load_dataset("mnist")
+
+
+def test_take_and_from_arrays_split():
+    ds = synthetic(n_train=50, n_test=20, valid=10)
+    small = ds.take(5, 3, 2)
+    assert (len(small.x_train), len(small.x_valid), len(small.x_test)) == (5, 3, 2)
+    np.testing.assert_array_equal(small.x_train, ds.x_train[:5])
+    assert data_lib.VALID_SIZE == 5000
