@@ -10,6 +10,7 @@ Per-epoch metrics are handed to the manager, which keeps the best checkpoint by 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -38,11 +39,24 @@ class Checkpointer:
                 policies.LatestN(n=keep_latest),
                 policies.BestN(get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False),
             ]),
+            # best_fn makes Orbax write each step's metrics to disk (without it they live only in memory,
+            # so a resumed run deleted the best checkpoint at its first save) and makes best_step() work.
+            best_fn=score, best_mode="max",
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save killed midway
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._set_aside: list[int] = []  # steps found unreadable and moved aside
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
+            damaged = [p for p in self.directory.iterdir() if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
+            if not damaged:
+                raise
+            for p in damaged:
+                print(f"lrjax: checkpoint {p} is unreadable (damaged metrics file)", file=sys.stderr)
+                self._rename_aside(int(p.name))
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -73,7 +87,7 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                if failures:
+                if failures or self._set_aside:
                     print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
                 return s, restored["state"], dict(restored["meta"])
             except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
@@ -87,6 +101,10 @@ class Checkpointer:
                               "move the folder away to start afresh")
 
     def _move_aside(self, step: int) -> None:
+        self._rename_aside(step)
+        self.manager.reload()
+
+    def _rename_aside(self, step: int) -> None:
         src = self.directory / str(step)
         if jax.process_index() == 0 and src.exists():
             dst = self.directory / f"unreadable-{step}"
@@ -94,7 +112,7 @@ class Checkpointer:
             while dst.exists():
                 dst, n = self.directory / f"unreadable-{step}.{n}", n + 1
             src.rename(dst)
-        self.manager.reload()
+        self._set_aside.append(step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -102,3 +120,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _json_ok(path: Path) -> bool:
+    """False when `path` exists but is not valid JSON (a missing file is fine: Orbax skips it)."""
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True

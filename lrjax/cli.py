@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "run": "the seed workflow: range test -> suggested rate -> re-initialised model -> training -> test",
     "sweep": "train a log grid of learning rates at once (one vmapped program) and compare them",
 }
-EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130, "stop-after": 0}
 
 
 def _unwrap_optional(tp):

@@ -12,7 +12,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lrjax.errors import ConfigError
 
@@ -44,7 +44,9 @@ def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
     size = int(np.prod(list(axes.values())))
     if size != n:
         raise ConfigError(f"--mesh-shape {spec!r} needs {size} devices but {n} are available")
-    return jax.make_mesh(tuple(axes.values()), tuple(axes))
+    # Auto axes: the programs state where the batch is split (with_sharding_constraint) and XLA
+    # propagates the rest; explicit-sharding mode would make every constraint an assertion.
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes))
 
 
 def data_axis_size(mesh: jax.sharding.Mesh | None = None) -> int:

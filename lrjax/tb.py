@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,11 @@ class Writer:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step, flush_secs=30)
+            # tensorboardX names event files by the second ('events.out.tfevents.<s>.<host>') and opens
+            # them with 'wb': a writer reopened within the same second (a quick resume) would truncate the
+            # earlier file. A nanosecond suffix keeps names unique and in creation order.
+            self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step, flush_secs=30,
+                                         filename_suffix=f".{time.time_ns()}")
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self._writer is not None:

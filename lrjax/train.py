@@ -45,7 +45,7 @@ class FitResult:
     best_val_loss: float | None
     epochs_run: int
     stopped_early: bool
-    interrupted: str | None = None  # the signal's name when stopped by SIGTERM/SIGINT
+    interrupted: str | None = None  # "SIGTERM"/"SIGINT", or "stop-after": ended before finishing
     run_dir: Path | None = None
     resumed_from: int | None = None
     wall_time_s: float = 0.0
@@ -183,8 +183,10 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                                         {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]})
                 t4 = time.perf_counter()
                 if ckpt is not None:
+                    # a snapshot: the save is asynchronous and `history` grows next epoch (a shared list
+                    # let a checkpoint's meta pick up later epochs' records, duplicated after a resume)
                     meta = {"epoch": epoch, "early_stopping": early_stopping.state_dict(), "config": config,
-                            "history": history, "run_name": run_name, "lr": lr, "seed": seed}
+                            "history": list(history), "run_name": run_name, "lr": lr, "seed": seed}
                     ckpt.save(epoch, _tree(state, best_params), meta, metrics)
                 t5 = time.perf_counter()
                 timings["tensorboard_s"] += t4 - t3
@@ -194,7 +196,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 if signals.received:
                     interrupted = signals.received
                     break
-                if stop_after is not None and epoch >= stop_after:
+                if stop_after is not None and epoch >= stop_after and epoch < epochs:
+                    interrupted = "stop-after"
                     break
     finally:
         t6 = time.perf_counter()

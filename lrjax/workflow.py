@@ -164,8 +164,10 @@ class Interrupted(LrjaxError):
 
     def __init__(self, result: FitResult):
         self.result = result
-        super().__init__(f"stopped by {result.interrupted} after epoch {result.history[-1]['epoch'] if result.history else 0}; "
-                         "checkpoint saved: run the same command again to resume")
+        epoch = result.history[-1]["epoch"] if result.history else 0
+        how = "as asked (--stop-after)" if result.interrupted == "stop-after" else f"by {result.interrupted}"
+        super().__init__(f"stopped {how} after epoch {epoch}; checkpoint saved: run the same command again "
+                         "to resume")
 
 
 def run_job(cfg: Config) -> dict[str, Any]:
