@@ -50,8 +50,21 @@ def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
 
 
 def data_axis_size(mesh: jax.sharding.Mesh | None = None) -> int:
+    return axis_size("data", mesh)
+
+
+def axis_size(name: str, mesh: jax.sharding.Mesh | None = None) -> int:
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get("data", 1) if mesh.axis_names else 1
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh.axis_names else 1
+
+
+def spread_members(tree, axis: int = 0):
+    """Under an ambient mesh with a `members` axis, splits dimension `axis` of every leaf (seeds of a
+    range test, rates of a sweep) across it; other dimensions stay replicated."""
+    if axis_size("members") <= 1:
+        return tree
+    spec = P(*([None] * axis + ["members"]))
+    return jax.tree.map(lambda a: jax.device_put(a, spec), tree)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -100,6 +113,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             raise ConfigError(f"jax.distributed.initialize failed: {e}") from None
         return False
     return True
+
+
+def to_host(tree):
+    """Device arrays -> numpy, gathering across processes where an array spans several hosts."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
 
 
 def is_main_process() -> bool:

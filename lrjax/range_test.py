@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from lrjax import mesh as mesh_lib
 from lrjax import steps, suggest
 from lrjax.steps import OptimizerFactory, TrainState
 
@@ -43,6 +44,13 @@ def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None
         factor = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
     schedule = optax.exponential_decay(init_value=start_lr, transition_steps=1, decay_rate=factor)
     return np.asarray(jax.device_get(schedule(jnp.arange(num_steps))), np.float32)
+
+
+class _Arrays(NamedTuple):
+    x_train: jax.Array
+    y_train: jax.Array
+    x_valid: jax.Array
+    y_valid: jax.Array
 
 
 class _Carry(struct.PyTreeNode):
@@ -192,7 +200,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             method: str = "default", skip_start: int = 10, skip_end: int = 5,
             chunk_steps: int = 256, stop_on_divergence: bool = True,
             progress: Callable[[dict], None] | None = None,
-            init_fn: Callable[[int], nnx.Module] | None = None) -> RangeTestResult:
+            init_fn: Callable[[int], nnx.Module] | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
@@ -200,8 +209,19 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has `x_train`,
     `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
     rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
-    default `num_steps` is one epoch.
+    default `num_steps` is one epoch. With a `mesh`, batches are split over its `data` axis and the
+    seeds over its `members` axis (when it has one).
     """
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            mesh_lib.check_batch_size(batch_size, mesh)
+            data = _Arrays(*mesh_lib.replicate(tuple(np.asarray(a) for a in (
+                data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh))
+            return find_lr(model, optimizer, data, batch_size=batch_size, start_lr=start_lr, factor=factor,
+                           end_lr=end_lr, num_steps=num_steps, diverge_factor=diverge_factor, beta=beta,
+                           num_seeds=num_seeds, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
+                           method=method, skip_start=skip_start, skip_end=skip_end, chunk_steps=chunk_steps,
+                           stop_on_divergence=stop_on_divergence, progress=progress, init_fn=init_fn)
     t_start = time.perf_counter()
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     n = x.shape[0]
@@ -214,9 +234,10 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
     states = [steps.init_state(m, optimizer, start_lr) for m in models]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
-    carry = jax.vmap(_init_carry)(stacked)
+    carry = mesh_lib.spread_members(jax.vmap(_init_carry)(stacked))
     keys = jax.vmap(lambda s: jax.random.key(s))(jnp.arange(seed, seed + num_seeds))
-    idx, w = _seed_indices(keys, jnp.zeros((n, 0)), batch_size=batch_size, num_steps=num_steps)
+    idx, w = mesh_lib.spread_members(
+        _seed_indices(keys, jnp.zeros((n, 0)), batch_size=batch_size, num_steps=num_steps))
 
     if eval_every > 0:
         m = min(eval_examples, len(data.x_valid))

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrjax import mesh as mesh_lib
 from lrjax import steps
@@ -205,31 +204,29 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     S, L = len(seeds), len(lrs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     mesh_lib.check_batch_size(batch_size, mesh)
-    members_axis = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("members", 1)
+    members_axis = mesh_lib.axis_size("members", mesh)
     if L % members_axis:
         raise ConfigError(f"{L} learning rates cannot be spread over {members_axis} devices of the members axis")
-
-    per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0) for seed in seeds]
-    states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (L,) + v.shape) for v in a]), *per_seed)
-    states = states.with_lr(jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (S, L)))
-    member_sharding = NamedSharding(mesh, P(None, "members") if members_axis > 1 else P())
-    states = jax.device_put(states, member_sharding)
-    best_params = jax.tree.map(jnp.copy, states.params)
-    x, y, xv, yv = mesh_lib.replicate(
-        tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    active = jax.device_put(jnp.ones((S, L), bool), member_sharding)
-    diverged = jax.device_put(jnp.zeros((S, L), bool), member_sharding)
     monitors = [[EarlyStopping(patience=patience) for _ in range(L)] for _ in range(S)] if patience is not None else None
-
     history = {k: np.full((epochs, S, L), np.nan) for k in ("train_loss", "val_loss", "val_accuracy")}
     diverged_epoch = np.full((S, L), -1)
     stopped_epoch = np.full((S, L), -1)
     compile_time = 0.0
+
     with jax.set_mesh(mesh):
+        per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0) for seed in seeds]
+        states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (L,) + v.shape) for v in a]), *per_seed)
+        states = states.with_lr(jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (S, L)))
+        states = mesh_lib.spread_members(mesh_lib.replicate(states, mesh), axis=1)
+        best_params = jax.tree.map(jnp.copy, states.params)
+        x, y, xv, yv = mesh_lib.replicate(
+            tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        active = mesh_lib.spread_members(mesh_lib.replicate(np.ones((S, L), bool), mesh), axis=1)
+        diverged = mesh_lib.spread_members(mesh_lib.replicate(np.zeros((S, L), bool), mesh), axis=1)
         for epoch in range(1, epochs + 1):
             epoch_keys = jax.vmap(steps.epoch_key, in_axes=(0, None))(keys, epoch)
-            was_live = np.asarray(active & ~diverged)
+            was_live = mesh_lib.to_host(active & ~diverged)
             if epoch == 1:
                 t0 = time.perf_counter()
                 program = sweep_epoch.lower(states, active, diverged, x, y, epoch_keys,
@@ -237,7 +234,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                 compile_time = time.perf_counter() - t0
             states, diverged, train_m = program(states, active, diverged, x, y, epoch_keys)
             val_m = sweep_evaluate(states, xv, yv, batch_size=eval_batch_size)
-            train_m, val_m, div = jax.device_get((train_m, val_m, diverged))
+            train_m, val_m, div = mesh_lib.to_host((train_m, val_m, diverged))  # one sync per epoch
             newly = div & (diverged_epoch < 0)
             diverged_epoch[newly] = epoch
             trained = was_live & ~newly
@@ -253,10 +250,10 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                             if monitors[s][j].should_stop:
                                 stopped_epoch[s, j] = epoch
                 best_params = _keep_best(best_params, states.params, jnp.asarray(improved))
-                active = jax.device_put(jnp.asarray(stopped_epoch < 0), member_sharding)
+                active = mesh_lib.spread_members(mesh_lib.replicate(stopped_epoch < 0, mesh), axis=1)
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
-            if not np.any(np.asarray(active & ~diverged)):
+            if not np.any(was_live & ~div & (stopped_epoch < 0)):
                 break
     if monitors is not None:
         states = states.replace(params=best_params)

@@ -75,15 +75,13 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     num_steps = cfg.num_steps or -(-len(data.x_train) // cfg.batch_size)
     bar = _Progress(cfg, num_steps)
     try:
-        with jax.set_mesh(mesh):
-            mesh_lib.check_batch_size(cfg.batch_size, mesh)
-            result = find_lr(
-                model_for(cfg, data), optimizers.get(cfg.optimizer), data, batch_size=cfg.batch_size,
-                start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
-                diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
-                eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
-                skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
-                init_fn=lambda s: model_for(cfg, data, s))
+        result = find_lr(
+            model_for(cfg, data), optimizers.get(cfg.optimizer), data, batch_size=cfg.batch_size,
+            start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
+            diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
+            eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
+            skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
+            init_fn=lambda s: model_for(cfg, data, s), mesh=mesh)
     finally:
         bar.close()
     if jax.process_index() == 0:

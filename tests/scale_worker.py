@@ -1,0 +1,52 @@
+"""Run by tests/test_scale.py in a subprocess: trains on tiny data with whatever devices/processes the
+environment gives (XLA_FLAGS / JAX_NUM_CPU_DEVICES set before JAX starts), prints a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from conftest import synthetic  # noqa: E402
+from lrjax import mesh as mesh_lib  # noqa: E402
+from lrjax.models import mlp  # noqa: E402
+from lrjax.monitors import EarlyStopping  # noqa: E402
+from lrjax.range_test import find_lr  # noqa: E402
+from lrjax.sweeps import sweep  # noqa: E402
+from lrjax.train import fit  # noqa: E402
+
+
+def main():
+    job, workdir = sys.argv[1], sys.argv[2]
+    coordinator, num_processes, process_id = (sys.argv[3:6] + [None] * 3)[:3]
+    if coordinator:
+        mesh_lib.initialize_distributed(coordinator, int(num_processes), int(process_id))
+    data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=120)
+    model_fn = lambda s: mlp(36, (16,), 4, seed=s)  # noqa: E731
+    out = {"devices": jax.device_count(), "processes": jax.process_count()}
+    if job == "fit":
+        r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3,
+                early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)
+        out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
+        out["test"] = r.evaluate(data.x_test, data.y_test)
+        out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+    elif job == "find_lr":
+        r = find_lr(model_fn(0), optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=30.0, num_steps=96,
+                    num_seeds=4, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))
+        out["per_seed_losses"] = np.asarray(r.per_seed_losses).tolist()
+    elif job == "sweep":
+        r = sweep(model_fn, optax.sgd, data, [0.01, 0.03, 0.1, 0.3], seeds=[2], epochs=2, batch_size=16,
+                  mesh=mesh_lib.make_mesh(workdir))
+        out["val_loss"] = np.asarray(r.val_loss).tolist()
+    if jax.process_index() == 0:
+        print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
