@@ -105,17 +105,35 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
     return jax.lax.scan(body, carry, (idx, w, lrs, active))
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def _run_chunk(carry, x, y, idx, w, lrs, active, val, hp):
-    fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None))
-    carry, out = fn(carry, x, y, idx, w, lrs, active, val, hp)
+@partial(jax.jit, static_argnames=("chunk",), donate_argnums=(0,))
+def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int):
+    """Steps [start, start + chunk) of the test. `start` is traced, so every chunk runs one program;
+    with several seeds (a leading seed axis on carry, idx and w) the chunk is vmapped over them."""
+
+    def take(a, axis=0):
+        return jax.lax.dynamic_slice_in_dim(a, start, chunk, axis)
+
+    if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
+        carry, out = _range_chunk(carry, x, y, take(idx), take(w), take(lrs), take(active), val, hp)
+    else:
+        fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None))
+        carry, out = fn(carry, x, y, take(idx, 1), take(w, 1), take(lrs), take(active), val, hp)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
-@partial(jax.jit, static_argnames=("batch_size", "num_steps"))
-def _seed_indices(keys, n, *, batch_size, num_steps):
-    return jax.vmap(lambda k: steps.epoch_indices(k, n.shape[0], batch_size, num_steps))(keys)
+@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded"))
+def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: int):
+    """Initial carries and every seed's batch order (padded to whole chunks), as one program."""
+
+    def one(state, seed):
+        idx, w = steps.epoch_indices(jax.random.key(seed), n, batch_size, num_steps)
+        pad = ((0, padded - num_steps), (0, 0))
+        return _init_carry(state), jnp.pad(idx, pad), jnp.pad(w, pad)
+
+    if len(states) == 1:
+        return one(states[0], seeds[0])
+    return jax.vmap(one)(jax.tree.map(lambda *a: jnp.stack(a), *states), seeds)
 
 
 def _chunking(num_steps: int, chunk_steps: int) -> tuple[int, int]:
@@ -233,37 +251,31 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
 
     models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
     states = [steps.init_state(m, optimizer, start_lr) for m in models]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
-    carry = mesh_lib.spread_members(jax.vmap(_init_carry)(stacked))
-    keys = jax.vmap(lambda s: jax.random.key(s))(jnp.arange(seed, seed + num_seeds))
-    idx, w = mesh_lib.spread_members(
-        _seed_indices(keys, jnp.zeros((n, 0)), batch_size=batch_size, num_steps=num_steps))
+    num_chunks, chunk = _chunking(num_steps, chunk_steps)
+    padded = num_chunks * chunk
+    carry, idx, w = _prepare(states, np.arange(seed, seed + num_seeds), n=n, batch_size=batch_size,
+                             num_steps=num_steps, padded=padded)
+    if num_seeds > 1:
+        carry, idx, w = mesh_lib.spread_members((carry, idx, w))
 
     if eval_every > 0:
         m = min(eval_examples, len(data.x_valid))
         val = (jnp.asarray(data.x_valid[:m]), jnp.asarray(data.y_valid[:m]), jnp.ones(m, jnp.float32))
     else:
         val = (None, None, None)
-    hp = {"beta": jnp.float32(beta), "diverge_factor": jnp.float32(diverge_factor),
-          "eval_every": jnp.int32(max(eval_every, 1))}
-
-    num_chunks, chunk = _chunking(num_steps, chunk_steps)
-    padded = num_chunks * chunk
-    pad = padded - num_steps
-    lrs_dev = jnp.asarray(np.concatenate([lrs, np.full(pad, lrs[-1])]))
-    active = jnp.arange(padded) < num_steps
-    idx = jnp.concatenate([idx, jnp.zeros((num_seeds, pad, batch_size), idx.dtype)], 1)
-    w = jnp.concatenate([w, jnp.zeros((num_seeds, pad, batch_size), w.dtype)], 1)
+    hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
+          "eval_every": np.int32(max(eval_every, 1))}
+    lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
+    active = np.arange(padded) < num_steps
 
     compile_time = 0.0
     outputs = []
     pending = None
     for c in range(num_chunks):
-        sl = slice(c * chunk, (c + 1) * chunk)
-        args = (carry, x, y, idx[:, sl], w[:, sl], lrs_dev[sl], active[sl], val, hp)
+        args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
         if c == 0:
             t0 = time.perf_counter()
-            compiled = _run_chunk.lower(*args).compile()
+            compiled = _run_chunk.lower(*args, chunk=chunk).compile()
             compile_time = time.perf_counter() - t0
         carry, out = compiled(*args)  # dispatched asynchronously
         if pending is not None and _report(pending, progress, lrs, num_steps, stop_on_divergence):
@@ -277,11 +289,12 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         _report(pending, progress, lrs, num_steps, stop_on_divergence)
         outputs.append(pending[1])
 
-    out = jax.device_get(outputs)
+    # (seeds, steps) on the host, also for a single unbatched seed
+    out = [jax.tree.map(lambda a: np.asarray(a).reshape(num_seeds, -1), o) for o in mesh_lib.to_host(outputs)]
     per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
     valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
     val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]
-    diverged = out[-1]["diverged_step"]
+    diverged = out[-1]["diverged_step"].ravel()
     # The mean curve needs every seed: it ends where the first seed stopped being valid.
     length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
     first_div = [int(d) for d in diverged if d >= 0]
@@ -305,7 +318,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
 def _report(pending, progress, lrs, num_steps, stop_on_divergence) -> bool:
     """Reads a finished chunk (blocking), reports progress; True when every seed has diverged."""
     c, out = pending
-    loss, diverged = jax.device_get((out["loss"], out["diverged_step"]))
+    loss, diverged = mesh_lib.to_host((out["loss"], out["diverged_step"]))
+    loss, diverged = np.atleast_2d(loss), np.atleast_1d(diverged)
     chunk = loss.shape[1]
     done = min((c + 1) * chunk, num_steps)
     finite = loss[np.isfinite(loss)]

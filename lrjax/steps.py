@@ -58,11 +58,15 @@ def make_tx(optimizer: OptimizerFactory, lr: float = 0.0) -> optax.GradientTrans
 def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: float = 1e-3) -> TrainState:
     """Splits `model` once and builds the optimizer state; the model object itself is not touched later."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(jnp.copy, params)  # the state owns its buffers (they may be donated)
-    rest = jax.tree.map(jnp.copy, rest)
-    opt_state = make_tx(optimizer, lr).init(params)
-    return TrainState(params=params, rest=rest, opt_state=opt_state, step=jnp.zeros([], jnp.int32),
-                      graphdef=graphdef, optimizer=optimizer)
+    return _init_state(params, rest, lr, graphdef=graphdef, optimizer=optimizer)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "optimizer"))
+def _init_state(params, rest, lr, *, graphdef, optimizer) -> TrainState:
+    # One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the
+    # state, so later donation never touches the model's arrays.
+    return TrainState(params=params, rest=rest, opt_state=make_tx(optimizer, lr).init(params),
+                      step=jnp.zeros([], jnp.int32), graphdef=graphdef, optimizer=optimizer)
 
 
 def _forward(params, rest, graphdef, x):

@@ -3,7 +3,7 @@
 Members are laid out as (seeds, lrs): the models of one seed start from the same weights and see
 the same batch order (gathered once and shared by the inner `vmap` over rates), so the learning rate
 is the only difference between them. Rates are traced values in each member's optimizer state: a
-new grid never recompiles. A member whose loss or parameters turn non-finite is frozen (its update
+new grid never recompiles. A member whose loss turns non-finite is frozen (its update
 is dropped from that step on) and marked; with `patience`, a member stops updating once its
 validation loss has not improved for `patience` epochs and keeps its best state.
 Members can be spread over devices along a `members` mesh axis.
@@ -48,14 +48,14 @@ def nan_reduce(fn, values: np.ndarray, axis: int, fill: float) -> np.ndarray:
     return np.where(np.isnan(out), fill, out)
 
 
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
-
-
 def _member_step(state, live, batch):
-    """One step of one member; a member that is not live, or whose step is non-finite, is unchanged."""
+    """One step of one member; a member that is not live, or whose loss is non-finite, is unchanged.
+
+    Only the loss is checked: a finiteness test of every parameter after every step cost ~40% of a
+    16-member epoch on CPU; parameters that overflow show up as a non-finite loss one step later.
+    """
     new, m = steps.train_step(state, batch)
-    ok = live & jnp.isfinite(m["loss"]) & _all_finite(new.params)
+    ok = live & jnp.isfinite(m["loss"])
     state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
     return state, {"loss": m["loss"], "accuracy": m["accuracy"], "ok": ok}
 

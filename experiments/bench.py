@@ -1,0 +1,350 @@
+"""lrjax benchmarks: every variant measured side by side in one run, median of repeats, ratio to baseline.
+
+    python experiments/bench.py --data-dir ../shared/data/fashion_mnist [--repeats 3] [--json out.json]
+    python experiments/bench.py --quick          # small sizes, synthetic data: a smoke test
+
+Sections (ratio = baseline time / variant time, so > 1 means faster than the baseline row):
+  range   the seed's range test (1,719 steps, batch 32): jitted step in a Python loop (baseline),
+          an nnx.jit loop, a plain-pytree lax.scan (the machine's floor), lrjax's compiled program
+  seeds   k = 1, 4, 16 range tests: k sequential lrjax runs (baseline) vs one vmapped program
+  epoch   one training epoch + validation at batch 32 and 256: Python loop (baseline) vs lrjax
+  sweep   16 learning rates x E epochs: 16 sequential trainings (baseline) vs one vmapped sweep
+  io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
+  run     the whole `lrjax run` workflow broken down by phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lrjax
+from lrjax import steps
+from lrjax.data import from_arrays
+from lrjax.models import mlp
+
+ROWS: list[dict] = []
+
+
+def timed(fn, repeats: int, cold: bool = False) -> tuple[float, list[float]]:
+    """Median wall time of `fn`; `cold` empties JAX's compilation caches before each repeat (outside
+    the timing), so every variant pays for all the compiling it does, model initialisation included."""
+    times = []
+    for _ in range(repeats):
+        if cold:
+            jax.clear_caches()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def row(section, variant, seconds, baseline=None, note=""):
+    ratio = (baseline / seconds) if baseline else None
+    ROWS.append({"section": section, "variant": variant, "median_s": seconds, "ratio": ratio, "note": note})
+    r = f"{ratio:6.2f}x" if ratio else "  base "
+    print(f"{section:7s} {variant:46s} {seconds:9.3f} s  {r}  {note}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines: what a JAX user writes first
+# --------------------------------------------------------------------------------------------------
+
+def python_loop_range_test(data, batch_size, num_steps, start_lr, factor, seed=0):
+    """A jitted train step called from Python per batch, the loss read back every step."""
+    state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, start_lr)
+    step = jax.jit(lambda s, b, lr: steps.train_step(s.with_lr(lr), b))
+    rng = np.random.default_rng(seed)
+    n = len(data.x_train)
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-num_steps * batch_size // n))])
+    ones = np.ones(batch_size, np.float32)
+    losses = []
+    for i in range(num_steps):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        state, m = step(state, (data.x_train[idx], data.y_train[idx], ones), start_lr * factor ** i)
+        losses.append(float(m["loss"]))
+    return losses
+
+
+def nnx_jit_range_test(data, batch_size, num_steps, start_lr, factor, seed=0):
+    """The NNX-transform way: nnx.Optimizer + nnx.jit per step, Python loop."""
+    model = mlp(data.in_features, seed=42)
+    opt = nnx.Optimizer(model, optax.inject_hyperparams(optax.sgd)(learning_rate=start_lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y, lr):
+        opt.opt_state.hyperparams["learning_rate"][...] = lr
+
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    n = len(data.x_train)
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-num_steps * batch_size // n))])
+    losses = []
+    for i in range(num_steps):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        losses.append(float(step(model, opt, data.x_train[idx], data.y_train[idx], start_lr * factor ** i)))
+    return losses
+
+
+def plain_scan_floor(data, batch_size, num_steps):
+    """A hand-written plain-pytree MLP SGD step in lax.scan: the speed floor of this machine."""
+    x = jnp.asarray(data.x_train.reshape(len(data.x_train), -1))
+    y = jnp.asarray(data.y_train)
+    sizes = [x.shape[1], 300, 100, 10]
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = [(jax.nn.initializers.glorot_uniform()(k, (a, b)), jnp.zeros(b)) for k, a, b in zip(keys, sizes, sizes[1:])]
+
+    def loss_fn(p, xb, yb):
+        h = xb
+        for w, b in p[:-1]:
+            h = jax.nn.relu(h @ w + b)
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p[-1][0] + p[-1][1], yb).mean()
+
+    @jax.jit
+    def run(params, idx, lrs):
+        def body(p, il):
+            i, lr = il
+            loss, g = jax.value_and_grad(loss_fn)(p, x[i], y[i])
+            return jax.tree.map(lambda a, b: a - lr * b, p, g), loss
+
+        return jax.lax.scan(body, params, (idx, lrs))
+
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, len(x), (num_steps, batch_size)))
+    lrs = jnp.full(num_steps, 0.01)
+    return lambda: jax.block_until_ready(run(params, idx, lrs))
+
+
+def matmul_peak(n: int = 2048) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t, _ = timed(lambda: f(a).block_until_ready(), 5)
+    return 2 * n ** 3 / t / 1e9
+
+
+def python_loop_epoch(data, batch_size, lr=0.01):
+    state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, lr)
+    step = jax.jit(steps.train_step)
+    evaluate = jax.jit(steps.eval_step)
+    n = len(data.x_train)
+    order = np.random.default_rng(0).permutation(n)
+    losses = []
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        state, m = step(state, (data.x_train[idx], data.y_train[idx], np.ones(len(idx), np.float32)))
+        losses.append(float(m["loss"]))
+    total = 0.0
+    for i in range(0, len(data.x_valid), 1000):
+        xb, yb = data.x_valid[i:i + 1000], data.y_valid[i:i + 1000]
+        total += float(evaluate(state, (xb, yb, np.ones(len(xb), np.float32)))["loss_sum"])
+    return losses, total
+
+
+# --------------------------------------------------------------------------------------------------
+
+def bench_range(data, a):
+    steps_n = -(-len(data.x_train) // 32)
+    kw = dict(batch_size=32, num_steps=steps_n, start_lr=1e-3, factor=1.005)
+    peak = matmul_peak()
+    print(f"        (this machine's float32 matmul peak, 2048^3 matmul: {peak:.0f} GFLOP/s)")
+    base, _ = timed(lambda: python_loop_range_test(data, **kw), a.repeats, cold=True)
+    row("range", f"jitted step, Python loop ({steps_n} steps)", base, note="compile included")
+    t, _ = timed(lambda: nnx_jit_range_test(data, **kw), a.repeats, cold=True)
+    row("range", "nnx.jit step, Python loop", t, base, "compile included")
+    floor = plain_scan_floor(data, 32, steps_n)
+    floor()
+    t, _ = timed(floor, a.repeats)
+    flops = 2 * 3 * 32 * (data.in_features * 300 + 300 * 100 + 100 * 10) * steps_n
+    row("range", "plain-pytree lax.scan floor (compiled, no NNX)", t, base,
+        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
+
+    def lrjax_run():
+        return lrjax.find_lr(mlp(data.in_features, seed=42), optax.sgd, data, stop_on_divergence=False, **kw)
+
+    compile_times = []
+    t, _ = timed(lambda: compile_times.append(lrjax_run().compile_time_s), a.repeats, cold=True)
+    row("range", "lrjax find_lr, compile included", t, base,
+        f"main program's compile {statistics.median(compile_times):.2f}s of it")
+    t, _ = timed(lrjax_run, a.repeats)
+    row("range", "lrjax find_lr, already compiled", t, base,
+        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
+    one_chunk = lambda: lrjax.find_lr(mlp(data.in_features, seed=42), optax.sgd, data,  # noqa: E731
+                                      stop_on_divergence=False, chunk_steps=steps_n, **kw)
+    one_chunk()
+    t, _ = timed(one_chunk, a.repeats)
+    row("range", "lrjax find_lr, one chunk (no progress)", t, base, "cost of progress chunks")
+
+
+def bench_seeds(data, a):
+    steps_n = -(-len(data.x_train) // 32)
+    kw = dict(batch_size=32, num_steps=steps_n, start_lr=1e-3, factor=1.005, stop_on_divergence=False,
+              init_fn=lambda s: mlp(data.in_features, seed=s))
+    for k in a.seeds:
+        def sequential():
+            for s in range(k):
+                lrjax.find_lr(mlp(data.in_features, seed=s), optax.sgd, data, seed=s, **kw)
+
+        def vmapped():
+            lrjax.find_lr(mlp(data.in_features, seed=0), optax.sgd, data, num_seeds=k, **kw)
+
+        vmapped()
+        base, _ = timed(sequential, max(1, a.repeats - 1))
+        row("seeds", f"k={k}: {k} sequential range tests", base)
+        t, _ = timed(vmapped, max(1, a.repeats - 1))
+        row("seeds", f"k={k}: one vmapped program", t, base)
+
+
+def bench_epoch(data, a):
+    for bs in (32, 256):
+        base, _ = timed(lambda: python_loop_epoch(data, bs), a.repeats)
+        row("epoch", f"batch {bs}: jitted step, Python loop + eval", base)
+        state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, 0.01)
+        x, y, xv, yv = map(jnp.asarray, (data.x_train, data.y_train, data.x_valid, data.y_valid))
+
+        def lrjax_epoch():
+            nonlocal state
+            state, m = steps.train_epoch(state, x, y, jax.random.key(0), batch_size=bs)
+            v = steps.evaluate(state, xv, yv, batch_size=1000)
+            jax.device_get((m, v))
+
+        lrjax_epoch()
+        t, _ = timed(lrjax_epoch, a.repeats)
+        row("epoch", f"batch {bs}: lrjax compiled epoch + eval", t, base)
+
+
+def bench_io(data, a):
+    epochs = a.io_epochs
+    def fit(workdir):
+        return lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
+                         workdir=workdir, progress=None)
+
+    fit(None)
+    base, _ = timed(lambda: fit(None), a.repeats)
+    row("io", f"fit {epochs} epochs, no checkpoints/TensorBoard", base)
+    tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
+    try:
+        def with_io():
+            shutil.rmtree(tmp / "wd", ignore_errors=True)
+            return fit(tmp / "wd")
+
+        t, _ = timed(with_io, a.repeats)
+        row("io", f"fit {epochs} epochs, Orbax async + TensorBoard", t, base,
+            f"overhead {100 * (t / base - 1):+.1f}%")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_sweep(data, a):
+    lrs = np.geomspace(1e-3, 0.5, a.sweep_lrs)
+    E = a.sweep_epochs
+
+    def sequential():
+        for lr in lrs:
+            lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=float(lr), epochs=E, progress=None)
+
+    def vmapped():
+        lrjax.sweep(lambda s: mlp(data.in_features, seed=s), optax.sgd, data, lrs, seeds=[42], epochs=E)
+
+    vmapped()
+    one, _ = timed(lambda: lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.1, epochs=E,
+                                     progress=None), 1)
+    base, _ = timed(sequential, 1)
+    row("sweep", f"{len(lrs)} rates x {E} epochs: sequential trainings", base)
+    t, _ = timed(vmapped, 1)
+    row("sweep", f"{len(lrs)} rates x {E} epochs: one vmapped sweep", t, base,
+        f"{t / one:.1f}x the time of one training")
+
+
+def bench_run(data_dir, a):
+    tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-run-"))
+    try:
+        jax.clear_caches()  # compile times as a fresh `lrjax run` sees them
+        cfg = lrjax.Config(workdir=str(tmp), data_dir=data_dir, epochs=a.run_epochs, progress=False)
+        from lrjax import workflow
+
+        t0 = time.perf_counter()
+        data = workflow.load(cfg)
+        t_load = time.perf_counter() - t0
+        r = workflow.find_lr_job(cfg, data)
+        t1 = time.perf_counter()
+        from lrjax.monitors import EarlyStopping
+
+        f = lrjax.fit(mlp(data.in_features, seed=cfg.seed), optax.sgd, data, lr=r.suggestion, epochs=cfg.epochs,
+                      early_stopping=EarlyStopping(patience=cfg.patience), workdir=tmp, progress=None)
+        t_fit = time.perf_counter() - t1
+        total = t_load + r.wall_time_s + t_fit
+        tm = f.timings
+        phases = {"data load": t_load, "range test compile": r.compile_time_s,
+                  "range test (run)": r.wall_time_s - r.compile_time_s, "training compile": tm["compile_s"],
+                  "training epochs": tm["train_s"], "checkpoint I/O": tm["checkpoint_s"],
+                  "TensorBoard writes": tm["tensorboard_s"]}
+        for name, sec in phases.items():
+            row("run", f"{name} ({a.run_epochs} epochs)", sec, note=f"{100 * sec / total:.0f}% of {total:.1f}s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic(n=6000):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 28, 28), np.uint8)
+    y = (x[:, 14, 14] // 26).clip(0, 9).astype(np.uint8)
+    return from_arrays("synthetic", x, y, x[:1000], y[:1000], valid_size=1000)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="IDX folder of Fashion-MNIST (default: synthetic data)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sections", default="range,seeds,epoch,sweep,io,run")
+    p.add_argument("--seeds", default="1,4,16", help="k values of the seeds section")
+    p.add_argument("--sweep-lrs", type=int, default=16)
+    p.add_argument("--sweep-epochs", type=int, default=2)
+    p.add_argument("--run-epochs", type=int, default=5)
+    p.add_argument("--io-epochs", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
+    p.add_argument("--json", default=None, help="also write the table here")
+    a = p.parse_args()
+    a.seeds = [int(k) for k in a.seeds.split(",")]
+    if a.quick:
+        a.repeats, a.seeds, a.sweep_lrs, a.sweep_epochs, a.run_epochs, a.io_epochs = 1, [1, 4], 4, 1, 1, 2
+    data = lrjax.load_dataset("fashion_mnist", a.data_dir) if a.data_dir else synthetic()
+    python_loop_range_test(data, 32, 4, 1e-3, 1.005)  # JAX start-up, outside every measurement
+    dev = jax.devices()[0]
+    print(f"lrjax bench: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+          f"python {platform.python_version()}, train {len(data.x_train)} images, batch 32 (and 256), "
+          f"repeats {a.repeats}")
+    print(f"{'section':7s} {'variant':46s} {'median':>11s}  {'ratio':>7s}")
+    sections = a.sections.split(",")
+    for name, fn in (("range", bench_range), ("seeds", bench_seeds), ("epoch", bench_epoch),
+                     ("sweep", bench_sweep), ("io", bench_io)):
+        if name in sections:
+            fn(data, a)
+    if "run" in sections and a.data_dir:
+        bench_run(a.data_dir, a)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": str(dev), "platform": dev.platform, "jax": jax.__version__,
+                                            "rows": ROWS}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
