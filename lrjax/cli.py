@@ -82,6 +82,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _enable_compilation_cache(path: str) -> None:
+    """A second run of the same command loads its programs instead of compiling them again."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)  # default 1 s: ours are shorter
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         from lrjax import workflow
 
         mesh_lib.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        if cfg.compilation_cache:
+            _enable_compilation_cache(os.path.join(cfg.resolved_cache_dir, "jax"))
         if args.command == "find-lr":
             workflow.find_lr_job(cfg)
         elif args.command == "train":

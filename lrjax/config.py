@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrjax.errors import ConfigError
+from lrjax.optimizers import OPTIMIZERS
+from lrjax.suggest import DEFAULT_METHOD, METHODS
 
 ALL = ("find-lr", "train", "run", "sweep")
 RANGE = ("find-lr", "run")
 TRAIN = ("train", "run", "sweep")
-
-from lrjax.optimizers import OPTIMIZERS
 
 
 def _f(default: Any, help: str, commands: tuple[str, ...] = ALL, **kw) -> Any:
@@ -51,7 +51,8 @@ class Config:
     num_seeds: int = _f(1, "independent range tests (or sweep seeds) run as one vmapped program",
                         RANGE + ("sweep",))
     eval_every: int = _f(0, "validation loss every this many range-test steps (0: off)", RANGE)
-    suggestion: str = _f("default", "suggestion method: valley, steepest, minimum, seed or default",
+    suggestion: str = _f("default", f"suggestion method: {', '.join(METHODS)}, or default "
+                         f"(= {DEFAULT_METHOD}, chosen by experiments/suggestion_quality.py)",
                          RANGE + ("sweep",))
     skip_start: int = _f(10, "points skipped at the start of the curve by the suggestions", RANGE)
     skip_end: int = _f(5, "points skipped at the end of the curve by the suggestions", RANGE)
@@ -77,7 +78,9 @@ class Config:
     coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
     num_processes: int | None = _f(None, "jax.distributed process count (multi-host)")
     process_id: int | None = _f(None, "jax.distributed process id (multi-host)")
-    progress: bool = _f(True, "progress output while running")
+    progress: bool = _f(True, "progress bars and per-epoch lines (summaries print regardless)")
+    compilation_cache: bool = _f(True, "keep compiled programs across runs (JAX's persistent compilation "
+                                 "cache, under the cache folder)")
 
     def __post_init__(self):
         positive = ("batch_size", "epochs", "num_seeds", "chunk_steps", "eval_batch_size", "num_lrs",
@@ -104,9 +107,8 @@ class Config:
             raise ConfigError(f"--diverge-factor must be > 1, got {self.diverge_factor}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.suggestion not in ("default", "valley", "steepest", "minimum", "seed"):
-            raise ConfigError(f"--suggestion must be valley, steepest, minimum, seed or default, "
-                              f"got {self.suggestion!r}")
+        if self.suggestion != "default" and self.suggestion not in METHODS:
+            raise ConfigError(f"--suggestion must be {', '.join(METHODS)} or default, got {self.suggestion!r}")
         if self.monitor not in ("val_loss", "val_accuracy"):
             raise ConfigError(f"--monitor must be val_loss or val_accuracy, got {self.monitor!r}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):

@@ -96,15 +96,20 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> bool:
     """Starts `jax.distributed` for multi-host jobs; returns whether it did.
 
-    Flags win; otherwise JAX's own cluster auto-detection (SLURM, Open MPI, Kubernetes, TPU pods) is
-    used when such an environment is present, and a single process starts nothing.
+    Flags win; then $JAX_COORDINATOR_ADDRESS with $JAX_NUM_PROCESSES and $JAX_PROCESS_ID; otherwise
+    JAX's own cluster auto-detection (SLURM with several tasks, Open MPI, ...) is used when such an
+    environment is present, and a single process starts nothing.
     """
     explicit = coordinator_address is not None or num_processes is not None
-    cluster = any(v in os.environ for v in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    env = os.environ
+    cluster = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if not explicit and not cluster:
         return False
-    if explicit and (num_processes or 1) > 1 and jax.config.jax_platforms in (None, "", "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if "JAX_COORDINATOR_ADDRESS" in env and num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env.get("JAX_PROCESS_ID", "0"))
+    # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)

@@ -140,7 +140,9 @@ def steepest(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | No
     ``lrs[argmin(g)]`` (first occurrence; non-finite slopes, e.g. from repeated lrs, are
     ignored).  For a geometric lr grid this picks the same point as the index derivative; when
     the growth factor varies along the run it does not, and the log-lr slope is the one that
-    matches the usual log-x plot.  Returns None if no slope is finite.
+    matches the usual log-x plot.  Only the descent counts (points up to the minimum loss): past
+    the minimum the curve is diverging, and a drop after a spike there is noise, not a rate to
+    train with (on Fashion-MNIST it picked rates that diverged).  Returns None if no slope is finite.
     """
     prepared = _prepare(lrs, losses, skip_start, skip_end)
     if prepared is None:
@@ -148,6 +150,7 @@ def steepest(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> float | No
     lrs, losses = prepared
     with np.errstate(divide="ignore", invalid="ignore"):
         grads = np.gradient(losses, np.log(lrs))
+    grads = grads[: int(np.argmin(losses)) + 1]
     finite = np.isfinite(grads)
     if not finite.any():
         return None
@@ -190,9 +193,13 @@ METHODS: dict[str, Callable[..., float | None]] = {
     "seed": seed,
 }
 
-# Placeholder: fastai's default. To be replaced by whichever method the range-test experiments
-# show works best for lrjax's models; do not read it as a recommendation yet.
-DEFAULT_METHOD = "valley"
+# The default, chosen from evidence: experiments/suggestion_quality.py on Fashion-MNIST (SGD, batch
+# 32, the seed's range test, 5 seeds, each suggestion scored against a 16-point grid over the test's
+# span trained in the same sweep for 10 epochs) gave the `seed` rule 99.8% of the best grid rate's
+# validation accuracy on average (worst seed 99.7%), `valley` 99.5% (99.0%), `minimum` 98.7%
+# (98.1%), `steepest` far less (it picked rates near divergence before it was limited to the
+# descent). The numbers and the command are in the README.
+DEFAULT_METHOD = "seed"
 
 
 def suggest_all(lrs, losses, skip_start: int = 10, skip_end: int = 5) -> dict[str, float | None]:

@@ -336,3 +336,17 @@ def test_module_is_numpy_only():
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= {"__future__", "typing", "collections", "numpy"}, imported
+
+
+def test_steepest_ignores_drops_after_the_minimum():
+    # descent with its steepest point at index 20, minimum at 40, then a spike at 50 and a sharp
+    # fall after it (slope -30 per log-lr unit, far steeper than the descent): not a rate to use.
+    lrs = np.geomspace(1e-4, 1.0, 80)
+    losses = np.concatenate([
+        np.linspace(2.0, 1.8, 16), [1.7, 1.5, 1.2, 0.9, 0.8, 0.75], np.linspace(0.74, 0.5, 19),
+        np.linspace(0.52, 3.0, 10), np.linspace(2.0, 1.0, 10), np.linspace(1.2, 5.0, 19)])
+    assert int(np.argmin(losses)) == 40
+    got = suggest.steepest(lrs, losses, skip_start=0, skip_end=0)
+    g = np.gradient(losses, np.log(lrs))
+    assert got == pytest.approx(lrs[int(np.argmin(g[:41]))])
+    assert got < lrs[40]
