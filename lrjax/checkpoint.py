@@ -91,6 +91,9 @@ class Checkpointer:
                     print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
                 return s, restored["state"], dict(restored["meta"])
             except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
+                if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
+                    raise CheckpointError(f"checkpoint {self.directory / str(s)} holds a different model or "
+                                          "optimizer state than this run's; use another --workdir") from None
                 failures.append(s)
                 print(f"lrjax: checkpoint {self.directory / str(s)} is unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
@@ -120,6 +123,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _is_mismatch(error: Exception) -> bool:
+    """Orbax's error for a restore target whose tree structure differs from what is on disk."""
+    return isinstance(error, ValueError) and "structures do not match" in str(error)
 
 
 def _json_ok(path: Path) -> bool:

@@ -67,7 +67,7 @@ def _init_carry(state: TrainState) -> _Carry:
 
 
 def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
-    """Runs one chunk of range-test steps; pure and vmappable over seeds (carry, idx, w).
+    """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap it over seeds.
 
     A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
     state is left as it is and the step's loss is NaN and `valid` is False.
@@ -162,6 +162,7 @@ class RangeTestResult:
     seed: int
     wall_time_s: float
     compile_time_s: float
+    beta: float = 0.98  # the smoothing used
     val_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
     val_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
@@ -170,8 +171,6 @@ class RangeTestResult:
         """Spread over seeds (min, max of the per-seed smoothed curves)."""
         sm = np.stack([suggest.smooth(l, self.beta) for l in self.per_seed_losses])
         return sm.min(0), sm.max(0)
-
-    beta: float = 0.98
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -191,8 +190,6 @@ class RangeTestResult:
 
     def save(self, workdir: str | Path) -> None:
         """Writes lr_find.json, lr_find.csv and lr_find.png into `workdir`."""
-        from lrjax import plots
-
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "lr_find.json").write_text(json.dumps(self.to_json(), indent=1))
@@ -268,9 +265,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
     active = np.arange(padded) < num_steps
 
-    compile_time = 0.0
-    outputs = []
-    pending = None
+    compile_time, outputs = 0.0, []
     for c in range(num_chunks):
         args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
         if c == 0:
@@ -278,16 +273,12 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             compiled = _run_chunk.lower(*args, chunk=chunk).compile()
             compile_time = time.perf_counter() - t0
         carry, out = compiled(*args)  # dispatched asynchronously
-        if pending is not None and _report(pending, progress, lrs, num_steps, stop_on_divergence):
-            outputs.append(pending[1])
-            pending = None
+        outputs.append(out)
+        # Read the previous chunk while this one runs; stop once every seed has diverged.
+        if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps) and stop_on_divergence:
             break
-        if pending is not None:
-            outputs.append(pending[1])
-        pending = (c, out)
-    if pending is not None:
-        _report(pending, progress, lrs, num_steps, stop_on_divergence)
-        outputs.append(pending[1])
+    else:
+        _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps)
 
     # (seeds, steps) on the host, also for a single unbatched seed
     out = [jax.tree.map(lambda a: np.asarray(a).reshape(num_seeds, -1), o) for o in mesh_lib.to_host(outputs)]
@@ -315,9 +306,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
 
 
-def _report(pending, progress, lrs, num_steps, stop_on_divergence) -> bool:
-    """Reads a finished chunk (blocking), reports progress; True when every seed has diverged."""
-    c, out = pending
+def _report(c: int, out: dict, progress, lrs, num_steps) -> bool:
+    """Reads chunk `c`'s output (blocking), reports progress; True when every seed has diverged."""
     loss, diverged = mesh_lib.to_host((out["loss"], out["diverged_step"]))
     loss, diverged = np.atleast_2d(loss), np.atleast_1d(diverged)
     chunk = loss.shape[1]
@@ -327,7 +317,7 @@ def _report(pending, progress, lrs, num_steps, stop_on_divergence) -> bool:
         progress({"step": done, "num_steps": num_steps, "lr": float(lrs[done - 1]),
                   "loss": float(finite[-1]) if finite.size else math.nan,
                   "diverged": bool((diverged >= 0).all())})
-    return stop_on_divergence and bool((diverged >= 0).all())
+    return bool((diverged >= 0).all())
 
 
 def _name(optimizer: Any) -> str:

@@ -111,12 +111,14 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     mesh_lib.check_batch_size(batch_size, mesh)
     config = dict(config or {})
-    timings = {"compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
+    # train_s: compiled epochs and validation (dispatch is asynchronous: they are timed together)
+    timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
     state = mesh_lib.replicate(steps.init_state(model, optimizer, lr), mesh)
     x, y, xv, yv = mesh_lib.replicate(
         tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
-    seed_key = jax.random.key(seed)
+    # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
+    rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
     best_params = jax.tree.map(jnp.copy, state.params)
     history: list[dict[str, float]] = []
     start_epoch, run_name, resumed_from = 0, tb.new_run_name(), None
@@ -127,12 +129,12 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         ckpt = Checkpointer(workdir / "checkpoints", keep_latest=keep_latest, best_metric=early_stopping.monitor,
                             mode=early_stopping.mode)
         if ckpt.latest_step() is not None:
-            target = _tree(state, best_params)
+            target = _tree(state, best_params, rng)
             resumed_from, tree, meta = ckpt.restore(target)
             _check_same_run(meta.get("config", {}), config, ckpt.directory)
             state = state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
                                   step=tree["step"])
-            best_params = tree["best_params"]
+            best_params, rng = tree["best_params"], tree["rng"]
             early_stopping.load_state_dict(meta["early_stopping"])
             history = list(meta["history"])
             start_epoch, run_name = int(meta["epoch"]), meta["run_name"]
@@ -145,6 +147,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         if resumed_from is None:
             writers.train.write_text("hparams", tb.hparams_markdown({**config, "lr": lr, "epochs": epochs}))
 
+    seed_key = jax.random.wrap_key_data(rng)
     epoch = start_epoch
     interrupted = None
     try:
@@ -160,7 +163,6 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                     timings["compile_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                 state, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
-                t1 = time.perf_counter()
                 val_m = steps.evaluate(state, xv, yv, batch_size=eval_batch_size)
                 train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
                 t2 = time.perf_counter()
@@ -187,7 +189,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                     # let a checkpoint's meta pick up later epochs' records, duplicated after a resume)
                     meta = {"epoch": epoch, "early_stopping": early_stopping.state_dict(), "config": config,
                             "history": list(history), "run_name": run_name, "lr": lr, "seed": seed}
-                    ckpt.save(epoch, _tree(state, best_params), meta, metrics)
+                    ckpt.save(epoch, _tree(state, best_params, rng), meta, metrics)
                 t5 = time.perf_counter()
                 timings["tensorboard_s"] += t4 - t3
                 timings["checkpoint_s"] += t5 - t4
@@ -215,9 +217,10 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         wall_time_s=time.perf_counter() - t_start, timings=timings)
 
 
-def _tree(state: TrainState, best_params) -> dict[str, Any]:
+def _tree(state: TrainState, best_params, rng) -> dict[str, Any]:
+    """What a checkpoint holds, as plain arrays (`rng`: the RNG key's raw uint32 data)."""
     return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
-            "best_params": best_params}
+            "best_params": best_params, "rng": rng}
 
 
 def _check_same_run(saved: dict, current: dict, where: Path) -> None:

@@ -232,3 +232,14 @@ def test_best_survives_a_reopened_manager(five_steps):
     finally:
         ckpt.close()
     assert step_dirs(five_steps) == {"7", "8", "9", "10"}
+
+
+def test_a_different_model_is_refused_not_moved_aside(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", keep_latest=2)
+    ckpt.save(1, {"w": jnp.ones((3, 2))}, {"epoch": 1}, {"val_loss": 1.0})
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "ck", keep_latest=2)
+    with pytest.raises(CheckpointError, match="different model"):
+        ckpt.restore({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    ckpt.close()
+    assert (tmp_path / "ck" / "1").is_dir() and not list((tmp_path / "ck").glob("unreadable-*"))

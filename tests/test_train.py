@@ -83,7 +83,8 @@ def latest_checkpoint(workdir: Path, like):
 
 def like_tree(result):
     s = result.state
-    return {"params": s.params, "rest": s.rest, "opt_state": s.opt_state, "step": s.step, "best_params": s.params}
+    return {"params": s.params, "rest": s.rest, "opt_state": s.opt_state, "step": s.step, "best_params": s.params,
+            "rng": jax.random.key_data(jax.random.key(0))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The jobs behind `lrjax find-lr` and `lrjax sweep` on tiny data: files, TensorBoard events, summaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lrjax
+from lrjax import workflow
+
+from conftest import synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(n_train=320, valid=96, n_test=32, size=5, classes=3, noise=120)
+
+
+def cfg(tmp_path, **kw):
+    return lrjax.Config(workdir=str(tmp_path), dataset="toy", hidden_sizes=(12,), batch_size=16,
+                        progress=False, **kw)
+
+
+def scalars(logdir, tag):
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+def test_find_lr_job_writes_every_output(tmp_path, data, capsys):
+    r = workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=120, num_seeds=2), data)
+    j = json.loads((tmp_path / "lr_find.json").read_text())
+    assert j["suggestion"] == r.suggestion and j["method"] == lrjax.suggest.DEFAULT_METHOD
+    assert len(j["per_seed_losses"]) == 2 and j["num_seeds"] == 2
+    losses = scalars(tmp_path / "tensorboard" / "lr_find", "loss")
+    assert len(losses) == len(j["lrs"]) and losses[0] == pytest.approx(j["losses"][0])
+    out = capsys.readouterr().out
+    assert "suggested lr" in out and "range test:" in out
+
+
+def test_sweep_job_writes_every_output(tmp_path, data, capsys):
+    (tmp_path / "lr_find.json").write_text(json.dumps({"suggestions": {"seed": 0.05, "valley": None}}))
+    r = workflow.sweep_job(cfg(tmp_path, lrs=(0.01, 1.0), num_lrs=3, epochs=2, num_seeds=2), data)
+    j = json.loads((tmp_path / "sweep.json").read_text())
+    assert j["best_lr"] == r.best_lr and j["suggestions"] == {"seed": 0.05, "valley": None}
+    assert len(j["members"]) == 6 and (tmp_path / "sweep.png").exists()
+    runs = sorted((tmp_path / "tensorboard" / "sweep").iterdir())
+    assert len(runs) == 6
+    assert len(scalars(runs[0], "val_accuracy")) == 2
+    ea = EventAccumulator(str(runs[0]))
+    ea.Reload()
+    assert "_hparams_/session_start_info" in ea.summary_metadata, "no hparams for TensorBoard's HParams view"
+    assert "best lr" in capsys.readouterr().out
+
+
+def test_sweep_job_rejects_a_missing_lr_find_json(tmp_path, data):
+    with pytest.raises(lrjax.LrjaxError, match="does not exist"):
+        workflow.sweep_job(cfg(tmp_path, lr_find_json=str(tmp_path / "nope.json"), epochs=1), data)
