@@ -26,7 +26,7 @@ def plot_lr_find(result, path: str | Path) -> None:
         ax.plot(lrs, smoothed, color="C0", lw=2, label="loss (smoothed)")
         ax.axhline(float(np.min(smoothed)), color="k", ls=":", lw=1, label=f"min {np.min(smoothed):.3g}")
         ax.set_xscale("log")
-        top = float(losses[0]) if np.isfinite(losses[0]) else float(np.nanmax(smoothed))
+        top = float(np.max(smoothed[:20]))  # the start of the curve: later blow-ups are clipped
         ax.set_ylim(float(np.min(smoothed)) * 0.9, top * 1.05)
         for i, (name, lr) in enumerate(result.suggestions.items()):
             if lr is None:
