@@ -148,13 +148,11 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             writers.train.write_text("hparams", tb.hparams_markdown({**config, "lr": lr, "epochs": epochs}))
 
     seed_key = jax.random.wrap_key_data(rng)
-    epoch = start_epoch
     interrupted = None
     try:
         with _StopSignals() as signals, jax.set_mesh(mesh):
             for epoch in range(start_epoch + 1, epochs + 1):
-                if early_stopping.should_stop:
-                    epoch -= 1
+                if early_stopping.should_stop:  # also when resuming a run that had stopped
                     break
                 t0 = time.perf_counter()
                 if epoch == start_epoch + 1:

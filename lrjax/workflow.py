@@ -111,9 +111,11 @@ def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
 
 
 def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
-              extra: dict[str, Any] | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json."""
-    t0 = time.perf_counter()
+              extra: dict[str, Any] | None = None, stop_after: int | None = None,
+              started: float | None = None) -> dict[str, Any]:
+    """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json
+    (`wall_time_s` counts from `started`, a `time.perf_counter()` value, when given)."""
+    t0 = started if started is not None else time.perf_counter()
     lr = lr if lr is not None else cfg.lr
     if lr is None:
         raise LrjaxError("lrjax train needs --lr (or use `lrjax run` to find one first)")
@@ -185,11 +187,7 @@ def run_job(cfg: Config) -> dict[str, Any]:
     else:
         result = find_lr_job(cfg, data)
         lr, method = result.suggestion, result.method
-    metrics = train_job(cfg, data, lr=lr, extra={"lr_method": method})
-    metrics["wall_time_s"] = time.perf_counter() - t0
-    if jax.process_index() == 0:
-        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0)
 
 
 def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):
