@@ -66,7 +66,7 @@ def _init_carry(state: TrainState) -> _Carry:
                   diverged_step=jnp.full([], -1, jnp.int32), t=jnp.zeros([], jnp.int32))
 
 
-def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
+def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
     """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap it over seeds.
 
     A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
@@ -75,7 +75,7 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
     val_x, val_y, val_w = val
 
     def body(c: _Carry, inputs):
-        i, wi, lr, act = inputs
+        i, wi, lr, act, p = inputs
         run = act & (c.diverged_step < 0)
 
         def step(c: _Carry):
@@ -96,13 +96,16 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, val, hp):
         if val_x is None:
             val_loss = jnp.full([], jnp.nan)
         else:
-            do_eval = valid & ((c.t - 1) % hp["eval_every"] == 0)
+            # The predicate depends on the step number only, which is the same for every seed, so
+            # under vmap this stays a real branch (a per-seed predicate would evaluate every step).
             val_loss = jax.lax.cond(
-                do_eval, lambda s: steps.eval_step(s, (val_x, val_y, val_w))["loss_sum"] / jnp.sum(val_w),
+                p % hp["eval_every"] == 0,
+                lambda s: steps.eval_step(s, (val_x, val_y, val_w))["loss_sum"] / jnp.sum(val_w),
                 lambda s: jnp.full([], jnp.nan), c.state)
+            val_loss = jnp.where(valid, val_loss, jnp.nan)
         return c, {"loss": jnp.where(valid, loss, jnp.nan), "valid": valid, "val_loss": val_loss}
 
-    return jax.lax.scan(body, carry, (idx, w, lrs, active))
+    return jax.lax.scan(body, carry, (idx, w, lrs, active, pos))
 
 
 @partial(jax.jit, static_argnames=("chunk",), donate_argnums=(0,))
@@ -113,11 +116,12 @@ def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int):
     def take(a, axis=0):
         return jax.lax.dynamic_slice_in_dim(a, start, chunk, axis)
 
+    pos = start + jnp.arange(chunk)  # step numbers
     if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
-        carry, out = _range_chunk(carry, x, y, take(idx), take(w), take(lrs), take(active), val, hp)
+        carry, out = _range_chunk(carry, x, y, take(idx), take(w), take(lrs), take(active), pos, val, hp)
     else:
-        fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None))
-        carry, out = fn(carry, x, y, take(idx, 1), take(w, 1), take(lrs), take(active), val, hp)
+        fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None, None))
+        carry, out = fn(carry, x, y, take(idx, 1), take(w, 1), take(lrs), take(active), pos, val, hp)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
