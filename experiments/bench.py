@@ -238,15 +238,19 @@ def bench_io(data, a):
                          workdir=workdir, progress=None)
 
     fit(None)
-    base, _ = timed(lambda: fit(None), a.repeats)
-    row("io", f"fit {epochs} epochs, no checkpoints/TensorBoard", base)
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
-    try:
-        def with_io():
-            shutil.rmtree(tmp / "wd", ignore_errors=True)
-            return fit(tmp / "wd")
 
-        t, _ = timed(with_io, a.repeats)
+    def with_io():
+        shutil.rmtree(tmp / "wd", ignore_errors=True)
+        return fit(tmp / "wd")
+
+    try:  # interleaved (plain, io, plain, io, ...): a few-percent effect needs drift cancelled
+        plain, io = [], []
+        for _ in range(a.repeats):
+            plain.append(timed(lambda: fit(None), 1)[0])
+            io.append(timed(with_io, 1)[0])
+        base, t = statistics.median(plain), statistics.median(io)
+        row("io", f"fit {epochs} epochs, no checkpoints/TensorBoard", base)
         row("io", f"fit {epochs} epochs, Orbax async + TensorBoard", t, base,
             f"overhead {100 * (t / base - 1):+.1f}%")
     finally:
