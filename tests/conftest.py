@@ -39,3 +39,42 @@ def synthetic(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int
 @pytest.fixture
 def tiny_data():
     return synthetic()
+
+
+class CompileCounter:
+    """Counts XLA compilations of jitted functions by name, from JAX's own `jax_log_compiles` log."""
+
+    def __init__(self):
+        import logging
+
+        self.messages: list[str] = []
+        counter = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                counter.messages.append(record.getMessage())
+
+        self._handler, self._logger = Handler(), logging.getLogger("jax")
+
+    def count(self, name: str) -> int:
+        return sum(f"Finished XLA compilation of jit({name})" in m for m in self.messages)
+
+    def __enter__(self):
+        import jax
+
+        self._old = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        self._logger.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        self._logger.removeHandler(self._handler)
+        jax.config.update("jax_log_compiles", self._old)
+
+
+@pytest.fixture
+def compiles():
+    with CompileCounter() as counter:
+        yield counter

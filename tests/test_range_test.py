@@ -85,13 +85,15 @@ def test_seeds_vmapped_equal_separate_runs(data):
     assert np.all(lo <= together.smoothed + 1e-6) and np.all(together.smoothed <= hi + 1e-6)
 
 
-def test_other_rates_do_not_recompile(data):
+def test_other_rates_do_not_recompile(data, compiles):
     run(data, start_lr=1e-3, factor=1.01, num_steps=128)
-    size = range_test._run_chunk._cache_size()
+    first = compiles.count("_run_chunk")
     r = run(data, start_lr=3e-4, factor=1.02, num_steps=128)
     r = run(data, start_lr=1e-5, end_lr=1.0, num_steps=128)
-    assert range_test._run_chunk._cache_size() == size
+    assert compiles.count("_run_chunk") == first
     assert r.lrs[0] == pytest.approx(1e-5)
+    run(data, start_lr=1e-3, factor=1.01, num_steps=100)  # another chunk shape: the counter sees it
+    assert compiles.count("_run_chunk") == first + 1
 
 
 def test_model_is_not_changed(data):

@@ -82,11 +82,13 @@ def test_per_member_early_stopping_matches_solo(data):
     assert (r.stopped_epoch >= 0).any(), "no member stopped: the test would not test anything"
 
 
-def test_no_recompile_for_a_new_grid(data):
+def test_no_recompile_for_a_new_grid(data, compiles):
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=1, batch_size=16)
-    size = sweeps.sweep_epoch._cache_size()
-    sweeps.sweep(model_fn, optax.sgd, data, [0.03, 0.3], seeds=[0], epochs=1, batch_size=16)
-    assert sweeps.sweep_epoch._cache_size() == size
+    first = compiles.count("sweep_epoch")
+    sweeps.sweep(model_fn, optax.sgd, data, [0.03, 0.3], seeds=[0], epochs=2, batch_size=16)
+    assert compiles.count("sweep_epoch") == first
+    sweeps.sweep(model_fn, optax.sgd, data, [0.03, 0.3, 1.0], seeds=[0], epochs=1, batch_size=16)
+    assert compiles.count("sweep_epoch") == first + 1  # three members: another shape, counted
 
 
 def test_outputs(tmp_path, data):

@@ -414,3 +414,13 @@ def test_run_end_to_end_on_real_data(tmp_path, real_data_dir):
     assert [s for s, _ in train["loss"]] == [1, 2]
     assert read_scalars(work / "tensorboard" / "lr_find")["loss"]
     assert step_numbers(work / "checkpoints") == [1, 2]
+
+
+def test_epochs_and_new_rates_reuse_one_compiled_epoch(data, compiles):
+    run(data, epochs=3)
+    first = compiles.count("train_epoch")
+    assert first <= 1  # 0 when an earlier test already compiled this shape
+    run(data, epochs=4, lr=LR / 3)  # another rate and more epochs: the same program
+    assert compiles.count("train_epoch") == first
+    run(data, epochs=1, batch_size=8)  # another batch shape: a new program, and the counter sees it
+    assert compiles.count("train_epoch") == first + 1
