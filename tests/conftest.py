@@ -78,3 +78,13 @@ class CompileCounter:
 def compiles():
     with CompileCounter() as counter:
         yield counter
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache():
+    """`lrjax.cli.main` turns JAX's persistent compilation cache on for its process; in the test
+    process that would leak into later tests (and across runs), so it is switched back off."""
+    import jax
+
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)

@@ -422,5 +422,5 @@ def test_epochs_and_new_rates_reuse_one_compiled_epoch(data, compiles):
     assert first <= 1  # 0 when an earlier test already compiled this shape
     run(data, epochs=4, lr=LR / 3)  # another rate and more epochs: the same program
     assert compiles.count("train_epoch") == first
-    run(data, epochs=1, batch_size=8)  # another batch shape: a new program, and the counter sees it
+    run(data, epochs=1, batch_size=24)  # a batch shape no other test uses: a new program, counted
     assert compiles.count("train_epoch") == first + 1
