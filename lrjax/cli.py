@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except LrjaxError as e:
         print(f"lrjax: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. a workdir that cannot be written: the user's to fix, one line
+        print(f"lrjax: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lrjax: interrupted", file=sys.stderr)
         return 130
