@@ -142,3 +142,23 @@ def test_real_fashion_mnist(tmp_path, no_tensorflow):
     for split in ("train", "test"):
         np.testing.assert_array_equal(out[split][0][..., 0], ref[f"{split}_images"])
         np.testing.assert_array_equal(out[split][1], ref[f"{split}_labels"])
+
+
+def test_load_dataset_through_tfds_caches_the_decoded_arrays(tmp_path, idx_dir, monkeypatch):
+    from lrjax.data import load_dataset
+
+    idx = read_idx_folder(idx_dir, "mnist")
+    kw = dict(cache_dir=tmp_path / "cache", valid_size=20, tfds_data_dir=tmp_path / "tfds")
+    first = load_dataset("mnist", idx_dir, **kw)  # prepares from the IDX files, decodes, caches
+    assert first.source.startswith("tensorflow-datasets mnist")
+    np.testing.assert_array_equal(first.x_train[..., 0], idx["train_images"][20:] / np.float32(255))
+    assert list((tmp_path / "cache" / "tfds" / "mnist").glob("*.npz"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(tfds_source, "load_tfds_arrays", no_decoding)
+    second = load_dataset("mnist", idx_dir, **kw)
+    np.testing.assert_array_equal(second.x_train, first.x_train)
+    np.testing.assert_array_equal(second.y_test, first.y_test)
+    assert second.class_names == first.class_names
