@@ -127,7 +127,3 @@ def to_host(tree):
     from jax.experimental import multihost_utils
 
     return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
