@@ -30,7 +30,8 @@ SPLITS = ("train", "test")
 
 def _builder(name: str, data_dir: str | None):
     try:
-        return tfds.builder(name, data_dir=data_dir)
+        with _quiet_absl():  # TFDS warns about every unprepared version folder it looks at
+            return tfds.builder(name, data_dir=data_dir)
     except DatasetNotFoundError:
         raise DataError(f"unknown TFDS dataset '{name}'") from None
 
@@ -70,8 +71,10 @@ def load_tfds_arrays(name: str, data_dir: str | None,
     try:
         # Tried before checking the files: tfds.testing.mock_data fakes data_source, not the files.
         sources = _open(name, data_dir)
-    except NotImplementedError:  # what data_source raises for a dataset without array_record files
-        if builder.is_prepared():
+    except (NotImplementedError, KeyError):  # what data_source raises for an unprepared dataset
+        with _quiet_absl():
+            prepared = builder.is_prepared()
+        if prepared:
             raise DataError(f"TFDS dataset {name} in {builder.data_dir} is prepared as "
                             f"{builder.info.file_format.value}, but lrjax reads array_record: delete that "
                             f"folder to prepare it again") from None
@@ -81,7 +84,8 @@ def load_tfds_arrays(name: str, data_dir: str | None,
 
 
 def _open(name: str, data_dir: str | None):
-    sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)
+    with _quiet_absl():
+        sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)
     # Decoding the PNGs ourselves with Pillow skips TFDS's per-feature decode machinery: 2.8 s
     # instead of 3.7 s for the 60k Fashion-MNIST train images (threads do not help: GIL-bound).
     # Set after opening because mock_data, given decoders, fakes encoded examples with TensorFlow.

@@ -162,3 +162,17 @@ def test_load_dataset_through_tfds_caches_the_decoded_arrays(tmp_path, idx_dir, 
     np.testing.assert_array_equal(second.x_train, first.x_train)
     np.testing.assert_array_equal(second.y_test, first.y_test)
     assert second.class_names == first.class_names
+
+
+def test_unprepared_dataset_in_the_default_data_dir_is_one_clear_error(no_tensorflow, monkeypatch, tmp_path):
+    # With data_dir=None, TFDS 4.9.10's data_source raises KeyError (empty splits), not
+    # NotImplementedError as for an explicit folder: both must end in the same DataError.
+    monkeypatch.setattr(tfds_source, "_open", _raise(KeyError("splits is empty")))
+    with pytest.raises(DataError, match="not prepared"):
+        load_tfds_arrays("cifar10", str(tmp_path / "nowhere"))
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
