@@ -107,7 +107,8 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
     if data_dir is not None:
         folder = Path(data_dir)
         if not folder.is_dir():
-            raise DataError(f"data folder {folder} does not exist (--data-dir / LRJAX_DATA_DIR)")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DataError(f"data folder {folder} {what} (--data-dir / LRJAX_DATA_DIR)")
         use_idx = idx_lib.has_idx_files(folder) or (
             name in tfds_source.IDX_DATASETS and not tfds_source.is_prepared(name, str(folder)))
         if use_idx:
