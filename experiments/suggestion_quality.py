@@ -94,7 +94,7 @@ def main():
         out["datasets"][name] = {"records": records, "table": table}
         print(f"\n{name}: validation accuracy at the suggested rate / at the best grid rate "
               f"({a.seeds} seeds, {a.epochs} epochs)")
-        print(f"| method | mean lr | mean | worst | diverged |\n|---|---|---|---|---|")
+        print("| method | mean lr | mean | worst | diverged |\n|---|---|---|---|---|")
         for m, t in table.items():
             print(f"| {m} | {t['mean_lr']:.3g} | {t['mean_fraction']:.4f} | {t['worst_fraction']:.4f} | "
                   f"{t['diverged']}/{a.seeds} |")

@@ -50,7 +50,8 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
-            damaged = [p for p in self.directory.iterdir() if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
+            damaged = [p for p in self.directory.iterdir()
+                       if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
             if not damaged:
                 raise
             for p in damaged:

@@ -101,9 +101,7 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
                      or Path.home() / ".cache" / "lrjax")
     if tfds_data_dir is not None:
         raw = _cached_tfds(name, str(tfds_data_dir), cache_dir, idx_dir=data_dir)
-        return from_arrays(name, raw["train_images"], raw["train_labels"], raw["test_images"],
-                           raw["test_labels"], class_names=_tfds_class_names(raw), valid_size=valid_size,
-                           source=f"tensorflow-datasets {name} ({tfds_data_dir})")
+        return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_data_dir})", valid_size)
     if data_dir is not None:
         folder = Path(data_dir)
         if not folder.is_dir():
@@ -112,14 +110,18 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
         use_idx = idx_lib.has_idx_files(folder) or (
             name in tfds_source.IDX_DATASETS and not tfds_source.is_prepared(name, str(folder)))
         if use_idx:
-            raw = idx_lib.read_idx_folder(folder, name)
-            return from_arrays(name, raw["train_images"], raw["train_labels"], raw["test_images"],
-                               raw["test_labels"], source=f"IDX files in {folder}", valid_size=valid_size)
+            return _from_raw(name, idx_lib.read_idx_folder(folder, name), f"IDX files in {folder}", valid_size)
     tfds_dir = None if data_dir is None else str(data_dir)
     raw = _cached_tfds(name, tfds_dir, cache_dir)
-    return from_arrays(name, raw["train_images"], raw["train_labels"], raw["test_images"],
-                       raw["test_labels"], class_names=_tfds_class_names(raw), valid_size=valid_size,
-                       source=f"tensorflow-datasets {name} ({tfds_dir or 'default data_dir'})")
+    return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_dir or 'default data_dir'})", valid_size)
+
+
+def _from_raw(name: str, raw: dict[str, np.ndarray], source: str, valid_size: int) -> Dataset:
+    """A Dataset from the raw uint8 splits of either source (TFDS's may carry class names)."""
+    names = raw.get("class_names")
+    return from_arrays(name, raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
+                       class_names=None if names is None else tuple(str(n) for n in names), source=source,
+                       valid_size=valid_size)
 
 
 def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None) -> dict[str, np.ndarray]:
@@ -146,11 +148,6 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None)
     except OSError:
         pass  # a read-only cache is only slower
     return raw
-
-
-def _tfds_class_names(raw: dict) -> tuple[str, ...] | None:
-    names = raw.get("class_names")
-    return tuple(str(n) for n in names) if names is not None else None
 
 
 def save_samples(dataset: Dataset, path: str | os.PathLike, rows: int = 4, cols: int = 10) -> None:

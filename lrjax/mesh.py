@@ -92,6 +92,12 @@ def replicate(tree, mesh: jax.sharding.Mesh):
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
+def replicate_data(data, mesh: jax.sharding.Mesh):
+    """(x_train, y_train, x_valid, y_valid) of a dataset, replicated on every device of `mesh`."""
+    return replicate(tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)),
+                     mesh)
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Starts `jax.distributed` for multi-host jobs; returns whether it did.

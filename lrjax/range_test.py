@@ -12,11 +12,12 @@ diverged seed are masked (skipped) and never reach the curve, the suggestion or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -231,83 +232,78 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     default `num_steps` is one epoch. With a `mesh`, batches are split over its `data` axis and the
     seeds over its `members` axis (when it has one).
     """
-    if mesh is not None:
-        with jax.set_mesh(mesh):
+    # With a mesh, everything below runs under it (batches split over `data`, seeds over `members`).
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if mesh is not None:
             mesh_lib.check_batch_size(batch_size, mesh)
-            data = _Arrays(*mesh_lib.replicate(tuple(np.asarray(a) for a in (
-                data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh))
-            return find_lr(model, optimizer, data, batch_size=batch_size, start_lr=start_lr, factor=factor,
-                           end_lr=end_lr, num_steps=num_steps, diverge_factor=diverge_factor, beta=beta,
-                           num_seeds=num_seeds, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-                           method=method, skip_start=skip_start, skip_end=skip_end, chunk_steps=chunk_steps,
-                           stop_on_divergence=stop_on_divergence, progress=progress, init_fn=init_fn)
-    t_start = time.perf_counter()
-    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    n = x.shape[0]
-    if num_steps is None:
-        num_steps = steps.steps_per_epoch(n, batch_size)
-    if end_lr is not None:
-        factor = None
-    lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
+            data = _Arrays(*mesh_lib.replicate_data(data, mesh))
+        t_start = time.perf_counter()
+        x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        n = x.shape[0]
+        if num_steps is None:
+            num_steps = steps.steps_per_epoch(n, batch_size)
+        if end_lr is not None:
+            factor = None
+        lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
 
-    models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
-    states = [steps.init_state(m, optimizer, start_lr) for m in models]
-    num_chunks, chunk = _chunking(num_steps, chunk_steps)
-    padded = num_chunks * chunk
-    carry, idx, w = _prepare(states, np.arange(seed, seed + num_seeds), n=n, batch_size=batch_size,
-                             num_steps=num_steps, padded=padded)
-    if num_seeds > 1:
-        carry, idx, w = mesh_lib.spread_members((carry, idx, w))
+        models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
+        states = [steps.init_state(m, optimizer, start_lr) for m in models]
+        num_chunks, chunk = _chunking(num_steps, chunk_steps)
+        padded = num_chunks * chunk
+        carry, idx, w = _prepare(states, np.arange(seed, seed + num_seeds), n=n, batch_size=batch_size,
+                                 num_steps=num_steps, padded=padded)
+        if num_seeds > 1:
+            carry, idx, w = mesh_lib.spread_members((carry, idx, w))
 
-    if eval_every > 0:
-        m = min(eval_examples, len(data.x_valid))
-        val = (jnp.asarray(data.x_valid[:m]), jnp.asarray(data.y_valid[:m]), jnp.ones(m, jnp.float32))
-    else:
-        val = (None, None, None)
-    hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
-          "eval_every": np.int32(max(eval_every, 1))}
-    lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
-    active = np.arange(padded) < num_steps
+        if eval_every > 0:
+            m = min(eval_examples, len(data.x_valid))
+            val = (jnp.asarray(data.x_valid[:m]), jnp.asarray(data.y_valid[:m]), jnp.ones(m, jnp.float32))
+        else:
+            val = (None, None, None)
+        hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
+              "eval_every": np.int32(max(eval_every, 1))}
+        lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
+        active = np.arange(padded) < num_steps
 
-    compile_time, outputs = 0.0, []
-    for c in range(num_chunks):
-        args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
-        if c == 0:
-            t0 = time.perf_counter()
-            compiled = _run_chunk.lower(*args, chunk=chunk).compile()
-            compile_time = time.perf_counter() - t0
-        carry, out = compiled(*args)  # dispatched asynchronously
-        outputs.append(out)
-        # Read the previous chunk while this one runs; stop once every seed has diverged.
-        if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps) and stop_on_divergence:
-            break
-    else:
-        _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps)
+        compile_time, outputs = 0.0, []
+        for c in range(num_chunks):
+            args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
+            if c == 0:
+                t0 = time.perf_counter()
+                compiled = _run_chunk.lower(*args, chunk=chunk).compile()
+                compile_time = time.perf_counter() - t0
+            carry, out = compiled(*args)  # dispatched asynchronously
+            outputs.append(out)
+            # Read the previous chunk while this one runs; stop once every seed has diverged.
+            if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps) and stop_on_divergence:
+                break
+        else:
+            _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps)
 
-    # (seeds, steps) on the host, also for a single unbatched seed
-    out = [jax.tree.map(lambda a: np.asarray(a).reshape(num_seeds, -1), o) for o in mesh_lib.to_host(outputs)]
-    per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
-    valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
-    val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]
-    diverged = out[-1]["diverged_step"].ravel()
-    # The mean curve needs every seed: it ends where the first seed stopped being valid.
-    length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
-    first_div = [int(d) for d in diverged if d >= 0]
-    diverged_step = min(first_div) if first_div else None
-    per_seed = per_seed[:, :length]
-    losses = per_seed.mean(0)
-    smoothed = suggest.smooth(losses, beta)
-    kept_lrs = lrs[:length].astype(np.float64)
-    suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
-    method = suggest.DEFAULT_METHOD if method == "default" else method
-    val_mask = np.isfinite(val_losses[:, :length]).all(0)
-    return RangeTestResult(
-        lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
-        suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
-        diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None,
-        num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
-        seed=seed, beta=beta, wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time,
-        val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
+        # (seeds, steps) on the host, also for a single unbatched seed
+        out = [jax.tree.map(lambda a: np.asarray(a).reshape(num_seeds, -1), o) for o in mesh_lib.to_host(outputs)]
+        per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
+        valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
+        val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]
+        diverged = out[-1]["diverged_step"].ravel()
+        # The mean curve needs every seed: it ends where the first seed stopped being valid.
+        length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
+        first_div = [int(d) for d in diverged if d >= 0]
+        diverged_step = min(first_div) if first_div else None
+        per_seed = per_seed[:, :length]
+        losses = per_seed.mean(0)
+        smoothed = suggest.smooth(losses, beta)
+        kept_lrs = lrs[:length].astype(np.float64)
+        suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+        method = suggest.DEFAULT_METHOD if method == "default" else method
+        val_mask = np.isfinite(val_losses[:, :length]).all(0)
+        return RangeTestResult(
+            lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
+            suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
+            diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None,
+            num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
+            seed=seed, beta=beta, wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time,
+            val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
 
 
 def _report(c: int, out: dict, progress, lrs, num_steps) -> bool:

@@ -207,7 +207,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     members_axis = mesh_lib.axis_size("members", mesh)
     if L % members_axis:
         raise ConfigError(f"{L} learning rates cannot be spread over {members_axis} devices of the members axis")
-    monitors = [[EarlyStopping(patience=patience) for _ in range(L)] for _ in range(S)] if patience is not None else None
+    monitors = (None if patience is None
+                else [[EarlyStopping(patience=patience) for _ in range(L)] for _ in range(S)])
     history = {k: np.full((epochs, S, L), np.nan) for k in ("train_loss", "val_loss", "val_accuracy")}
     diverged_epoch = np.full((S, L), -1)
     stopped_epoch = np.full((S, L), -1)
@@ -217,13 +218,14 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
         per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0) for seed in seeds]
         states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (L,) + v.shape) for v in a]), *per_seed)
         states = states.with_lr(jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (S, L)))
-        states = mesh_lib.spread_members(mesh_lib.replicate(states, mesh), axis=1)
+        def place(tree):  # replicated, then split over the `members` axis by rate
+            return mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)
+
+        states = place(states)
         best_params = jax.tree.map(jnp.copy, states.params)
-        x, y, xv, yv = mesh_lib.replicate(
-            tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
+        x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        active = mesh_lib.spread_members(mesh_lib.replicate(np.ones((S, L), bool), mesh), axis=1)
-        diverged = mesh_lib.spread_members(mesh_lib.replicate(np.zeros((S, L), bool), mesh), axis=1)
+        active, diverged = place(np.ones((S, L), bool)), place(np.zeros((S, L), bool))
         for epoch in range(1, epochs + 1):
             epoch_keys = jax.vmap(steps.epoch_key, in_axes=(0, None))(keys, epoch)
             was_live = mesh_lib.to_host(active & ~diverged)
@@ -250,7 +252,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                             if monitors[s][j].should_stop:
                                 stopped_epoch[s, j] = epoch
                 best_params = _keep_best(best_params, states.params, jnp.asarray(improved))
-                active = mesh_lib.spread_members(mesh_lib.replicate(stopped_epoch < 0, mesh), axis=1)
+                active = place(stopped_epoch < 0)
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
             if not np.any(was_live & ~div & (stopped_epoch < 0)):

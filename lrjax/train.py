@@ -9,7 +9,6 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -23,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
@@ -115,8 +113,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
     state = mesh_lib.replicate(steps.init_state(model, optimizer, lr), mesh)
-    x, y, xv, yv = mesh_lib.replicate(
-        tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)), mesh)
+    x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
     # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
     rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
     best_params = jax.tree.map(jnp.copy, state.params)

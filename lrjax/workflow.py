@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, tb
+from lrjax import optimizers, steps, tb
 from lrjax.config import Config
 from lrjax.data import Dataset, load_dataset, save_samples
 from lrjax.errors import LrjaxError
@@ -72,7 +72,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     data = data if data is not None else load(cfg)
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
-    num_steps = cfg.num_steps or -(-len(data.x_train) // cfg.batch_size)
+    num_steps = cfg.num_steps or steps.steps_per_epoch(len(data.x_train), cfg.batch_size)
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
@@ -81,7 +81,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
             eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
             skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
-            init_fn=lambda s: model_for(cfg, data, s), mesh=mesh)
+            # seed s of several starts from model_for(seed + s); one seed is the model itself
+            init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh)
     finally:
         bar.close()
     if jax.process_index() == 0:

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-from lrjax import range_test
 from lrjax.models import mlp
 from lrjax.range_test import exponential_lrs, find_lr
 

@@ -361,7 +361,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, idx_dir):
                                stderr=subprocess.PIPE, text=True)
     fresh = subprocess.Popen(train_args(tmp_path / "fresh", idx_dir, k), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    (r_out, r_err), (f_out, f_err) = resumed.communicate(timeout=120), fresh.communicate(timeout=120)
+    (_, r_err), (_, f_err) = resumed.communicate(timeout=120), fresh.communicate(timeout=120)
     assert resumed.returncode == 0, r_err
     assert fresh.returncode == 0, f_err
     assert f"resuming {work} from epoch {last}" in r_err
