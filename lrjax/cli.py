@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         from lrjax import mesh as mesh_lib
         from lrjax import workflow
 
-        mesh_lib.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        if not mesh_lib.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id):
+            mesh_lib.use_cpu_cores()  # on a CPU: seeds and sweep members run on every core
         if cfg.compilation_cache:
             _enable_compilation_cache(os.path.join(cfg.resolved_cache_dir, "jax"))
         if args.command == "find-lr":

@@ -74,7 +74,8 @@ class Config:
     num_lrs: int = _f(16, "sweep: points of the log grid", ("sweep",))
     lr_find_json: str | None = _f(None, "sweep: an lr_find.json whose suggestions to mark", ("sweep",))
     # --- devices and clusters ---
-    mesh_shape: str = _f("auto", "devices: 'auto' (all, data-parallel) or e.g. '4' or 'members=2,data=4'")
+    mesh_shape: str = _f("auto", "devices: 'auto' (all on data; on a CPU, seeds and sweep rates over the cores) "
+                         "or e.g. '4' or 'members=2,data=4'")
     coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
     num_processes: int | None = _f(None, "jax.distributed process count (multi-host)")
     process_id: int | None = _f(None, "jax.distributed process id (multi-host)")

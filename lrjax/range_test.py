@@ -3,8 +3,8 @@
 The rates come from an optax exponential schedule (`optax.exponential_decay` with decay_rate > 1,
 transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
 data, so another start or factor never recompiles. The steps run in `lax.scan` over device-resident
-data with the batch order drawn on device; `num_seeds` independent tests are one `jax.vmap`-ed
-program. The scan runs in equal chunks of a few hundred steps so the host can print progress between
+data with the batch order drawn on device; `num_seeds` independent tests are one program (vmapped
+on accelerators; on a CPU each core loops over its share of seeds, see `mesh.map_members`). The scan runs in equal chunks of a few hundred steps so the host can print progress between
 them (the same compiled chunk is reused; the host dispatches chunk i+1 before reading chunk i) and
 can stop early once every seed has diverged. Divergence is detected on device: later steps of a
 diverged seed are masked (skipped) and never reach the curve, the suggestion or the plot.
@@ -109,20 +109,23 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
     return jax.lax.scan(body, carry, (idx, w, lrs, active, pos))
 
 
-@partial(jax.jit, static_argnames=("chunk",), donate_argnums=(0,))
-def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int):
+@partial(jax.jit, static_argnames=("chunk", "member_loop"), donate_argnums=(0,))
+def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, member_loop: str = "vmap"):
     """Steps [start, start + chunk) of the test. `start` is traced, so every chunk runs one program;
-    with several seeds (a leading seed axis on carry, idx and w) the chunk is vmapped over them."""
+    with several seeds (a leading seed axis on carry, idx and w) the chunk runs for each seed, all
+    at once or one after another per device (`member_loop`, see `mesh.map_members`)."""
 
     def take(a, axis=0):
         return jax.lax.dynamic_slice_in_dim(a, start, chunk, axis)
 
     pos = start + jnp.arange(chunk)  # step numbers
+    lrs, active = take(lrs), take(active)
     if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
-        carry, out = _range_chunk(carry, x, y, take(idx), take(w), take(lrs), take(active), pos, val, hp)
+        carry, out = _range_chunk(carry, x, y, take(idx), take(w), lrs, active, pos, val, hp)
     else:
-        fn = jax.vmap(_range_chunk, in_axes=(0, None, None, 0, 0, None, None, None, None, None))
-        carry, out = fn(carry, x, y, take(idx, 1), take(w, 1), take(lrs), take(active), pos, val, hp)
+        carry, out = mesh_lib.map_members(
+            lambda m, *shared: _range_chunk(m[0], *shared[:2], m[1], m[2], *shared[2:]),
+            (carry, take(idx, 1), take(w, 1)), x, y, lrs, active, pos, val, hp, loop=member_loop)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
@@ -221,7 +224,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             chunk_steps: int = 256, stop_on_divergence: bool = True,
             progress: Callable[[dict], None] | None = None,
             init_fn: Callable[[int], nnx.Module] | None = None,
-            mesh: jax.sharding.Mesh | None = None) -> RangeTestResult:
+            mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
@@ -230,7 +233,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
     rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
     default `num_steps` is one epoch. With a `mesh`, batches are split over its `data` axis and the
-    seeds over its `members` axis (when it has one).
+    seeds over its `members` axis (when it has one). `member_loop` ('vmap' or 'map', default by
+    platform) is how each device goes through its seeds.
     """
     # With a mesh, everything below runs under it (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -254,6 +258,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
                                  num_steps=num_steps, padded=padded)
         if num_seeds > 1:
             carry, idx, w = mesh_lib.spread_members((carry, idx, w))
+        member_loop = member_loop or mesh_lib.default_member_loop(mesh)
 
         if eval_every > 0:
             m = min(eval_examples, len(data.x_valid))
@@ -270,7 +275,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
             if c == 0:
                 t0 = time.perf_counter()
-                compiled = _run_chunk.lower(*args, chunk=chunk).compile()
+                compiled = _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop).compile()
                 compile_time = time.perf_counter() - t0
             carry, out = compiled(*args)  # dispatched asynchronously
             outputs.append(out)

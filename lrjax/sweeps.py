@@ -1,8 +1,9 @@
-"""A grid of learning rates (x seeds) trained simultaneously: one vmapped program per epoch.
+"""A grid of learning rates (x seeds) trained simultaneously: one compiled program per epoch.
 
 Members are laid out as (seeds, lrs): the models of one seed start from the same weights and see
-the same batch order (gathered once and shared by the inner `vmap` over rates), so the learning rate
-is the only difference between them. Rates are traced values in each member's optimizer state: a
+the same batch order, so the learning rate is the only difference between them. Inside the epoch
+program the members are vmapped (accelerators) or, on a CPU, looped over by each core (see
+`mesh.map_members`). Rates are traced values in each member's optimizer state: a
 new grid never recompiles. A member whose loss turns non-finite is frozen (its update
 is dropped from that step on) and marked; with `patience`, a member stops updating once its
 validation loss has not improved for `patience` epochs and keeps its best state.
@@ -53,48 +54,74 @@ def _member_step(state, live, batch):
 
     Only the loss is checked: a finiteness test of every parameter after every step cost ~35% of a
     16-member epoch on CPU; parameters that overflow show up as a non-finite loss one step later.
+    Looped members (not vmapped) skip the step entirely once they are no longer live.
     """
-    new, m = steps.train_step(state, batch)
-    ok = live & jnp.isfinite(m["loss"])
-    state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    return state, {"loss": m["loss"], "accuracy": m["accuracy"], "ok": ok}
+
+    def run(state):
+        new, m = steps.train_step(state, batch)
+        ok = jnp.isfinite(m["loss"])
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), m["loss"], m["accuracy"], ok
+
+    def skip(state):
+        return state, jnp.full([], jnp.nan), jnp.full([], jnp.nan), jnp.zeros([], bool)
+
+    state, loss, accuracy, ok = jax.lax.cond(live, run, skip, state)
+    return state, {"loss": loss, "accuracy": accuracy, "ok": ok}
 
 
-@partial(jax.jit, static_argnames=("batch_size",))
-def sweep_epoch(states, active, diverged, x, y, keys, *, batch_size: int):
-    """One epoch of every member. states/active/diverged: (seeds, lrs, ...); keys: (seeds,)."""
+def _member_epoch(member, x, y):
+    """One epoch of one member over its seed's batch order (idx, w)."""
+    state, active, diverged, idx, w = member
 
-    def per_seed(states_l, active_l, diverged_l, key):
-        idx, w = steps.epoch_indices(key, x.shape[0], batch_size)
+    def body(carry, iw):
+        state, diverged, sums = carry
+        live = active & ~diverged
+        state, m = _member_step(state, live, steps.gather_batch(x, y, *iw))
+        diverged = diverged | (live & ~m["ok"])
+        count = jnp.sum(iw[1]) * m["ok"]
+        sums = jax.tree.map(jnp.add, sums, {"loss": jnp.where(m["ok"], m["loss"], 0.0) * count,
+                                            "accuracy": jnp.where(m["ok"], m["accuracy"], 0.0) * count,
+                                            "count": count})
+        return (state, diverged, sums), None
 
-        def body(carry, iw):
-            states_l, diverged_l, sums = carry
-            batch = steps.gather_batch(x, y, *iw)  # one gather, shared by this seed's rates
-            # Broadcast rather than in_axes=None: XLA:CPU runs the batched matmuls faster than the
-            # one wide matmul (plus weight transposes) that vmap makes of a shared input (a 16-member
-            # epoch here: 5.3-6.2 s against 7.7 s).
-            batch = jax.tree.map(lambda a: jnp.broadcast_to(a, active_l.shape + a.shape), batch)
-            live = active_l & ~diverged_l
-            states_l, m = jax.vmap(_member_step)(states_l, live, batch)
-            diverged_l = diverged_l | (live & ~m["ok"])
-            count = jnp.sum(iw[1]) * m["ok"]
-            sums = jax.tree.map(jnp.add, sums, {"loss": jnp.where(m["ok"], m["loss"], 0.0) * count,
-                                                "accuracy": m["accuracy"] * count, "count": count})
-            return (states_l, diverged_l, sums), None
-
-        zeros = jnp.zeros(active_l.shape)
-        init = (states_l, diverged_l, {"loss": zeros, "accuracy": zeros, "count": zeros})
-        (states_l, diverged_l, sums), _ = jax.lax.scan(body, init, (idx, w))
-        count = jnp.maximum(sums["count"], 1.0)
-        return states_l, diverged_l, {"loss": sums["loss"] / count, "accuracy": sums["accuracy"] / count}
-
-    return jax.vmap(per_seed)(states, active, diverged, keys)
+    zero = jnp.zeros([])
+    (state, diverged, sums), _ = jax.lax.scan(body, (state, diverged, {"loss": zero, "accuracy": zero,
+                                                                         "count": zero}), (idx, w))
+    count = jnp.maximum(sums["count"], 1.0)
+    return state, diverged, {"loss": sums["loss"] / count, "accuracy": sums["accuracy"] / count}
 
 
-@partial(jax.jit, static_argnames=("batch_size",))
-def sweep_evaluate(states, x, y, *, batch_size: int):
-    fn = partial(steps.evaluate_arrays, x=x, y=y, batch_size=batch_size)
-    return jax.vmap(jax.vmap(lambda s: fn(s)))(states)
+def _to_members(tree, S: int, L: int):
+    """(seeds, lrs, ...) -> (lrs * seeds, ...), rate-major: the `members` axis splits rates, so each
+    device's members stay one contiguous block."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(L * S, *a.shape[2:]), tree)
+
+
+def _from_members(tree, S: int, L: int):
+    return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(L, S, *a.shape[1:]), 0, 1), tree)
+
+
+@partial(jax.jit, static_argnames=("batch_size", "member_loop"))
+def sweep_epoch(states, active, diverged, x, y, keys, *, batch_size: int, member_loop: str = "vmap"):
+    """One epoch of every member. states/active/diverged: (seeds, lrs, ...); keys: (seeds,).
+
+    The members of a seed share its batch order. `member_loop` ('vmap' or 'map') is how each device
+    goes through its members (see `mesh.map_members`).
+    """
+    S, L = active.shape
+    idx, w = jax.vmap(lambda k: steps.epoch_indices(k, x.shape[0], batch_size))(keys)
+    idx, w = (jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]) for a in (idx, w))
+    members = _to_members((states, active, diverged, idx, w), S, L)
+    out = mesh_lib.map_members(_member_epoch, members, x, y, loop=member_loop)
+    return _from_members(out, S, L)
+
+
+@partial(jax.jit, static_argnames=("batch_size", "member_loop"))
+def sweep_evaluate(states, x, y, *, batch_size: int, member_loop: str = "vmap"):
+    S, L = states.step.shape
+    out = mesh_lib.map_members(lambda s, x, y: steps.evaluate_arrays(s, x, y, batch_size),
+                               _to_members(states, S, L), x, y, loop=member_loop)
+    return _from_members(out, S, L)
 
 
 @jax.jit
@@ -192,17 +219,19 @@ def _num(v) -> float | None:
 def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, data, lrs: Sequence[float], *,
           seeds: Sequence[int] = (42,), epochs: int = 5, batch_size: int = 32, patience: int | None = None,
           eval_batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None,
-          on_epoch: Callable[[int, dict], None] | None = None) -> SweepResult:
+          on_epoch: Callable[[int, dict], None] | None = None, member_loop: str | None = None) -> SweepResult:
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
     With `patience`, each member stops `patience` epochs after its best validation loss and keeps its
     best state. `on_epoch(epoch, metrics)` is called on the host after each epoch (progress, logging).
+    `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its members.
     """
     t_start = time.perf_counter()
     lrs = np.asarray(lrs, np.float64)
     seeds = [int(s) for s in seeds]
     S, L = len(seeds), len(lrs)
-    mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=L)
+    member_loop = member_loop or mesh_lib.default_member_loop(mesh)
     mesh_lib.check_batch_size(batch_size, mesh)
     members_axis = mesh_lib.axis_size("members", mesh)
     if L % members_axis:
@@ -232,10 +261,10 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             if epoch == 1:
                 t0 = time.perf_counter()
                 program = sweep_epoch.lower(states, active, diverged, x, y, epoch_keys,
-                                            batch_size=batch_size).compile()
+                                            batch_size=batch_size, member_loop=member_loop).compile()
                 compile_time = time.perf_counter() - t0
             states, diverged, train_m = program(states, active, diverged, x, y, epoch_keys)
-            val_m = sweep_evaluate(states, xv, yv, batch_size=eval_batch_size)
+            val_m = sweep_evaluate(states, xv, yv, batch_size=eval_batch_size, member_loop=member_loop)
             train_m, val_m, div = mesh_lib.to_host((train_m, val_m, diverged))  # one sync per epoch
             newly = div & (diverged_epoch < 0)
             diverged_epoch[newly] = epoch

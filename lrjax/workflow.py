@@ -71,7 +71,7 @@ class _Progress:
 def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     data = data if data is not None else load(cfg)
     workdir = Path(cfg.workdir)
-    mesh = mesh_lib.make_mesh(cfg.mesh_shape)
+    mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
     num_steps = cfg.num_steps or steps.steps_per_epoch(len(data.x_train), cfg.batch_size)
     bar = _Progress(cfg, num_steps)
     try:
@@ -219,7 +219,7 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     result = sweep(lambda s: model_for(cfg, data, s), optimizers.get(cfg.optimizer), data, grid, seeds=seeds,
                    epochs=cfg.epochs, batch_size=cfg.batch_size,
                    patience=cfg.patience if cfg.patience < cfg.epochs else None,
-                   eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape),
+                   eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape, members=len(grid)),
                    on_epoch=on_epoch)
     result.suggestions = dict(suggestions or {})
     if jax.process_index() == 0:

@@ -72,9 +72,10 @@ def test_default_is_one_epoch(data):
     assert r.num_steps == -(-len(data.x_train) // 16)
 
 
-def test_seeds_vmapped_equal_separate_runs(data):
+@pytest.mark.parametrize("member_loop", ["vmap", "map"])  # accelerators' default, CPUs' default
+def test_seeds_together_equal_separate_runs(data, member_loop):
     kw = dict(start_lr=1e-3, end_lr=50.0, num_steps=120)
-    together = run(data, num_seeds=3, seed=5, **kw)
+    together = run(data, num_seeds=3, seed=5, member_loop=member_loop, **kw)
     for s in range(3):
         alone = run(data, num_seeds=1, seed=5 + s, **kw)
         n = min(len(alone.losses), together.per_seed_losses.shape[1])

@@ -82,6 +82,29 @@ def test_seeds_and_sweep_members_spread_over_devices(tmp_path):
     np.testing.assert_allclose(spread["val_loss"], one["val_loss"], rtol=1e-4)
 
 
+def test_cpu_cores_become_devices_for_members():
+    """use_cpu_cores() makes one device per core (4 pretended here); 'auto' then spreads a program's
+    members over as many cores as divide them and keeps a single model on one device."""
+    code = ("import json, os; os.sched_getaffinity = lambda pid: {0, 1, 2, 3}\n"
+            "from lrjax import mesh as m\n"
+            "n = m.use_cpu_cores(); import jax\n"
+            "print('RESULT ' + json.dumps({'made': n, 'devices': jax.device_count(), "
+            "'shapes': [dict(m.make_mesh('auto', k).shape) for k in (1, 6, 16)], "
+            "'loop': m.default_member_loop(m.make_mesh('auto', 16))}))")
+
+    def child(env):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None})
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.split("RESULT ")[-1])
+
+    r = child({"JAX_NUM_CPU_DEVICES": None, "XLA_FLAGS": None})
+    assert r["made"] == 4 and r["devices"] == 4 and r["loop"] == "map"
+    assert r["shapes"] == [{"members": 1, "data": 1}, {"members": 3, "data": 1}, {"members": 4, "data": 1}]
+    r = child({"JAX_NUM_CPU_DEVICES": "3", "XLA_FLAGS": None})  # the user's choice stands
+    assert r["made"] == 0 and r["devices"] == 3 and r["shapes"] == [{"data": 3}] * 3
+
+
 def test_batch_size_must_divide_by_devices():
     class FakeMesh:
         axis_names, axis_sizes = ("data",), (8,)

@@ -1,4 +1,7 @@
-"""The vmapped LR sweep equals members trained one by one; divergence is isolated; early stopping per member."""
+"""The LR sweep equals members trained one by one; divergence is isolated; early stopping per member.
+
+Each behaviour is checked with the members vmapped (accelerators' default) and looped (CPUs' default).
+"""
 
 from __future__ import annotations
 
@@ -37,9 +40,13 @@ def test_grid():
     np.testing.assert_allclose(sweeps.lr_grid((0.3, 0.01, 0.1), 16), [0.01, 0.1, 0.3])
 
 
-def test_vmapped_sweep_equals_solo_runs(data):
+LOOPS = pytest.mark.parametrize("member_loop", ["vmap", "map"])
+
+
+@LOOPS
+def test_sweep_equals_solo_runs(data, member_loop):
     lrs, seeds = [0.01, 0.05, 0.2], [3, 4]
-    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=seeds, epochs=3, batch_size=16)
+    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=seeds, epochs=3, batch_size=16, member_loop=member_loop)
     assert r.train_loss.shape == (3, 2, 3) and not r.diverged.any()
     for s, seed in enumerate(seeds):
         for j, lr in enumerate(lrs):
@@ -52,9 +59,10 @@ def test_vmapped_sweep_equals_solo_runs(data):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_diverging_member_is_frozen_and_isolated(data):
+@LOOPS
+def test_diverging_member_is_frozen_and_isolated(data, member_loop):
     lrs = [0.02, 0.1, 1e20]  # 1e20 overflows in the first steps
-    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[7], epochs=3, batch_size=16)
+    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[7], epochs=3, batch_size=16, member_loop=member_loop)
     assert r.diverged.tolist() == [[False, False, True]]
     assert r.diverged_epoch[0, 2] == 1 and r.to_json()["members"][2]["diverged"]
     # the others never see it: their parameters stay finite and their curves equal their solo runs
@@ -67,9 +75,11 @@ def test_diverging_member_is_frozen_and_isolated(data):
     assert r.best_lr in lrs[:2]
 
 
-def test_per_member_early_stopping_matches_solo(data):
+@LOOPS
+def test_per_member_early_stopping_matches_solo(data, member_loop):
     lrs, patience, epochs = [0.05, 0.5, 2.0], 2, 12
-    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[1], epochs=epochs, batch_size=16, patience=patience)
+    r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[1], epochs=epochs, batch_size=16, patience=patience,
+                     member_loop=member_loop)
     for j, lr in enumerate(lrs):
         f = solo(data, lr, 1, epochs, patience=patience)
         expected = len(f.history) if f.stopped_early else -1
