@@ -6,9 +6,11 @@
 Sections (ratio = baseline time / variant time, so > 1 means faster than the baseline row):
   range   the seed's range test (1,719 steps, batch 32): jitted step in a Python loop (baseline),
           an nnx.jit loop, a plain-pytree lax.scan (the machine's floor), lrjax's compiled program
-  seeds   k = 1, 4, 16 range tests: k sequential lrjax runs (baseline) vs one vmapped program
+  seeds   k = 1, 4, 16 range tests: k sequential lrjax runs (baseline) vs one program: vmapped on one
+          device, and lrjax's default (on a CPU: the seeds looped over by every core)
   epoch   one training epoch + validation at batch 32 and 256: Python loop (baseline) vs lrjax
-  sweep   16 learning rates x E epochs: 16 sequential trainings (baseline) vs one vmapped sweep
+  sweep   16 learning rates x E epochs: 16 sequential trainings (baseline) vs one program: vmapped on
+          one device, and lrjax's default (on a CPU: the rates looped over by every core)
   io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
   run     the whole `lrjax run` workflow broken down by phase
 """
@@ -31,10 +33,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-import lrjax
-from lrjax import steps
-from lrjax.data import from_arrays
-from lrjax.models import mlp
+from lrjax import mesh as mesh_lib
+
+mesh_lib.use_cpu_cores()  # before JAX starts: as the CLI does, each CPU core is a device for members
+
+import lrjax  # noqa: E402
+from lrjax import steps  # noqa: E402
+from lrjax.data import from_arrays  # noqa: E402
+from lrjax.models import mlp  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -52,11 +58,31 @@ def timed(fn, repeats: int, cold: bool = False) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def interleaved(section, variants: dict, repeats: int, show: bool = True) -> dict[str, float]:
+    """Every variant once (warm-up), then `repeats` rounds of all variants in turn, so that the VM's
+    slow spells hit every variant alike; rows show medians, the first variant is the baseline."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    if show:
+        base = None
+        for name, t in medians.items():
+            row(section, name, t, base)
+            base = base or t
+    return medians
+
+
 def row(section, variant, seconds, baseline=None, note=""):
     ratio = (baseline / seconds) if baseline else None
     ROWS.append({"section": section, "variant": variant, "median_s": seconds, "ratio": ratio, "note": note})
     r = f"{ratio:6.2f}x" if ratio else "  base "
-    print(f"{section:7s} {variant:46s} {seconds:9.3f} s  {r}  {note}", flush=True)
+    print(f"{section:7s} {variant:52s} {seconds:9.3f} s  {r}  {note}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,19 +224,21 @@ def bench_seeds(data, a):
     steps_n = -(-len(data.x_train) // 32)
     kw = dict(batch_size=32, num_steps=steps_n, start_lr=1e-3, factor=1.005, stop_on_divergence=False,
               init_fn=lambda s: mlp(data.in_features, seed=s))
+    one_device = mesh_lib.make_mesh("auto", 1)
     for k in a.seeds:
         def sequential():
             for s in range(k):
-                lrjax.find_lr(mlp(data.in_features, seed=s), optax.sgd, data, seed=s, **kw)
+                lrjax.find_lr(mlp(data.in_features, seed=s), optax.sgd, data, seed=s, mesh=one_device, **kw)
 
-        def vmapped():
-            lrjax.find_lr(mlp(data.in_features, seed=0), optax.sgd, data, num_seeds=k, **kw)
-
-        vmapped()
-        base, _ = timed(sequential, max(1, a.repeats - 1))
-        row("seeds", f"k={k}: {k} sequential range tests", base)
-        t, _ = timed(vmapped, max(1, a.repeats - 1))
-        row("seeds", f"k={k}: one vmapped program", t, base)
+        variants = {f"k={k}: {k} sequential range tests": sequential}
+        if k > 1:
+            variants[f"k={k}: one program, vmap on 1 device"] = lambda: lrjax.find_lr(
+                mlp(data.in_features, seed=0), optax.sgd, data, num_seeds=k, mesh=one_device, member_loop="vmap", **kw)
+            mesh = mesh_lib.make_mesh("auto", k)
+            variants[f"k={k}: one program, lrjax default: {mesh_lib.default_member_loop(mesh)} on "
+                     f"{mesh.shape['members']} device(s)"] = lambda: lrjax.find_lr(
+                mlp(data.in_features, seed=0), optax.sgd, data, num_seeds=k, mesh=mesh, **kw)
+        interleaved("seeds", variants, max(1, a.repeats - 1))
 
 
 def bench_epoch(data, a):
@@ -260,22 +288,29 @@ def bench_io(data, a):
 def bench_sweep(data, a):
     lrs = np.geomspace(1e-3, 0.5, a.sweep_lrs)
     E = a.sweep_epochs
+    one_device = mesh_lib.make_mesh("auto", 1)
+    mesh = mesh_lib.make_mesh("auto", len(lrs))
 
-    def sequential():
-        for lr in lrs:
-            lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=float(lr), epochs=E, progress=None)
+    def train(lr):
+        lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=float(lr), epochs=E, progress=None,
+                  mesh=one_device)
 
-    def vmapped():
-        lrjax.sweep(lambda s: mlp(data.in_features, seed=s), optax.sgd, data, lrs, seeds=[42], epochs=E)
+    def together(mesh, loop=None):
+        return lambda: lrjax.sweep(lambda s: mlp(data.in_features, seed=s), optax.sgd, data, lrs, seeds=[42],
+                                   epochs=E, mesh=mesh, member_loop=loop)
 
-    vmapped()
-    one, _ = timed(lambda: lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.1, epochs=E,
-                                     progress=None), 1)
-    base, _ = timed(sequential, 1)
-    row("sweep", f"{len(lrs)} rates x {E} epochs: sequential trainings", base)
-    t, _ = timed(vmapped, 1)
-    row("sweep", f"{len(lrs)} rates x {E} epochs: one vmapped sweep", t, base,
-        f"{t / one:.1f}x the time of one training")
+    medians = interleaved("sweep", {
+        f"{len(lrs)} rates x {E} epochs: sequential trainings": lambda: [train(lr) for lr in lrs],
+        f"{len(lrs)} rates x {E} epochs: one training": lambda: train(0.1),
+        f"{len(lrs)} rates: one program, vmap on 1 device": together(one_device, "vmap"),
+        f"{len(lrs)} rates: one program, lrjax default: {mesh_lib.default_member_loop(mesh)} on "
+        f"{mesh.shape['members']} device(s)": together(mesh),
+    }, max(1, a.repeats - 1), show=False)
+    names = list(medians)
+    base, one = medians[names[0]], medians[names[1]]
+    row("sweep", names[0], base)
+    for name in names[2:]:
+        row("sweep", name, medians[name], base, f"{medians[name] / one:.1f}x the time of one training")
 
 
 def bench_run(data_dir, a):
@@ -336,7 +371,7 @@ def main():
     print(f"lrjax bench: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"python {platform.python_version()}, train {len(data.x_train)} images, batch 32 (and 256), "
           f"repeats {a.repeats}")
-    print(f"{'section':7s} {'variant':46s} {'median':>11s}  {'ratio':>7s}")
+    print(f"{'section':7s} {'variant':52s} {'median':>11s}  {'ratio':>7s}")
     sections = a.sections.split(",")
     for name, fn in (("range", bench_range), ("seeds", bench_seeds), ("epoch", bench_epoch),
                      ("sweep", bench_sweep), ("io", bench_io)):
