@@ -40,35 +40,37 @@ mesh_lib.use_cpu_cores()  # before JAX starts: as the CLI does, each CPU core is
 import lrjax  # noqa: E402
 from lrjax import steps  # noqa: E402
 from lrjax.data import from_arrays  # noqa: E402
-from lrjax.models import mlp  # noqa: E402
+from lrjax.models import MLP, mlp  # noqa: E402
 
 ROWS: list[dict] = []
 
 
-def timed(fn, repeats: int, cold: bool = False) -> tuple[float, list[float]]:
-    """Median wall time of `fn`; `cold` empties JAX's compilation caches before each repeat (outside
-    the timing), so every variant pays for all the compiling it does, model initialisation included."""
+def timed(fn, repeats: int, cold: bool = False, setup=None) -> tuple[float, list[float]]:
+    """Median wall time of `fn(*setup())`; `setup` (untimed) builds fresh inputs such as a model;
+    `cold` empties JAX's in-memory compilation caches before each repeat (outside the timing), so
+    every variant pays for all the compiling it does, as in a new process."""
     times = []
     for _ in range(repeats):
+        args = setup() if setup else ()
         if cold:
             jax.clear_caches()
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
 
-def interleaved(section, variants: dict, repeats: int, show: bool = True) -> dict[str, float]:
+def interleaved(section, variants: dict, repeats: int, show: bool = True, cold: bool = False,
+                setup=None) -> dict[str, float]:
     """Every variant once (warm-up), then `repeats` rounds of all variants in turn, so that the VM's
-    slow spells hit every variant alike; rows show medians, the first variant is the baseline."""
+    slow spells hit every variant alike; rows show medians, the first variant is the baseline.
+    `cold` and `setup` as in `timed`."""
     for fn in variants.values():
-        fn()
+        fn(*(setup() if setup else ()))
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn, 1, cold, setup)[0])
     medians = {name: statistics.median(t) for name, t in times.items()}
     if show:
         base = None
@@ -89,9 +91,9 @@ def row(section, variant, seconds, baseline=None, note=""):
 # Baselines: what a JAX user writes first
 # --------------------------------------------------------------------------------------------------
 
-def python_loop_range_test(data, batch_size, num_steps, start_lr, factor, seed=0):
+def python_loop_range_test(data, model, batch_size, num_steps, start_lr, factor, seed=0):
     """A jitted train step called from Python per batch, the loss read back every step."""
-    state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, start_lr)
+    state = steps.init_state(model, optax.sgd, start_lr)
     step = jax.jit(lambda s, b, lr: steps.train_step(s.with_lr(lr), b))
     rng = np.random.default_rng(seed)
     n = len(data.x_train)
@@ -105,9 +107,8 @@ def python_loop_range_test(data, batch_size, num_steps, start_lr, factor, seed=0
     return losses
 
 
-def nnx_jit_range_test(data, batch_size, num_steps, start_lr, factor, seed=0):
-    """The NNX-transform way: nnx.Optimizer + nnx.jit per step, Python loop."""
-    model = mlp(data.in_features, seed=42)
+def nnx_jit_range_test(data, model, batch_size, num_steps, start_lr, factor, seed=0):
+    """The NNX-transform way: nnx.Optimizer + nnx.jit per step, Python loop (updates `model`)."""
     opt = nnx.Optimizer(model, optax.inject_hyperparams(optax.sgd)(learning_rate=start_lr), wrt=nnx.Param)
 
     @nnx.jit
@@ -192,32 +193,75 @@ def bench_range(data, a):
     kw = dict(batch_size=32, num_steps=steps_n, start_lr=1e-3, factor=1.005)
     peak = matmul_peak()
     print(f"        (this machine's float32 matmul peak, 2048^3 matmul: {peak:.0f} GFLOP/s)")
-    base, _ = timed(lambda: python_loop_range_test(data, **kw), a.repeats, cold=True)
-    row("range", f"jitted step, Python loop ({steps_n} steps)", base, note="compile included")
-    t, _ = timed(lambda: nnx_jit_range_test(data, **kw), a.repeats, cold=True)
-    row("range", "nnx.jit step, Python loop", t, base, "compile included")
+    flops = 2 * 3 * 32 * (data.in_features * 300 + 300 * 100 + 100 * 10) * steps_n
+
+    def model():  # every variant gets the same freshly built model, outside the timing
+        return (mlp(data.in_features, seed=42),)
+
+    def lrjax_run(m, **extra):
+        return lrjax.find_lr(m, optax.sgd, data, stop_on_divergence=False, **kw, **extra)
+
+    # Compile included: JAX's in-memory caches are emptied before every timed run, as in a new process.
+    variants = {
+        f"jitted step, Python loop ({steps_n} steps)": lambda m: python_loop_range_test(data, m, **kw),
+        "nnx.jit step, Python loop": lambda m: nnx_jit_range_test(data, m, **kw),
+        "lrjax find_lr": lrjax_run,
+    }
+    medians = interleaved("range", variants, a.repeats, show=False, cold=True, setup=model)
+    names = list(medians)
+    base = medians[names[0]]
+    row("range", names[0], base, note="compile included (new process)")
+    row("range", names[1], medians[names[1]], base, "compile included")
+    row("range", "lrjax find_lr, compile included", medians[names[2]], base,
+        f"{medians[names[1]] / medians[names[2]]:.2f}x the nnx.jit loop")
+    pair = persistent_cache_run(lrjax_run, variants[names[0]], model, a.repeats)
+    if pair is not None:
+        row("range", "lrjax find_lr, programs from the persistent cache", pair[1], pair[0],
+            "a repeat run of the CLI; ratio to the baseline re-measured alongside")
+    t, _ = timed(lrjax_run, a.repeats, setup=model)
+    row("range", "lrjax find_lr, already compiled", t, base,
+        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
+    t, _ = timed(lambda m: lrjax_run(m, chunk_steps=steps_n), a.repeats, setup=model)
+    row("range", "lrjax find_lr, one chunk (no progress)", t, base, "cost of progress chunks")
     floor = plain_scan_floor(data, 32, steps_n)
     floor()
     t, _ = timed(floor, a.repeats)
-    flops = 2 * 3 * 32 * (data.in_features * 300 + 300 * 100 + 100 * 10) * steps_n
     row("range", "plain-pytree lax.scan floor (compiled, no NNX)", t, base,
         f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
+    eager = lambda: MLP(data.in_features, (300, 100), 10, rngs=nnx.Rngs(42))  # noqa: E731
+    interleaved("init", {"model init, eager NNX (new process)": eager,
+                         "model init, lrjax.models.mlp (one program)": model},
+                a.repeats, cold=True)
 
-    def lrjax_run():
-        return lrjax.find_lr(mlp(data.in_features, seed=42), optax.sgd, data, stop_on_divergence=False, **kw)
 
-    compile_times = []
-    t, _ = timed(lambda: compile_times.append(lrjax_run().compile_time_s), a.repeats, cold=True)
-    row("range", "lrjax find_lr, compile included", t, base,
-        f"main program's compile {statistics.median(compile_times):.2f}s of it")
-    t, _ = timed(lrjax_run, a.repeats)
-    row("range", "lrjax find_lr, already compiled", t, base,
-        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
-    one_chunk = lambda: lrjax.find_lr(mlp(data.in_features, seed=42), optax.sgd, data,  # noqa: E731
-                                      stop_on_divergence=False, chunk_steps=steps_n, **kw)
-    one_chunk()
-    t, _ = timed(one_chunk, a.repeats)
-    row("range", "lrjax find_lr, one chunk (no progress)", t, base, "cost of progress chunks")
+def persistent_cache_run(fn, baseline, setup, repeats: int) -> tuple[float, float] | None:
+    """Medians of `baseline` (compile included) and of `fn` with empty in-memory caches but JAX's
+    persistent compilation cache (as the CLI enables it) already holding its programs, in alternating
+    rounds; None where this JAX cannot switch the cache on and off."""
+    try:
+        from jax._src import compilation_cache
+    except ImportError:
+        return None
+    tmp = tempfile.mkdtemp(prefix="lrjax-bench-cache-")
+
+    def cache(on: bool):
+        jax.config.update("jax_compilation_cache_dir", tmp if on else None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)  # as the CLI
+        compilation_cache.reset_cache()
+
+    base, cached = [], []
+    try:
+        cache(True)
+        timed(fn, 1, cold=True, setup=setup)  # fills the cache
+        for _ in range(repeats):
+            cache(False)
+            base.append(timed(baseline, 1, cold=True, setup=setup)[0])
+            cache(True)
+            cached.append(timed(fn, 1, cold=True, setup=setup)[0])
+    finally:
+        cache(False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return statistics.median(base), statistics.median(cached)
 
 
 def bench_seeds(data, a):
@@ -366,7 +410,7 @@ def main():
     if a.quick:
         a.repeats, a.seeds, a.sweep_lrs, a.sweep_epochs, a.run_epochs, a.io_epochs = 1, [1, 4], 4, 1, 1, 2
     data = lrjax.load_dataset("fashion_mnist", a.data_dir) if a.data_dir else synthetic()
-    python_loop_range_test(data, 32, 4, 1e-3, 1.005)  # JAX start-up, outside every measurement
+    python_loop_range_test(data, mlp(data.in_features), 32, 4, 1e-3, 1.005)  # JAX start-up, untimed
     dev = jax.devices()[0]
     print(f"lrjax bench: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"python {platform.python_version()}, train {len(data.x_train)} images, batch 32 (and 256), "

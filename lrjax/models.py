@@ -31,5 +31,15 @@ class MLP(nnx.Module):
 
 def mlp(in_features: int, hidden_sizes: Sequence[int] = (300, 100), num_classes: int = 10,
         seed: int = 42) -> MLP:
-    """The seed article's 784-300-100-10 MLP (by default), initialised from `seed`."""
-    return MLP(in_features, tuple(hidden_sizes), num_classes, rngs=nnx.Rngs(seed))
+    """The seed article's 784-300-100-10 MLP (by default), initialised from `seed`.
+
+    Built by one compiled program (the same weights as building it eagerly): eager initialisation
+    compiles every random draw separately (~1 s on a 2-core CPU, again in every new process), while
+    this program compiles once (~0.7 s) and then comes from JAX's persistent cache when it is on.
+    """
+    return _build_mlp(in_features, tuple(hidden_sizes), num_classes, jax.random.key(seed))
+
+
+@nnx.jit(static_argnums=(0, 1, 2))
+def _build_mlp(in_features: int, hidden_sizes: tuple[int, ...], num_classes: int, key: jax.Array) -> MLP:
+    return MLP(in_features, hidden_sizes, num_classes, rngs=nnx.Rngs(key))

@@ -43,8 +43,14 @@ def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None
         raise ValueError("give exactly one of factor and end_lr")
     if end_lr is not None:
         factor = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
+    return np.asarray(jax.device_get(_schedule_values(np.float32(start_lr), float(factor), num_steps)))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _schedule_values(start_lr, factor: float, num_steps: int) -> jax.Array:
+    # One small program rather than a handful of eagerly compiled ops (~0.2 s in a new process).
     schedule = optax.exponential_decay(init_value=start_lr, transition_steps=1, decay_rate=factor)
-    return np.asarray(jax.device_get(schedule(jnp.arange(num_steps))), np.float32)
+    return schedule(jnp.arange(num_steps)).astype(jnp.float32)
 
 
 class _Arrays(NamedTuple):

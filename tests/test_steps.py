@@ -74,6 +74,14 @@ def test_init_depends_on_seed_only():
     assert not np.array_equal(_leaf(a, "hidden", 0, "kernel"), _leaf(c, "hidden", 0, "kernel"))
 
 
+def test_compiled_init_gives_the_eager_weights():
+    """mlp() builds the model in one compiled program; the weights are those of eager NNX construction."""
+    compiled = nnx.state(mlp(20, (8, 6), 3, seed=5), nnx.Param)
+    eager = nnx.state(MLP(20, (8, 6), 3, rngs=nnx.Rngs(5)), nnx.Param)
+    for x, y in zip(_flat(compiled), _flat(eager), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 # --------------------------------------------------------------------------------------------
 # One step
 # --------------------------------------------------------------------------------------------
