@@ -23,47 +23,28 @@ import optax
 
 import lrjax
 from lrjax.models import mlp
-from lrjax.suggest import METHODS
+from lrjax.quality import score_suggestions, summarise
 
 
 def score_dataset(data, seeds, epochs, grid_points=16, log=print):
-    """Per seed: the range test's suggestions and their validation accuracy relative to the best grid rate."""
+    """Per seed: the range test's suggestions scored against the best rate of a grid over its span."""
     records = []
     for seed in seeds:
         t0 = time.perf_counter()
         model_fn = lambda s: mlp(data.in_features, (300, 100), data.num_classes, seed=s)  # noqa: E731
         r = lrjax.find_lr(model_fn(seed), optax.sgd, data, batch_size=32, start_lr=1e-3, factor=1.005, seed=seed)
-        hi = r.diverged_lr or float(r.lrs[-1])
-        grid = np.geomspace(float(r.lrs[0]), hi, grid_points)
-        suggested = {m: v for m, v in r.suggestions.items() if v is not None}
-        members = np.concatenate([grid, list(suggested.values())])
-        s = lrjax.sweep(model_fn, optax.sgd, data, members, seeds=[seed], epochs=epochs, batch_size=32)
-        acc = s.best_val_accuracy[0]
-        best_grid = float(acc[:grid_points].max())
-        rec = {"seed": seed, "span": [float(r.lrs[0]), hi], "best_grid_lr": float(grid[np.argmax(acc[:grid_points])]),
-               "best_grid_accuracy": best_grid, "methods": {}}
-        for i, (m, lr) in enumerate(suggested.items()):
-            j = grid_points + i
-            rec["methods"][m] = {"lr": lr, "accuracy": float(acc[j]), "fraction": float(acc[j]) / best_grid,
-                                 "diverged": bool(s.diverged[0, j])}
-        for m in METHODS:
-            rec["methods"].setdefault(m, {"lr": None, "accuracy": None, "fraction": 0.0, "diverged": False})
+
+        def train(lrs):  # one sweep, every member from the same weights and batch order
+            s = lrjax.sweep(model_fn, optax.sgd, data, lrs, seeds=[seed], epochs=epochs, batch_size=32)
+            return s.best_val_accuracy[0], s.diverged[0]
+
+        rec = {"seed": seed, **score_suggestions(r.suggestions, (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1])),
+                                                 train, grid_points)}
         records.append(rec)
-        log(f"  seed {seed}: best grid lr {rec['best_grid_lr']:.3g} (val acc {best_grid:.4f}); "
+        log(f"  seed {seed}: best grid lr {rec['best_grid_lr']:.3g} (val acc {rec['best_grid_accuracy']:.4f}); "
             + ", ".join(f"{m} {v['lr']:.3g}->{v['fraction']:.4f}" for m, v in rec["methods"].items() if v["lr"])
             + f"  [{time.perf_counter() - t0:.0f}s]")
     return records
-
-
-def summarise(records):
-    table = {}
-    for m in METHODS:
-        fr = [r["methods"][m]["fraction"] for r in records]
-        table[m] = {"mean_fraction": float(np.mean(fr)), "worst_fraction": float(np.min(fr)),
-                    "diverged": int(sum(r["methods"][m]["diverged"] for r in records)),
-                    "mean_lr": float(np.exp(np.mean([np.log(r["methods"][m]["lr"]) for r in records
-                                                     if r["methods"][m]["lr"]] or [np.nan])))}
-    return table
 
 
 def main():
