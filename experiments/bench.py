@@ -33,14 +33,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+import lrjax
 from lrjax import mesh as mesh_lib
-
-mesh_lib.use_cpu_cores()  # before JAX starts: as the CLI does, each CPU core is a device for members
-
-import lrjax  # noqa: E402
-from lrjax import steps  # noqa: E402
-from lrjax.data import from_arrays  # noqa: E402
-from lrjax.models import MLP, mlp  # noqa: E402
+from lrjax import steps
+from lrjax.data import from_arrays
+from lrjax.models import MLP, mlp
 
 ROWS: list[dict] = []
 
@@ -406,6 +403,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
+    lrjax.use_cpu_cores()  # before JAX starts, as the CLI does: each CPU core a device for members
     a.seeds = [int(k) for k in a.seeds.split(",")]
     if a.quick:
         a.repeats, a.seeds, a.sweep_lrs, a.sweep_epochs, a.run_epochs, a.io_epochs = 1, [1, 4], 4, 1, 1, 2

@@ -57,6 +57,7 @@ def main():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--json", default="suggestion_quality.json")
     a = p.parse_args()
+    lrjax.use_cpu_cores()  # before JAX starts: the sweep's members run on every CPU core
     sets = []
     if a.data_dir:
         sets.append(("fashion_mnist", lambda: lrjax.load_dataset("fashion_mnist", a.data_dir)))

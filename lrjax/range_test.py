@@ -12,7 +12,6 @@ diverged seed are masked (skipped) and never reach the curve, the suggestion or 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -238,15 +237,15 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has `x_train`,
     `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
     rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
-    default `num_steps` is one epoch. With a `mesh`, batches are split over its `data` axis and the
-    seeds over its `members` axis (when it has one). `member_loop` ('vmap' or 'map', default by
+    default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
+    `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis. `member_loop` ('vmap' or 'map', default by
     platform) is how each device goes through its seeds.
     """
-    # With a mesh, everything below runs under it (batches split over `data`, seeds over `members`).
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        if mesh is not None:
-            mesh_lib.check_batch_size(batch_size, mesh)
-            data = _Arrays(*mesh_lib.replicate_data(data, mesh))
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
+    mesh_lib.check_batch_size(batch_size, mesh)
+    # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
+    with jax.set_mesh(mesh):
+        data = _Arrays(*mesh_lib.replicate_data(data, mesh))
         t_start = time.perf_counter()
         x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
         n = x.shape[0]
