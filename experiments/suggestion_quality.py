@@ -1,4 +1,4 @@
-"""How good is each range-test suggestion? Scored against a grid of rates trained in one vmapped sweep.
+"""How good is each range-test suggestion? Scored against a grid of rates trained in one sweep.
 
     python experiments/suggestion_quality.py --data-dir ../shared/data/fashion_mnist --seeds 5 --epochs 10
     python experiments/suggestion_quality.py --mnist-dir DIR --tfds kmnist ...   # more datasets
@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optax
 
 import lrjax

@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "find-lr": "learning-rate range test: lr_find.json/.csv/.png and a suggested rate",
     "train": "train with --lr: early stopping, Orbax checkpoints (resumable), TensorBoard, metrics.json",
     "run": "the seed workflow: range test -> suggested rate -> re-initialised model -> training -> test",
-    "sweep": "train a log grid of learning rates at once (one vmapped program) and compare them",
+    "sweep": "train a log grid of learning rates at once (one compiled program) and compare them",
 }
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130, "stop-after": 0}
 

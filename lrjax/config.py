@@ -48,7 +48,7 @@ class Config:
     num_steps: int | None = _f(None, "range-test steps (default: one epoch of the training set)", RANGE)
     diverge_factor: float = _f(4.0, "stop once the loss exceeds this x the best smoothed loss", RANGE)
     beta: float = _f(0.98, "smoothing of the debiased exponential moving average", RANGE)
-    num_seeds: int = _f(1, "independent range tests (or sweep seeds) run as one vmapped program",
+    num_seeds: int = _f(1, "independent range tests (or sweep seeds) run as one compiled program",
                         RANGE + ("sweep",))
     eval_every: int = _f(0, "validation loss every this many range-test steps (0: off)", RANGE)
     suggestion: str = _f("default", f"suggestion method: {', '.join(METHODS)}, or default "

@@ -73,7 +73,7 @@ def _init_carry(state: TrainState) -> _Carry:
 
 
 def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
-    """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap it over seeds.
+    """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap or map it over seeds.
 
     A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
     state is left as it is and the step's loss is NaN and `valid` is False.
@@ -238,8 +238,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
     rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
     default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
-    `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis. `member_loop` ('vmap' or 'map', default by
-    platform) is how each device goes through its seeds.
+    `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
+    `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
     """
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
     mesh_lib.check_batch_size(batch_size, mesh)
