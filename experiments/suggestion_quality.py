@@ -33,7 +33,7 @@ def score_dataset(data, seeds, epochs, grid_points=16, log=print):
         model_fn = lambda s: mlp(data.in_features, (300, 100), data.num_classes, seed=s)  # noqa: E731
         r = lrjax.find_lr(model_fn(seed), optax.sgd, data, batch_size=32, start_lr=1e-3, factor=1.005, seed=seed)
 
-        def train(lrs):  # one sweep, every member from the same weights and batch order
+        def train(lrs, model_fn=model_fn, seed=seed):  # one sweep: same weights and batch order for all
             s = lrjax.sweep(model_fn, optax.sgd, data, lrs, seeds=[seed], epochs=epochs, batch_size=32)
             return s.best_val_accuracy[0], s.diverged[0]
 

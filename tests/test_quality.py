@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import optax
 import pytest
+from conftest import synthetic
 
+from lrjax.models import mlp
 from lrjax.quality import score_suggestions, summarise
 from lrjax.range_test import find_lr
 from lrjax.sweeps import sweep
-from lrjax.models import mlp
-
-from conftest import synthetic
 
 BEST = 0.05
 
