@@ -45,7 +45,7 @@ def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None
     return np.asarray(jax.device_get(_schedule_values(np.float32(start_lr), float(factor), num_steps)))
 
 
-@partial(jax.jit, static_argnums=(1, 2))
+@partial(jax.jit, static_argnums=(1, 2), compiler_options=steps.ONE_SHOT)
 def _schedule_values(start_lr, factor: float, num_steps: int) -> jax.Array:
     # One small program rather than a handful of eagerly compiled ops (~0.2 s in a new process).
     schedule = optax.exponential_decay(init_value=start_lr, transition_steps=1, decay_rate=factor)
@@ -135,7 +135,7 @@ def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, 
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
-@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded"))
+@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded"), compiler_options=steps.ONE_SHOT)
 def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: int):
     """Initial carries and every seed's batch order (padded to whole chunks), as one program."""
 

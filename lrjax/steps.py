@@ -21,6 +21,11 @@ from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
 
+# XLA options for programs that run once per run (initialisation, the range test's batch order): the
+# lowest backend optimisation level compiles the MLP's initialisation in 0.2 s instead of 0.8 s
+# (threefry code) and runs it in 5 ms instead of 2 ms, with bit-identical results (tests pin them).
+ONE_SHOT = {"xla_backend_optimization_level": 0}
+
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 Batch = tuple[jax.Array, jax.Array, jax.Array]  # images, int labels, per-example weights (0 = padding)
 
@@ -61,7 +66,7 @@ def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: f
     return _init_state(params, rest, lr, graphdef=graphdef, optimizer=optimizer)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "optimizer"))
+@partial(jax.jit, static_argnames=("graphdef", "optimizer"), compiler_options=ONE_SHOT)
 def _init_state(params, rest, lr, *, graphdef, optimizer) -> TrainState:
     # One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the
     # state, so later donation never touches the model's arrays.
