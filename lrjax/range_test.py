@@ -4,9 +4,10 @@ The rates come from an optax exponential schedule (`optax.exponential_decay` wit
 transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
 data, so another start or factor never recompiles. The steps run in `lax.scan` over device-resident
 data with the batch order drawn on device; `num_seeds` independent tests are one program (vmapped
-on accelerators; on a CPU each core loops over its share of seeds, see `mesh.map_members`). The scan runs in equal chunks of a few hundred steps so the host can print progress between
-them (the same compiled chunk is reused; the host dispatches chunk i+1 before reading chunk i) and
-can stop early once every seed has diverged. Divergence is detected on device: later steps of a
+on accelerators; on a CPU each core loops over its share of seeds, see `mesh.map_members`). The
+scan runs in equal chunks of a few hundred steps so the host can print progress between them (the
+same compiled chunk is reused; the host dispatches chunk i+1 before reading chunk i) and can stop
+early once every seed has diverged. Divergence is detected on device: later steps of a
 diverged seed are masked (skipped) and never reach the curve, the suggestion or the plot.
 """
 

@@ -3,9 +3,9 @@
 Members are laid out as (seeds, lrs): the models of one seed start from the same weights and see
 the same batch order, so the learning rate is the only difference between them. Inside the epoch
 program the members are vmapped (accelerators) or, on a CPU, looped over by each core (see
-`mesh.map_members`). Rates are traced values in each member's optimizer state: a
-new grid never recompiles. A member whose loss turns non-finite is frozen (its update
-is dropped from that step on) and marked; with `patience`, a member stops updating once its
+`mesh.map_members`). Rates are traced values in each member's optimizer state: a new grid never
+recompiles. A member whose loss turns non-finite is frozen (its update is dropped from that step
+on) and marked; with `patience`, a member stops updating once its
 validation loss has not improved for `patience` epochs and keeps its best state.
 Members can be spread over devices along a `members` mesh axis.
 """

@@ -93,8 +93,8 @@ def test_cpu_cores_become_devices_for_members():
             "'loop': m.default_member_loop(m.make_mesh('auto', 16))}))")
 
     def child(env):
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None})
+        env = {k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         return json.loads(p.stdout.split("RESULT ")[-1])
 
