@@ -135,7 +135,8 @@ def plain_scan_floor(data, batch_size, num_steps):
     y = jnp.asarray(data.y_train)
     sizes = [x.shape[1], 300, 100, 10]
     keys = jax.random.split(jax.random.key(0), 3)
-    params = [(jax.nn.initializers.glorot_uniform()(k, (a, b)), jnp.zeros(b)) for k, a, b in zip(keys, sizes, sizes[1:])]
+    glorot = jax.nn.initializers.glorot_uniform()
+    params = [(glorot(k, (a, b)), jnp.zeros(b)) for k, a, b in zip(keys, sizes, sizes[1:])]
 
     def loss_fn(p, xb, yb):
         h = xb

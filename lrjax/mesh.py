@@ -40,10 +40,6 @@ def use_cpu_cores() -> int:
     return n
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
 def parse_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
     """'auto' -> all devices on `data`; '4' -> 4 on `data`; 'members=2,data=4' -> both axes."""
     spec = spec.strip()
@@ -68,12 +64,12 @@ def make_mesh(spec: str = "auto", members: int = 1) -> jax.sharding.Mesh:
     """A mesh over the available devices (all processes') with a `data` axis, from a --mesh-shape spec.
 
     'auto' puts every device on `data`, except where `use_cpu_cores()` made the CPU cores devices:
-    there a program of `members` independent models spreads them over the cores (as many as divide
-    `members`) and a single model runs on one core.
+    there a program of `members` independent models spreads them over up to `members` cores (the
+    range test and the sweep pad their members to whole blocks) and a single model runs on one core.
     """
     n = jax.device_count()
     if spec.strip() == "auto" and _cores_as_devices and jax.process_count() == 1 and jax.default_backend() == "cpu":
-        d = _largest_divisor(members, n)
+        d = max(1, min(members, n))
         return jax.make_mesh((d, 1), ("members", "data"), axis_types=(AxisType.Auto,) * 2,
                              devices=jax.devices()[:d])
     axes = parse_mesh_shape(spec, n)

@@ -136,9 +136,12 @@ def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, 
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
-@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded"), compiler_options=steps.ONE_SHOT)
-def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: int):
-    """Initial carries and every seed's batch order (padded to whole chunks), as one program."""
+@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded", "real"),
+         compiler_options=steps.ONE_SHOT)
+def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: int, real: int):
+    """Initial carries and every seed's batch order (padded to whole chunks), as one program. Seeds
+    from `real` on only fill the devices of the `members` axis: they start as diverged, so they
+    never run a step."""
 
     def one(state, seed):
         idx, w = steps.epoch_indices(jax.random.key(seed), n, batch_size, num_steps)
@@ -147,7 +150,9 @@ def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: 
 
     if len(states) == 1:
         return one(states[0], seeds[0])
-    return jax.vmap(one)(jax.tree.map(lambda *a: jnp.stack(a), *states), seeds)
+    carry, idx, w = jax.vmap(one)(jax.tree.map(lambda *a: jnp.stack(a), *states), seeds)
+    filler = jnp.arange(len(states)) >= real
+    return carry.replace(diverged_step=jnp.where(filler, 0, carry.diverged_step)), idx, w
 
 
 def _chunking(num_steps: int, chunk_steps: int) -> tuple[int, int]:
@@ -257,11 +262,13 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
 
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
-        states = [steps.init_state(m, optimizer, start_lr) for m in models]
+        # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _prepare).
+        total = num_seeds + (-num_seeds) % mesh_lib.axis_size("members", mesh) if num_seeds > 1 else 1
+        states = [steps.init_state(m, optimizer, start_lr) for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
-        carry, idx, w = _prepare(states, np.arange(seed, seed + num_seeds), n=n, batch_size=batch_size,
-                                 num_steps=num_steps, padded=padded)
+        carry, idx, w = _prepare(states, np.arange(seed, seed + total), n=n, batch_size=batch_size,
+                                 num_steps=num_steps, padded=padded, real=num_seeds)
         if num_seeds > 1:
             carry, idx, w = mesh_lib.spread_members((carry, idx, w))
         member_loop = member_loop or mesh_lib.default_member_loop(mesh)
@@ -292,7 +299,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps)
 
         # (seeds, steps) on the host, also for a single unbatched seed
-        out = [jax.tree.map(lambda a: np.asarray(a).reshape(num_seeds, -1), o) for o in mesh_lib.to_host(outputs)]
+        out = [jax.tree.map(lambda a: np.asarray(a).reshape(total, -1)[:num_seeds], o)
+               for o in mesh_lib.to_host(outputs)]
         per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
         valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
         val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]

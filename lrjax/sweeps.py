@@ -28,7 +28,6 @@ from flax import nnx
 
 from lrjax import mesh as mesh_lib
 from lrjax import steps
-from lrjax.errors import ConfigError
 from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory
 
@@ -233,9 +232,12 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=L)
     member_loop = member_loop or mesh_lib.default_member_loop(mesh)
     mesh_lib.check_batch_size(batch_size, mesh)
-    members_axis = mesh_lib.axis_size("members", mesh)
-    if L % members_axis:
-        raise ConfigError(f"{L} learning rates cannot be spread over {members_axis} devices of the members axis")
+    # The rates fill whole blocks of the `members` axis: filler rates (copies of the last) never train.
+    Lp = L + (-L) % mesh_lib.axis_size("members", mesh)
+    real = np.arange(Lp) < L
+
+    def widen(a: np.ndarray, fill) -> np.ndarray:  # (S, L) -> (S, Lp)
+        return np.concatenate([a, np.full((S, Lp - L), fill, a.dtype)], axis=1)
     monitors = (None if patience is None
                 else [[EarlyStopping(patience=patience) for _ in range(L)] for _ in range(S)])
     history = {k: np.full((epochs, S, L), np.nan) for k in ("train_loss", "val_loss", "val_accuracy")}
@@ -245,8 +247,9 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
 
     with jax.set_mesh(mesh):
         per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0) for seed in seeds]
-        states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (L,) + v.shape) for v in a]), *per_seed)
-        states = states.with_lr(jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (S, L)))
+        states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (Lp,) + v.shape) for v in a]), *per_seed)
+        member_lrs = np.concatenate([lrs, np.full(Lp - L, lrs[-1])]).astype(np.float32)
+        states = states.with_lr(jnp.broadcast_to(jnp.asarray(member_lrs), (S, Lp)))
         def place(tree):  # replicated, then split over the `members` axis by rate
             return mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)
 
@@ -254,10 +257,10 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
         best_params = jax.tree.map(jnp.copy, states.params)
         x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        active, diverged = place(np.ones((S, L), bool)), place(np.zeros((S, L), bool))
+        active, diverged = place(np.broadcast_to(real, (S, Lp))), place(np.zeros((S, Lp), bool))
         for epoch in range(1, epochs + 1):
             epoch_keys = jax.vmap(steps.epoch_key, in_axes=(0, None))(keys, epoch)
-            was_live = mesh_lib.to_host(active & ~diverged)
+            was_live = mesh_lib.to_host(active & ~diverged)[:, :L]
             if epoch == 1:
                 t0 = time.perf_counter()
                 program = sweep_epoch.lower(states, active, diverged, x, y, epoch_keys,
@@ -265,7 +268,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                 compile_time = time.perf_counter() - t0
             states, diverged, train_m = program(states, active, diverged, x, y, epoch_keys)
             val_m = sweep_evaluate(states, xv, yv, batch_size=eval_batch_size, member_loop=member_loop)
-            train_m, val_m, div = mesh_lib.to_host((train_m, val_m, diverged))  # one sync per epoch
+            train_m, val_m, div = jax.tree.map(lambda a: a[:, :L],  # one sync per epoch
+                                               mesh_lib.to_host((train_m, val_m, diverged)))
             newly = div & (diverged_epoch < 0)
             diverged_epoch[newly] = epoch
             trained = was_live & ~newly
@@ -280,14 +284,16 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                             improved[s, j] = monitors[s][j].update(epoch, {"val_loss": val_m["loss"][s, j]})
                             if monitors[s][j].should_stop:
                                 stopped_epoch[s, j] = epoch
-                best_params = _keep_best(best_params, states.params, jnp.asarray(improved))
-                active = place(stopped_epoch < 0)
+                best_params = _keep_best(best_params, states.params, jnp.asarray(widen(improved, False)))
+                active = place(widen(stopped_epoch < 0, False))
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
             if not np.any(was_live & ~div & (stopped_epoch < 0)):
                 break
     if monitors is not None:
         states = states.replace(params=best_params)
+    if Lp > L:
+        states = jax.tree.map(lambda a: a[:, :L], states)
     return SweepResult(lrs=lrs, seeds=seeds, **history, diverged_epoch=diverged_epoch,
                        stopped_epoch=stopped_epoch, epochs=epochs, wall_time_s=time.perf_counter() - t_start,
                        compile_time_s=compile_time, states=states)

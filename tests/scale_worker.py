@@ -24,6 +24,8 @@ from lrjax.train import fit  # noqa: E402
 
 def main():
     job, workdir = sys.argv[1], sys.argv[2]
+    job, _, count = job.partition(":")  # find_lr:3 -> 3 seeds, sweep:3 -> 3 rates (default 4)
+    count = int(count or 4)
     coordinator, num_processes, process_id = (sys.argv[3:6] + [None] * 3)[:3]
     if coordinator:
         mesh_lib.initialize_distributed(coordinator, int(num_processes), int(process_id))
@@ -38,10 +40,10 @@ def main():
         out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
     elif job == "find_lr":
         r = find_lr(model_fn(0), optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=30.0, num_steps=96,
-                    num_seeds=4, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))
+                    num_seeds=count, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))
         out["per_seed_losses"] = np.asarray(r.per_seed_losses).tolist()
     elif job == "sweep":
-        r = sweep(model_fn, optax.sgd, data, [0.01, 0.03, 0.1, 0.3], seeds=[2], epochs=2, batch_size=16,
+        r = sweep(model_fn, optax.sgd, data, [0.01, 0.03, 0.1, 0.3, 1.0][:count], seeds=[2], epochs=2, batch_size=16,
                   mesh=mesh_lib.make_mesh(workdir))
         out["val_loss"] = np.asarray(r.val_loss).tolist()
     if jax.process_index() == 0:

@@ -82,14 +82,25 @@ def test_seeds_and_sweep_members_spread_over_devices(tmp_path):
     np.testing.assert_allclose(spread["val_loss"], one["val_loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_members_that_do_not_divide_the_devices_are_padded():
+    """3 seeds or 3 rates on a members axis of 2: a filler member completes the second block, never
+    trains and never shows in the results."""
+    for job, key in (("find_lr:3", "per_seed_losses"), ("sweep:3", "val_loss")):
+        one = run_worker([job, "auto"], devices=1)
+        spread = run_worker([job, "members=2,data=1"], devices=2)
+        assert np.shape(spread[key]) == np.shape(one[key]) and 3 in np.shape(one[key])
+        np.testing.assert_allclose(spread[key], one[key], rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_cores_become_devices_for_members():
     """use_cpu_cores() makes one device per core (4 pretended here); 'auto' then spreads a program's
-    members over as many cores as divide them and keeps a single model on one device."""
+    members over up to that many cores and keeps a single model on one device."""
     code = ("import json, os; os.sched_getaffinity = lambda pid: {0, 1, 2, 3}\n"
             "from lrjax import mesh as m\n"
             "n = m.use_cpu_cores(); import jax\n"
             "print('RESULT ' + json.dumps({'made': n, 'devices': jax.device_count(), "
-            "'shapes': [dict(m.make_mesh('auto', k).shape) for k in (1, 6, 16)], "
+            "'shapes': [dict(m.make_mesh('auto', k).shape) for k in (1, 3, 16)], "
             "'loop': m.default_member_loop(m.make_mesh('auto', 16))}))")
 
     def child(env):
