@@ -302,27 +302,30 @@ def bench_epoch(data, a):
 
 
 def bench_io(data, a):
-    epochs = a.io_epochs
-    def fit(workdir):
-        return lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
-                         workdir=workdir, progress=None)
-
-    fit(None)
+    """Whole fits with and without a workdir, at 1 epoch and at --io-epochs: the difference of the two
+    lengths separates the per-epoch cost (a save and the TensorBoard writes of each epoch) from the
+    fixed cost of a run (creating the checkpoint manager and writers, the final wait and close)."""
+    long_, short = a.io_epochs, 1
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
 
-    def with_io():
-        shutil.rmtree(tmp / "wd", ignore_errors=True)
-        return fit(tmp / "wd")
+    def fit(epochs, io):
+        if io:
+            shutil.rmtree(tmp / "wd", ignore_errors=True)
+        return lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
+                         workdir=tmp / "wd" if io else None, progress=None)
 
-    try:  # interleaved (plain, io, plain, io, ...): a few-percent effect needs drift cancelled
-        plain, io = [], []
-        for _ in range(a.repeats):
-            plain.append(timed(lambda: fit(None), 1)[0])
-            io.append(timed(with_io, 1)[0])
-        base, t = statistics.median(plain), statistics.median(io)
-        row("io", f"fit {epochs} epochs, no checkpoints/TensorBoard", base)
-        row("io", f"fit {epochs} epochs, Orbax async + TensorBoard", t, base,
-            f"overhead {100 * (t / base - 1):+.1f}%")
+    try:  # interleaved rounds: a few-percent effect needs the VM's drift cancelled
+        m = interleaved("io", {(e, io): (lambda e=e, io=io: fit(e, io)) for e in (short, long_)
+                               for io in (False, True)}, a.repeats, show=False)
+        row("io", f"fit {long_} epochs, no checkpoints/TensorBoard", m[long_, False])
+        row("io", f"fit {long_} epochs, Orbax async + TensorBoard", m[long_, True], m[long_, False],
+            f"overhead {100 * (m[long_, True] / m[long_, False] - 1):+.1f}%")
+        plain = (m[long_, False] - m[short, False]) / (long_ - short)
+        io = (m[long_, True] - m[short, True]) / (long_ - short)
+        row("io", f"per epoch ({long_} vs {short} epochs), with vs without", io, plain,
+            f"overhead {100 * (io / plain - 1):+.1f}% of an epoch's {plain:.3f}s")
+        fixed = (m[short, True] - m[short, False]) - (io - plain) * short
+        row("io", "fixed cost of a run with a workdir", fixed, note="manager, writers, final wait")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -400,7 +403,7 @@ def main():
     p.add_argument("--sweep-lrs", type=int, default=16)
     p.add_argument("--sweep-epochs", type=int, default=2)
     p.add_argument("--run-epochs", type=int, default=5)
-    p.add_argument("--io-epochs", type=int, default=5)
+    p.add_argument("--io-epochs", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
