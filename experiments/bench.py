@@ -36,6 +36,7 @@ from flax import nnx
 import lrjax
 from lrjax import mesh as mesh_lib
 from lrjax import steps
+from lrjax.cli import enable_compilation_cache
 from lrjax.data import from_arrays
 from lrjax.models import MLP, mlp
 
@@ -243,8 +244,7 @@ def persistent_cache_run(fn, baseline, setup, repeats: int) -> tuple[float, floa
     tmp = tempfile.mkdtemp(prefix="lrjax-bench-cache-")
 
     def cache(on: bool):
-        jax.config.update("jax_compilation_cache_dir", tmp if on else None)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)  # as the CLI
+        enable_compilation_cache(tmp if on else None)  # the CLI's settings
         compilation_cache.reset_cache()
 
     base, cached = [], []

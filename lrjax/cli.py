@@ -82,8 +82,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _enable_compilation_cache(path: str) -> None:
-    """A second run of the same command loads its programs instead of compiling them again."""
+def enable_compilation_cache(path: str | None) -> None:
+    """A second run of the same command loads its programs instead of compiling them again
+    (`path` None switches the cache off again)."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if not mesh_lib.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id):
             mesh_lib.use_cpu_cores()  # on a CPU: seeds and sweep members run on every core
         if cfg.compilation_cache:
-            _enable_compilation_cache(os.path.join(cfg.resolved_cache_dir, "jax"))
+            enable_compilation_cache(os.path.join(cfg.resolved_cache_dir, "jax"))
         if args.command == "find-lr":
             workflow.find_lr_job(cfg)
         elif args.command == "train":

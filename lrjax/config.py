@@ -8,7 +8,6 @@ argument parser from these fields, so a new option is one new field here. Valida
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,13 +132,10 @@ class Config:
         return cls(**kw)
 
     @property
-    def resolved_data_dir(self) -> str | None:
-        return self.data_dir or os.environ.get("LRJAX_DATA_DIR") or None
-
-    @property
     def resolved_cache_dir(self) -> str:
-        return (self.cache_dir or os.environ.get("LRJAX_CACHE_DIR")
-                or os.path.join(os.path.expanduser("~"), ".cache", "lrjax"))
+        from lrjax.data import default_cache_dir
+
+        return self.cache_dir or str(default_cache_dir())
 
 
 def _flag(name: str) -> str:

@@ -83,6 +83,16 @@ def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray, t
         class_names=names, source=source)
 
 
+def default_data_dir() -> str | None:
+    """$LRJAX_DATA_DIR, or None (then TFDS's default data_dir)."""
+    return os.environ.get("LRJAX_DATA_DIR") or None
+
+
+def default_cache_dir() -> Path:
+    """$LRJAX_CACHE_DIR, else ~/.cache/lrjax: decoded TFDS arrays, and the CLI's compiled programs."""
+    return Path(os.environ.get("LRJAX_CACHE_DIR") or Path.home() / ".cache" / "lrjax")
+
+
 def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, valid_size: int = VALID_SIZE,
                  tfds_data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -96,9 +106,8 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
     """
     from lrjax import tfds_source
 
-    data_dir = data_dir or os.environ.get("LRJAX_DATA_DIR") or None
-    cache_dir = Path(cache_dir or os.environ.get("LRJAX_CACHE_DIR")
-                     or Path.home() / ".cache" / "lrjax")
+    data_dir = data_dir or default_data_dir()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if tfds_data_dir is not None:
         raw = _cached_tfds(name, str(tfds_data_dir), cache_dir, idx_dir=data_dir)
         return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_data_dir})", valid_size)

@@ -36,7 +36,7 @@ def _say(cfg: Config, msg: str) -> None:
 
 def load(cfg: Config) -> Dataset:
     t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.resolved_data_dir, cfg.resolved_cache_dir,
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir,
                         tfds_data_dir=cfg.tfds_data_dir)
     _say(cfg, f"data: {data.name} from {data.source}: train {len(data.x_train)}, validation "
               f"{len(data.x_valid)}, test {len(data.x_test)} ({time.perf_counter() - t0:.2f}s)")
