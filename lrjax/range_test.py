@@ -3,12 +3,13 @@
 The rates come from an optax exponential schedule (`optax.exponential_decay` with decay_rate > 1,
 transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
 data, so another start or factor never recompiles. The steps run in `lax.scan` over device-resident
-data with the batch order drawn on device; `num_seeds` independent tests are one program (vmapped
-on accelerators; on a CPU each core loops over its share of seeds, see `mesh.map_members`). The
-scan runs in equal chunks of a few hundred steps so the host can print progress between them (the
-same compiled chunk is reused; the host dispatches chunk i+1 before reading chunk i) and can stop
-early once every seed has diverged. Divergence is detected on device: later steps of a
-diverged seed are masked (skipped) and never reach the curve, the suggestion or the plot.
+data (each seed's batch order is drawn once on the host and sent along); `num_seeds` independent
+tests are one program (vmapped on accelerators; on a CPU each core loops over its share of seeds,
+see `mesh.map_members`). The scan runs in equal chunks of a few hundred steps so the host can print
+progress between them (the same compiled chunk is reused; the host dispatches chunk i+1 before
+reading chunk i) and can stop early once every seed has diverged. Divergence is detected on device:
+later steps of a diverged seed are masked (skipped) and never reach the curve, the suggestion or
+the plot.
 """
 
 from __future__ import annotations
@@ -136,23 +137,25 @@ def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, 
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
-@partial(jax.jit, static_argnames=("n", "batch_size", "num_steps", "padded", "real"),
-         compiler_options=steps.ONE_SHOT)
-def _prepare(states, seeds, *, n: int, batch_size: int, num_steps: int, padded: int, real: int):
-    """Initial carries and every seed's batch order (padded to whole chunks), as one program. Seeds
-    from `real` on only fill the devices of the `members` axis: they start as diverged, so they
-    never run a step."""
-
-    def one(state, seed):
-        idx, w = steps.epoch_indices(jax.random.key(seed), n, batch_size, num_steps)
-        pad = ((0, padded - num_steps), (0, 0))
-        return _init_carry(state), jnp.pad(idx, pad), jnp.pad(w, pad)
-
+@partial(jax.jit, static_argnames=("real",), compiler_options=steps.ONE_SHOT)
+def _init_carries(states, *, real: int) -> _Carry:
+    """Initial carries as one small program (stacked along a seed axis for several seeds). Seeds from
+    `real` on only fill the devices of the `members` axis: they start as diverged, so they never run
+    a step."""
     if len(states) == 1:
-        return one(states[0], seeds[0])
-    carry, idx, w = jax.vmap(one)(jax.tree.map(lambda *a: jnp.stack(a), *states), seeds)
+        return _init_carry(states[0])
+    carry = jax.vmap(_init_carry)(jax.tree.map(lambda *a: jnp.stack(a), *states))
     filler = jnp.arange(len(states)) >= real
-    return carry.replace(diverged_step=jnp.where(filler, 0, carry.diverged_step)), idx, w
+    return carry.replace(diverged_step=jnp.where(filler, 0, carry.diverged_step))
+
+
+def _batch_orders(seeds, n: int, batch_size: int, num_steps: int, padded: int):
+    """Every seed's batch order on the host, padded to whole chunks (the padding steps never run);
+    (steps, batch) arrays for one seed, (seeds, steps, batch) for several."""
+    orders = [steps.host_batch_order(int(s), n, batch_size, num_steps) for s in seeds]
+    pad = ((0, padded - num_steps), (0, 0))
+    idx, w = (np.stack([np.pad(o[i], pad) for o in orders]) for i in (0, 1))
+    return (idx[0], w[0]) if len(seeds) == 1 else (idx, w)
 
 
 def _chunking(num_steps: int, chunk_steps: int) -> tuple[int, int]:
@@ -267,8 +270,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         states = [steps.init_state(m, optimizer, start_lr) for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
-        carry, idx, w = _prepare(states, np.arange(seed, seed + total), n=n, batch_size=batch_size,
-                                 num_steps=num_steps, padded=padded, real=num_seeds)
+        carry = _init_carries(states, real=num_seeds)
+        idx, w = mesh_lib.replicate(_batch_orders(range(seed, seed + total), n, batch_size, num_steps, padded),
+                                    mesh)
         if num_seeds > 1:
             carry, idx, w = mesh_lib.spread_members((carry, idx, w))
         member_loop = member_loop or mesh_lib.default_member_loop(mesh)

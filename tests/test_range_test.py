@@ -40,9 +40,10 @@ def test_rates_are_the_exponential_schedule():
 
 
 def test_recorded_rates_and_curve_shape(data):
-    r = run(data, start_lr=1e-3, end_lr=100.0, num_steps=200)
+    # (this toy problem still trains at rates near 100 with some batch orders: the grid goes to 1e4)
+    r = run(data, start_lr=1e-3, end_lr=1e4, num_steps=200)
     # the recorded rates are start * factor**i, exactly those the steps used
-    factor = (100.0 / 1e-3) ** (1 / 199)
+    factor = (1e4 / 1e-3) ** (1 / 199)
     np.testing.assert_allclose(r.lrs, 1e-3 * factor ** np.arange(len(r.lrs)), rtol=1e-5)
     # losses fall then rise: the smoothed minimum lies strictly inside, well below the start
     i = int(np.argmin(r.smoothed))

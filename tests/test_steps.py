@@ -189,11 +189,19 @@ def test_weight_zero_rows_change_nothing():
 # --------------------------------------------------------------------------------------------
 
 
-def test_epoch_indices_cover_each_example_once():
-    idx, w = steps.epoch_indices(jax.random.key(0), n=10, batch_size=4)
+# The training epoch draws its order on device (a jax key); the range test on the host (a numpy seed).
+ORDERS = {
+    "device": lambda seed, **kw: steps.epoch_indices(jax.random.key(seed), **kw),
+    "host": lambda seed, **kw: steps.host_batch_order(seed, **kw),
+}
+
+
+@pytest.mark.parametrize("where", ORDERS)
+def test_batch_order_covers_each_example_once(where):
+    idx, w = ORDERS[where](0, n=10, batch_size=4)
     idx, w = np.asarray(idx), np.asarray(w)
     assert idx.shape == (3, 4) and w.shape == (3, 4)
-    assert w.dtype == np.float32
+    assert w.dtype == np.float32 and idx.dtype == np.int32
     assert w.sum() == 10 and set(np.unique(w)) == {0.0, 1.0}
     np.testing.assert_array_equal(w[-1], [1, 1, 0, 0])  # the last batch is padded
     assert sorted(idx[w == 1].tolist()) == list(range(10))
@@ -201,14 +209,15 @@ def test_epoch_indices_cover_each_example_once():
     assert idx[w == 1].tolist() != list(range(10))  # shuffled
 
 
-def test_epoch_indices_differ_across_keys_and_passes():
-    a, _ = steps.epoch_indices(jax.random.key(0), n=10, batch_size=4)
-    b, _ = steps.epoch_indices(jax.random.key(1), n=10, batch_size=4)
-    a2, _ = steps.epoch_indices(jax.random.key(0), n=10, batch_size=4)
+@pytest.mark.parametrize("where", ORDERS)
+def test_batch_order_differs_across_seeds_and_passes(where):
+    a, _ = ORDERS[where](0, n=10, batch_size=4)
+    b, _ = ORDERS[where](1, n=10, batch_size=4)
+    a2, _ = ORDERS[where](0, n=10, batch_size=4)
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
     # num_steps beyond one epoch: each pass a fresh permutation covering everything.
-    idx, w = steps.epoch_indices(jax.random.key(0), n=10, batch_size=4, num_steps=6)
+    idx, w = ORDERS[where](0, n=10, batch_size=4, num_steps=6)
     idx, w = np.asarray(idx), np.asarray(w)
     assert idx.shape == (6, 4)
     first, second = idx[:3][w[:3] == 1], idx[3:][w[3:] == 1]
