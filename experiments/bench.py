@@ -89,10 +89,15 @@ def row(section, variant, seconds, baseline=None, note=""):
 # Baselines: what a JAX user writes first
 # --------------------------------------------------------------------------------------------------
 
+@jax.jit
+def _loop_step(state, batch, lr):
+    return steps.train_step(state.with_lr(lr), batch)
+
+
 def python_loop_range_test(data, model, batch_size, num_steps, start_lr, factor, seed=0):
     """A jitted train step called from Python per batch, the loss read back every step."""
     state = steps.init_state(model, optax.sgd, start_lr)
-    step = jax.jit(lambda s, b, lr: steps.train_step(s.with_lr(lr), b))
+    step = _loop_step
     rng = np.random.default_rng(seed)
     n = len(data.x_train)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-num_steps * batch_size // n))])
@@ -217,16 +222,22 @@ def bench_range(data, a):
     if pair is not None:
         row("range", "lrjax find_lr, programs from the persistent cache", pair[1], pair[0],
             "a repeat run of the CLI; ratio to the baseline re-measured alongside")
-    t, _ = timed(lrjax_run, a.repeats, setup=model)
-    row("range", "lrjax find_lr, already compiled", t, base,
-        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
-    t, _ = timed(lambda m: lrjax_run(m, chunk_steps=steps_n), a.repeats, setup=model)
-    row("range", "lrjax find_lr, one chunk (no progress)", t, base, "cost of progress chunks")
+    # Already compiled: warm variants in interleaved rounds, next to this machine's floor.
     floor = plain_scan_floor(data, 32, steps_n)
-    floor()
-    t, _ = timed(floor, a.repeats)
-    row("range", "plain-pytree lax.scan floor (compiled, no NNX)", t, base,
-        f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak")
+    warm = interleaved("range", {
+        "jitted step, Python loop, already compiled": lambda m: python_loop_range_test(data, m, **kw),
+        "lrjax find_lr, already compiled": lrjax_run,
+        "lrjax find_lr, one chunk (no progress)": lambda m: lrjax_run(m, chunk_steps=steps_n),
+        "plain-pytree lax.scan floor (compiled, no NNX)": lambda m: floor(),
+    }, a.repeats, show=False, setup=model)
+    names = list(warm)
+    row("range", names[0], warm[names[0]], base, "no compile")
+    for name in names[1:]:
+        t = warm[name]
+        note = f"{flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / peak:.0%} of peak"
+        if "lrjax" in name:
+            note += f", {t / warm[names[-1]]:.2f}x the floor's time"
+        row("range", name, t, base, note)
     eager = lambda: MLP(data.in_features, (300, 100), 10, rngs=nnx.Rngs(42))  # noqa: E731
     interleaved("init", {"model init, eager NNX (new process)": eager,
                          "model init, lrjax.models.mlp (one program)": model},
@@ -284,35 +295,47 @@ def bench_seeds(data, a):
 
 
 def bench_epoch(data, a):
+    x, y, xv, yv = map(jnp.asarray, (data.x_train, data.y_train, data.x_valid, data.y_valid))
     for bs in (32, 256):
-        base, _ = timed(lambda: python_loop_epoch(data, bs), a.repeats)
-        row("epoch", f"batch {bs}: jitted step, Python loop + eval", base)
         state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, 0.01)
-        x, y, xv, yv = map(jnp.asarray, (data.x_train, data.y_train, data.x_valid, data.y_valid))
 
-        def lrjax_epoch():
+        def lrjax_epoch(bs=bs):
             nonlocal state
             state, m = steps.train_epoch(state, x, y, jax.random.key(0), batch_size=bs)
             v = steps.evaluate(state, xv, yv, batch_size=1000)
             jax.device_get((m, v))
 
-        lrjax_epoch()
-        t, _ = timed(lrjax_epoch, a.repeats)
-        row("epoch", f"batch {bs}: lrjax compiled epoch + eval", t, base)
+        variants = {f"batch {bs}: jitted step, Python loop + eval": lambda bs=bs: python_loop_epoch(data, bs),
+                    f"batch {bs}: lrjax compiled epoch + eval": lrjax_epoch}
+        if bs == 32:
+            floor = plain_scan_floor(data, bs, -(-len(data.x_train) // bs))
+            variants["batch 32: plain-pytree lax.scan floor (steps only)"] = floor
+        m = interleaved("epoch", variants, a.repeats, show=False)
+        names = list(m)
+        row("epoch", names[0], m[names[0]])
+        row("epoch", names[1], m[names[1]], m[names[0]],
+            f"{m[names[1]] / m[names[2]]:.2f}x the floor's time" if len(names) > 2 else "")
+        if len(names) > 2:
+            row("epoch", names[2], m[names[2]], m[names[0]])
 
 
 def bench_io(data, a):
-    """Whole fits with and without a workdir, at 1 epoch and at --io-epochs: the difference of the two
-    lengths separates the per-epoch cost (a save and the TensorBoard writes of each epoch) from the
-    fixed cost of a run (creating the checkpoint manager and writers, the final wait and close)."""
+    """Whole fits with and without a workdir, at 1 epoch and at --io-epochs. Two estimates of the
+    per-epoch cost (a save and the TensorBoard writes of each epoch): the median interval between
+    consecutive epochs' ends inside the fits (robust to the VM's slow spells, which hit single
+    epochs), and the difference of the two fit lengths, which also separates the fixed cost of a run
+    (creating the checkpoint manager and writers, the final wait and close)."""
     long_, short = a.io_epochs, 1
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
+    intervals = {False: [], True: []}
 
     def fit(epochs, io):
         if io:
             shutil.rmtree(tmp / "wd", ignore_errors=True)
-        return lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
-                         workdir=tmp / "wd" if io else None, progress=None)
+        ends = []
+        lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
+                  workdir=tmp / "wd" if io else None, progress=lambda line: ends.append(time.perf_counter()))
+        intervals[io].extend(np.diff(ends))
 
     try:  # interleaved rounds: a few-percent effect needs the VM's drift cancelled
         m = interleaved("io", {(e, io): (lambda e=e, io=io: fit(e, io)) for e in (short, long_)
@@ -320,6 +343,9 @@ def bench_io(data, a):
         row("io", f"fit {long_} epochs, no checkpoints/TensorBoard", m[long_, False])
         row("io", f"fit {long_} epochs, Orbax async + TensorBoard", m[long_, True], m[long_, False],
             f"overhead {100 * (m[long_, True] / m[long_, False] - 1):+.1f}%")
+        plain, io = statistics.median(intervals[False]), statistics.median(intervals[True])
+        row("io", f"epoch to epoch inside the fits (median of {len(intervals[True])})", io, plain,
+            f"overhead {100 * (io / plain - 1):+.1f}% of an epoch's {plain:.3f}s")
         plain = (m[long_, False] - m[short, False]) / (long_ - short)
         io = (m[long_, True] - m[short, True]) / (long_ - short)
         row("io", f"per epoch ({long_} vs {short} epochs), with vs without", io, plain,
