@@ -139,8 +139,7 @@ def host_batch_order(seed: int, n: int, batch_size: int, num_steps: int | None =
     as numpy arrays: the range test's order, where ~1 ms of numpy replaces a threefry-and-sort program
     that took ~0.18 s to compile (see README, Performance)."""
     rng = np.random.default_rng(seed)
-    idx, w = _batch_order(lambda p: rng.permutation(n).astype(np.int32), np, n, batch_size, num_steps)
-    return idx, w
+    return _batch_order(lambda p: rng.permutation(n).astype(np.int32), np, n, batch_size, num_steps)
 
 
 def _batch_order(permutation, xp, n: int, batch_size: int, num_steps: int | None):

@@ -195,9 +195,9 @@ METHODS: dict[str, Callable[..., float | None]] = {
 
 # The default, chosen from evidence: experiments/suggestion_quality.py on Fashion-MNIST (SGD, batch
 # 32, the seed's range test, 5 seeds, each suggestion scored against a 16-point grid over the test's
-# span trained in the same sweep for 10 epochs) gave the `seed` rule 99.76% of the best grid rate's
-# validation accuracy on average (worst seed 99.44%), `valley` 99.47% (98.97%), `minimum` 98.76%
-# (98.25%), `steepest` 95.40% (93.82%). The records are in experiments/results/, the table and the
+# span trained in the same sweep for 10 epochs) gave the `seed` rule 99.67% of the best grid rate's
+# validation accuracy on average (worst seed 99.31%), `valley` 99.49% (98.93%), `minimum` 98.50%
+# (97.50%), `steepest` 96.50% (93.79%). The records are in experiments/results/, the table and the
 # command in the README.
 DEFAULT_METHOD = "seed"
 
