@@ -219,6 +219,22 @@ def bench_range(data, a):
     row("range", names[1], medians[names[1]], base, "compile included")
     row("range", "lrjax find_lr, compile included", medians[names[2]], base,
         f"{medians[names[1]] / medians[names[2]]:.2f}x the nnx.jit loop")
+    # Compile times on their own, cold: the loop's one step vs lrjax's chunk program (as find_lr times it).
+    loop_compile, chunk_compile = [], []
+    for _ in range(a.repeats):
+        jax.clear_caches()
+        m, = model()
+        state = steps.init_state(m, optax.sgd, 1e-3)
+        batch = (data.x_train[:32], data.y_train[:32], np.ones(32, np.float32))
+        t0 = time.perf_counter()
+        _loop_step.lower(state, batch, 1e-3).compile()
+        loop_compile.append(time.perf_counter() - t0)
+        jax.clear_caches()
+        chunk_compile.append(lrjax_run(*model()).compile_time_s)
+    row("range", "compile: the jitted step (trace, lower, XLA)", statistics.median(loop_compile),
+        note="part of the baseline's time")
+    row("range", "compile: lrjax's chunk program (trace, lower, XLA)", statistics.median(chunk_compile),
+        note="part of lrjax's compile-included time")
     pair = persistent_cache_run(lrjax_run, variants[names[0]], model, a.repeats)
     if pair is not None:
         row("range", "lrjax find_lr, programs from the persistent cache", pair[1], pair[0],
