@@ -11,8 +11,7 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
   epoch   one training epoch + validation at batch 32 and 256: Python loop (baseline) vs lrjax
   sweep   16 learning rates x E epochs: 16 sequential trainings (baseline) vs one program: vmapped on
           one device, and lrjax's default (on a CPU: the rates looped over by every core)
-  io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects), and
-          the ways to call Orbax's asynchronous save (training thread, worker, low-priority worker)
+  io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
   run     the whole `lrjax run` workflow broken down by phase
 """
 
@@ -338,53 +337,40 @@ def bench_epoch(data, a):
 
 def bench_io(data, a):
     """Whole fits with and without a workdir, at 1 epoch and at --io-epochs, in interleaved rounds.
-    Per-epoch cost (a save and the TensorBoard writes of each epoch), two estimates: the median
-    interval between consecutive epochs' ends inside the fits (robust to the VM's slow spells, which
-    hit single epochs), also for the other ways to call Orbax's asynchronous save (from the training
-    thread, from a worker at normal priority); and the difference of the two fit lengths, which also
-    gives the fixed cost of a run (creating the checkpoint manager and writers, the final wait)."""
-    from lrjax import checkpoint
-
+    Per-epoch cost (a save and the TensorBoard writes of each epoch), two estimates: within each
+    round, the mean interval between consecutive epochs' ends of the fit with a workdir over that of
+    the fit without (a ratio per round cancels the VM's slow spells between rounds; the median over
+    rounds is shown); and the difference of the two fit lengths, which also gives the fixed cost of
+    a run (creating the checkpoint manager and writers, the final wait)."""
     long_, short = a.io_epochs, 1
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
-    default_nice = checkpoint.SAVE_WORKER_NICE
-    ways = {"save from the training thread": None, "save from a worker, nice 0": 0,
-            f"lrjax: save from a worker, nice {default_nice}": default_nice}
-    intervals: dict = {}
+    epoch_means: dict = {False: [], True: []}
 
-    def fit(epochs, way):
-        if way is not None:
+    def fit(epochs, io):
+        if io:
             shutil.rmtree(tmp / "wd", ignore_errors=True)
-            checkpoint.SAVE_WORKER_NICE = ways[way]
         ends = []
-        try:
-            lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
-                      workdir=tmp / "wd" if way is not None else None,
-                      progress=lambda line: ends.append(time.perf_counter()))
-        finally:
-            checkpoint.SAVE_WORKER_NICE = default_nice
-        intervals.setdefault(way, []).extend(np.diff(ends))
+        lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
+                  workdir=tmp / "wd" if io else None, progress=lambda line: ends.append(time.perf_counter()))
+        if epochs > 1:
+            epoch_means[io].append(float(np.mean(np.diff(ends))))
 
-    default = list(ways)[-1]
-    variants = {(long_, None): lambda: fit(long_, None), (short, None): lambda: fit(short, None),
-                (short, default): lambda: fit(short, default)}
-    variants.update({(long_, way): (lambda way=way: fit(long_, way)) for way in ways})
     try:  # interleaved rounds: a few-percent effect needs the VM's drift cancelled
-        m = interleaved("io", variants, a.repeats, show=False)
-        intervals = {k: v[-a.repeats * (long_ - 1):] for k, v in intervals.items()}  # the timed rounds' fits
-        row("io", f"fit {long_} epochs, no checkpoints/TensorBoard", m[long_, None])
-        row("io", f"fit {long_} epochs, lrjax checkpoints + TensorBoard", m[long_, default], m[long_, None],
-            f"overhead {100 * (m[long_, default] / m[long_, None] - 1):+.1f}%")
-        plain = statistics.median(intervals[None])
-        for way in ways:
-            io = statistics.median(intervals[way])
-            row("io", f"epoch to epoch, {way}", io, plain,
-                f"overhead {100 * (io / plain - 1):+.1f}% of an epoch's {plain:.3f}s")
-        plain = (m[long_, None] - m[short, None]) / (long_ - short)
-        io = (m[long_, default] - m[short, default]) / (long_ - short)
-        row("io", f"per epoch ({long_} vs {short} epochs), lrjax default", io, plain,
+        m = interleaved("io", {(e, io): (lambda e=e, io=io: fit(e, io)) for e in (short, long_)
+                               for io in (False, True)}, a.repeats, show=False)
+        row("io", f"fit {long_} epochs, no checkpoints/TensorBoard", m[long_, False])
+        row("io", f"fit {long_} epochs, Orbax async + TensorBoard", m[long_, True], m[long_, False],
+            f"overhead {100 * (m[long_, True] / m[long_, False] - 1):+.1f}%")
+        ratios = [b / p for p, b in zip(epoch_means[False][1:], epoch_means[True][1:])]  # without warm-up
+        plain = statistics.median(epoch_means[False][1:])
+        row("io", "epoch to epoch inside the fits, with vs without", plain * statistics.median(ratios), plain,
+            f"overhead {100 * (statistics.median(ratios) - 1):+.1f}% (median of {len(ratios)} rounds; "
+            f"{', '.join(f'{100 * (r - 1):+.1f}' for r in ratios)})")
+        plain = (m[long_, False] - m[short, False]) / (long_ - short)
+        io = (m[long_, True] - m[short, True]) / (long_ - short)
+        row("io", f"per epoch ({long_} vs {short} epochs), with vs without", io, plain,
             f"overhead {100 * (io / plain - 1):+.1f}% of an epoch's {plain:.3f}s")
-        fixed = (m[short, default] - m[short, None]) - (io - plain) * short
+        fixed = (m[short, True] - m[short, False]) - (io - plain) * short
         row("io", "fixed cost of a run with a workdir", fixed, note="manager, writers, final wait")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,21 +6,13 @@ A checkpoint is a `Composite` of two items, so plain Orbax can read it without l
   - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run dir).
 Per-epoch metrics are handed to the manager, which keeps the best checkpoint by `best_metric`
 (`AnyPreservationPolicy([LatestN, BestN])`: `max_to_keep` with `best_fn` alone would delete the latest).
-
-Saves are asynchronous in Orbax's way, and lrjax also hands each `manager.save` call to one worker
-thread of low CPU priority: the training loop goes on at once, and the threads Orbax starts for the
-save inherit the low priority, so on a busy CPU they yield to XLA's compute threads. Every other use
-of the manager first waits for the pending call (and raises its error, if it failed).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +21,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lrjax.errors import CheckpointError
-
-
-# How `save` reaches Orbax: from a worker thread at this nice value (0: normal priority), or, with
-# None, from the caller's thread. Module-level so that experiments/bench.py can compare the three.
-SAVE_WORKER_NICE: int | None = 10
 
 
 class Checkpointer:
@@ -60,11 +47,6 @@ class Checkpointer:
             create=True,
         )
         self._set_aside: list[int] = []  # steps found unreadable and moved aside
-        self._worker = None
-        if async_save and SAVE_WORKER_NICE is not None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrjax-checkpoint",
-                                              initializer=_lower_thread_priority, initargs=(SAVE_WORKER_NICE,))
-        self._pending: Future | None = None
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
@@ -78,33 +60,19 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
-        self._finish_handoff()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
-        self._finish_handoff()
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        self._finish_handoff()
         return self.manager.best_step()
 
     def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float], force: bool = False) -> None:
-        """Starts an asynchronous save and returns at once. The arrays of `tree` must stay unchanged
-        until the next call on this object (lrjax's programs never donate a saved state)."""
-        self._finish_handoff()
-        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if self._worker is None:
-            self.manager.save(step, args=args, metrics=metrics, force=force)
-        else:
-            self._pending = self._worker.submit(self.manager.save, step, args=args, metrics=metrics, force=force)
-
-    def _finish_handoff(self) -> None:
-        """Waits until the worker has handed the pending save to Orbax; re-raises its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Starts an (asynchronous) save; the previous save is finished first by Orbax."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          metrics={k: float(v) for k, v in metrics.items()}, force=force)
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
         """Restores `step` (default: the newest intact one) into the structure of `target`.
@@ -112,7 +80,7 @@ class Checkpointer:
         An unreadable checkpoint is reported and moved aside to `checkpoints/unreadable-STEP` (never
         deleted), and the next older one is tried; raises `CheckpointError` naming them if none is readable.
         """
-        self.wait()
+        self.manager.wait_until_finished()
         candidates = [step] if step is not None else list(reversed(self.all_steps()))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         failures = []
@@ -151,30 +119,11 @@ class Checkpointer:
         self._set_aside.append(step)
 
     def wait(self) -> None:
-        self._finish_handoff()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._worker is not None:
-                self._worker.shutdown()
-            self.manager.close()
-
-
-def _lower_thread_priority(nice: int) -> None:
-    """Runs in the save worker: a lower scheduling priority (`nice`) for this thread and the threads
-    it starts (Linux sets `nice` per thread). Measured on 2 cores, epoch to epoch with a save each
-    epoch: +7.5% with saves called from the training thread, +5.9% from a worker, +4.9% from a worker
-    at nice 10 or 19 (README, Performance). Elsewhere, or where not permitted, the worker keeps its
-    priority."""
-    if nice > 0 and sys.platform.startswith("linux") and hasattr(os, "setpriority"):
-        tid = threading.get_native_id()
-        try:  # never raises the priority of an already lower-priority process
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-        except OSError:
-            pass
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def _is_mismatch(error: Exception) -> bool:

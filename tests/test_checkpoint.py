@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -244,40 +243,3 @@ def test_a_different_model_is_refused_not_moved_aside(tmp_path):
         ckpt.restore({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
     ckpt.close()
     assert (tmp_path / "ck" / "1").is_dir() and not list((tmp_path / "ck").glob("unreadable-*"))
-
-
-def test_save_returns_at_once_and_a_failed_save_raises_at_the_next_call(tmp_path):
-    """save() hands the call to the worker thread; its error reaches the caller at the next use."""
-    ckpt = Checkpointer(tmp_path / "ck", keep_latest=2)
-    try:
-        ckpt.save(1, {"w": jnp.ones(2), "bad": object()}, {"epoch": 1}, {"val_loss": 1.0})  # returns
-        with pytest.raises(ValueError, match="Unsupported type"):
-            ckpt.wait()
-        ckpt.save(2, make_tree(2), make_meta(2), {"val_loss": 0.3})  # the checkpointer still works
-    finally:
-        ckpt.close()
-    assert {d for d in step_dirs(tmp_path / "ck") if d.isdigit()} == {"2"}
-    ckpt = Checkpointer(tmp_path / "ck")
-    step, tree, meta = ckpt.restore(make_tree(0))
-    ckpt.close()
-    assert step == 2 and meta == make_meta(2)
-    assert_bitwise_equal(tree, make_tree(2))
-    assert step_dirs(tmp_path / "ck") == {"2"}  # the failed save's temporary folder is cleaned up
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
-def test_saves_run_at_low_priority_and_the_training_thread_keeps_its_own(tmp_path):
-    import os
-    import threading
-
-    def nice():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    before = nice()
-    ckpt = Checkpointer(tmp_path / "ck")
-    try:
-        worker = ckpt._worker.submit(nice).result()  # the thread that calls Orbax's save
-    finally:
-        ckpt.close()
-    assert nice() == before
-    assert worker == max(before, 10)
