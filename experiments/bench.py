@@ -94,18 +94,23 @@ def _loop_step(state, batch, lr):
     return steps.train_step(state.with_lr(lr), batch)
 
 
-def python_loop_range_test(data, model, batch_size, num_steps, start_lr, factor, seed=0):
-    """A jitted train step called from Python per batch, the loss read back every step."""
-    state = steps.init_state(model, optax.sgd, start_lr)
-    step = _loop_step
+def _loop_batches(data, batch_size, num_steps, seed):
+    """(step, images, labels) of the baselines' Python loops: shuffled passes, gathered on the host."""
     rng = np.random.default_rng(seed)
     n = len(data.x_train)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-num_steps * batch_size // n))])
-    ones = np.ones(batch_size, np.float32)
-    losses = []
     for i in range(num_steps):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        state, m = step(state, (data.x_train[idx], data.y_train[idx], ones), start_lr * factor ** i)
+        yield i, data.x_train[idx], data.y_train[idx]
+
+
+def python_loop_range_test(data, model, batch_size, num_steps, start_lr, factor, seed=0):
+    """A jitted train step called from Python per batch, the loss read back every step."""
+    state = steps.init_state(model, optax.sgd, start_lr)
+    ones = np.ones(batch_size, np.float32)
+    losses = []
+    for i, xb, yb in _loop_batches(data, batch_size, num_steps, seed):
+        state, m = _loop_step(state, (xb, yb, ones), start_lr * factor ** i)
         losses.append(float(m["loss"]))
     return losses
 
@@ -125,14 +130,8 @@ def nnx_jit_range_test(data, model, batch_size, num_steps, start_lr, factor, see
         opt.update(model, grads)
         return loss
 
-    rng = np.random.default_rng(seed)
-    n = len(data.x_train)
-    order = np.concatenate([rng.permutation(n) for _ in range(-(-num_steps * batch_size // n))])
-    losses = []
-    for i in range(num_steps):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        losses.append(float(step(model, opt, data.x_train[idx], data.y_train[idx], start_lr * factor ** i)))
-    return losses
+    return [float(step(model, opt, xb, yb, start_lr * factor ** i))
+            for i, xb, yb in _loop_batches(data, batch_size, num_steps, seed)]
 
 
 def plain_scan_floor(data, batch_size, num_steps):

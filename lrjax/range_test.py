@@ -265,7 +265,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
 
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
-        # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _prepare).
+        # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
         total = num_seeds + (-num_seeds) % mesh_lib.axis_size("members", mesh) if num_seeds > 1 else 1
         states = [steps.init_state(m, optimizer, start_lr) for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
