@@ -46,17 +46,18 @@ def parse_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
     if spec == "auto":
         return {"data": num_devices}
     try:
-        if "=" not in spec:
-            return {"data": int(spec)}
-        axes = {}
-        for part in spec.split(","):
-            name, size = part.split("=")
-            axes[name.strip()] = int(size)
+        pairs = [("data", spec)] if "=" not in spec else [part.split("=") for part in spec.split(",")]
+        names = [name.strip() for name, _ in pairs]
+        axes = {name: int(size) for name, (_, size) in zip(names, pairs)}
     except ValueError:
         raise ConfigError(f"--mesh-shape {spec!r} is not 'auto', an integer or 'members=M,data=D'") from None
     unknown = set(axes) - {"members", "data"}
     if unknown:
         raise ConfigError(f"--mesh-shape: unknown axis {sorted(unknown)}; use members and data")
+    if len(axes) < len(names):
+        raise ConfigError(f"--mesh-shape {spec!r} names an axis twice")
+    if any(size < 1 for size in axes.values()):
+        raise ConfigError(f"--mesh-shape {spec!r}: axis sizes must be positive")
     return {"members": axes.get("members", 1), "data": axes.get("data", 1)}
 
 
@@ -132,7 +133,8 @@ def map_members(fn, members, *shared, loop: str = "vmap"):
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     d = data_axis_size(mesh)
     if batch_size % d:
-        raise ConfigError(f"--batch-size {batch_size} must divide by the {d} devices of the data axis")
+        raise ConfigError(f"batch size {batch_size} is not divisible by the {d} devices of the mesh's data axis "
+                          "(--batch-size, --mesh-shape)")
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -175,7 +177,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if not explicit and not cluster:
         return False
     if "JAX_COORDINATOR_ADDRESS" in env and num_processes is None and "JAX_NUM_PROCESSES" in env:
-        num_processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env.get("JAX_PROCESS_ID", "0"))
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+        process_id = process_id if process_id is not None else int(env.get("JAX_PROCESS_ID", "0"))
     # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:

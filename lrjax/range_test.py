@@ -2,7 +2,7 @@
 
 The rates come from an optax exponential schedule (`optax.exponential_decay` with decay_rate > 1,
 transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
-data, so another start or factor never recompiles. The steps run in `lax.scan` over device-resident
+data, so another start or factor never recompiles the steps (only the tiny schedule program). The steps run in `lax.scan` over device-resident
 data (each seed's batch order is drawn once on the host and sent along); `num_seeds` independent
 tests are one program (vmapped on accelerators; on a CPU each core loops over its share of seeds,
 see `mesh.map_members`). The scan runs in equal chunks of a few hundred steps so the host can print
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None
     if (factor is None) == (end_lr is None):
         raise ValueError("give exactly one of factor and end_lr")
     if end_lr is not None:
+        if num_steps < 2:
+            raise ValueError(f"reaching end_lr takes num_steps >= 2, got {num_steps}")
         factor = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
     return np.asarray(jax.device_get(_schedule_values(np.float32(start_lr), float(factor), num_steps)))
 
@@ -52,13 +54,6 @@ def _schedule_values(start_lr, factor: float, num_steps: int) -> jax.Array:
     # One small program rather than a handful of eagerly compiled ops (~0.2 s in a new process).
     schedule = optax.exponential_decay(init_value=start_lr, transition_steps=1, decay_rate=factor)
     return schedule(jnp.arange(num_steps)).astype(jnp.float32)
-
-
-class _Arrays(NamedTuple):
-    x_train: jax.Array
-    y_train: jax.Array
-    x_valid: jax.Array
-    y_valid: jax.Array
 
 
 class _Carry(struct.PyTreeNode):
@@ -250,13 +245,15 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
     `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
     """
+    method = suggest.DEFAULT_METHOD if method == "default" else method
+    _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
+                diverge_factor=diverge_factor, num_seeds=num_seeds, chunk_steps=chunk_steps, method=method)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
     mesh_lib.check_batch_size(batch_size, mesh)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        data = _Arrays(*mesh_lib.replicate_data(data, mesh))
         t_start = time.perf_counter()
-        x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        x, y = mesh_lib.replicate((np.asarray(data.x_train), np.asarray(data.y_train)), mesh)
         n = x.shape[0]
         if num_steps is None:
             num_steps = steps.steps_per_epoch(n, batch_size)
@@ -279,7 +276,11 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
 
         if eval_every > 0:
             m = min(eval_examples, len(data.x_valid))
-            val = (jnp.asarray(data.x_valid[:m]), jnp.asarray(data.y_valid[:m]), jnp.ones(m, jnp.float32))
+            if m == 0:
+                raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or "
+                                 "eval_examples is 0)")
+            val = (*mesh_lib.replicate((np.asarray(data.x_valid[:m]), np.asarray(data.y_valid[:m])), mesh),
+                   jnp.ones(m, jnp.float32))
         else:
             val = (None, None, None)
         hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
@@ -318,7 +319,6 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         smoothed = suggest.smooth(losses, beta)
         kept_lrs = lrs[:length].astype(np.float64)
         suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
-        method = suggest.DEFAULT_METHOD if method == "default" else method
         val_mask = np.isfinite(val_losses[:, :length]).all(0)
         return RangeTestResult(
             lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
@@ -327,6 +327,30 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
             seed=seed, beta=beta, wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time,
             val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
+
+
+def _check_args(*, start_lr, factor, end_lr, num_steps, beta, diverge_factor, num_seeds, chunk_steps,
+                method) -> None:
+    """The API's arguments, checked before anything compiles (the CLI checks its flags in `Config`)."""
+    problems = []
+    if not start_lr > 0:
+        problems.append(f"start_lr must be positive, got {start_lr}")
+    if end_lr is not None and not end_lr > start_lr:
+        problems.append(f"end_lr {end_lr} must exceed start_lr {start_lr}")
+    if end_lr is None and (factor is None or not factor > 1):
+        problems.append(f"factor must be > 1 (the rate grows), got {factor}")
+    if num_steps is not None and num_steps < 2:
+        problems.append(f"num_steps must be >= 2, got {num_steps}")
+    if not 0 <= beta < 1:
+        problems.append(f"beta must be in [0, 1), got {beta}")
+    if not diverge_factor > 1:
+        problems.append(f"diverge_factor must be > 1, got {diverge_factor}")
+    if num_seeds < 1 or chunk_steps < 1:
+        problems.append(f"num_seeds and chunk_steps must be positive, got {num_seeds} and {chunk_steps}")
+    if method not in suggest.METHODS:
+        problems.append(f"method must be one of {', '.join(suggest.METHODS)} or 'default', got {method!r}")
+    if problems:
+        raise ValueError("find_lr: " + "; ".join(problems))
 
 
 def _report(c: int, out: dict, progress, lrs, num_steps) -> bool:

@@ -147,11 +147,8 @@ def _batch_order(permutation, xp, n: int, batch_size: int, num_steps: int | None
     num_steps = per_epoch if num_steps is None else num_steps
     passes = steps_per_epoch(num_steps, per_epoch)
     padded = per_epoch * batch_size
-    idx = []
-    for p in range(passes):
-        perm = permutation(p)
-        idx.append(xp.concatenate([perm, perm[: padded - n]]))
-    idx = xp.concatenate(idx).reshape(-1, batch_size)[:num_steps]
+    wrap = xp.arange(padded) % n  # the padding repeats the pass's first examples (weight 0)
+    idx = xp.concatenate([permutation(p)[wrap] for p in range(passes)]).reshape(-1, batch_size)[:num_steps]
     w = xp.tile(xp.arange(padded) < n, passes).reshape(-1, batch_size)[:num_steps].astype(xp.float32)
     return idx, w
 

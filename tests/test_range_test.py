@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from lrjax.models import mlp
 from lrjax.range_test import exponential_lrs, find_lr
 
-from conftest import synthetic
+from conftest import CompileCounter, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,23 @@ def test_outputs(tmp_path, data):
     rows = (tmp_path / "lr_find.csv").read_text().splitlines()
     assert rows[0] == "step,lr,loss,smoothed,loss_seed0,loss_seed1" and len(rows) == len(j["lrs"]) + 1
     assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="vally"), "method must be one of"),
+    (dict(num_steps=1), "num_steps must be >= 2"),
+    (dict(end_lr=1e-4), "end_lr 0.0001 must exceed start_lr"),
+    (dict(factor=0.99), "factor must be > 1"),
+    (dict(beta=1.0), r"beta must be in \[0, 1\)"),
+    (dict(chunk_steps=0), "chunk_steps must be positive"),
+])
+def test_bad_arguments_fail_before_running(data, bad, match):
+    model = model_fn(0)
+    with CompileCounter() as compiles, pytest.raises(ValueError, match=match):
+        find_lr(model, optax.sgd, data, **{"batch_size": 16, "start_lr": 1e-3, "num_steps": 32, **bad})
+    assert not any("Finished XLA compilation" in m for m in compiles.messages)
+
+
+def test_training_arrays_alone_suffice_without_validation(data):
+    r = run(SimpleNamespace(x_train=data.x_train, y_train=data.y_train), start_lr=1e-3, end_lr=10.0, num_steps=32)
+    assert len(r.lrs) > 0 and len(r.val_steps) == 0

@@ -122,7 +122,7 @@ def test_batch_size_must_divide_by_devices():
     class FakeMesh:
         axis_names, axis_sizes = ("data",), (8,)
 
-    with pytest.raises(ConfigError, match="divide by the 8 devices"):
+    with pytest.raises(ConfigError, match="not divisible by the 8 devices"):
         mesh_lib.check_batch_size(12, FakeMesh())
     mesh_lib.check_batch_size(16, FakeMesh())
 
@@ -134,3 +134,18 @@ def test_mesh_shape_parsing():
         mesh_lib.parse_mesh_shape("model=2", 2)
     with pytest.raises(ConfigError):
         mesh_lib.make_mesh("3")  # this process has 1 device
+    with pytest.raises(ConfigError, match="twice"):
+        mesh_lib.parse_mesh_shape("data=2,data=4", 8)
+    with pytest.raises(ConfigError, match="positive"):
+        mesh_lib.parse_mesh_shape("members=-2,data=-4", 8)
+
+
+@pytest.mark.parametrize("flag_id, expected", [(3, 3), (None, 2)])
+def test_distributed_process_id_flag_wins_over_the_environment(monkeypatch, flag_id, expected):
+    seen = {}
+    monkeypatch.setattr(mesh_lib.jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(mesh_lib.jax.config, "update", lambda *a: None)
+    for k, v in {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert mesh_lib.initialize_distributed(process_id=flag_id)
+    assert seen == {"coordinator_address": None, "num_processes": 4, "process_id": expected}

@@ -210,6 +210,18 @@ def test_batch_order_covers_each_example_once(where):
 
 
 @pytest.mark.parametrize("where", ORDERS)
+def test_batch_order_with_a_batch_larger_than_the_data(where):
+    # 3 examples in a batch of 8: one step per pass, the padding wraps around the pass's order.
+    idx, w = ORDERS[where](0, n=3, batch_size=8, num_steps=2)
+    idx, w = np.asarray(idx), np.asarray(w)
+    assert idx.shape == w.shape == (2, 8)
+    np.testing.assert_array_equal(w, [[1, 1, 1, 0, 0, 0, 0, 0]] * 2)
+    for row in idx:
+        assert sorted(row[:3].tolist()) == [0, 1, 2]
+        np.testing.assert_array_equal(row[3:], np.resize(row[:3], 5))
+
+
+@pytest.mark.parametrize("where", ORDERS)
 def test_batch_order_differs_across_seeds_and_passes(where):
     a, _ = ORDERS[where](0, n=10, batch_size=4)
     b, _ = ORDERS[where](1, n=10, batch_size=4)
