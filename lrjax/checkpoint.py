@@ -3,7 +3,7 @@
 A checkpoint is a `Composite` of two items, so plain Orbax can read it without lrjax:
   - `state`: a pytree of arrays (model parameters, optimizer state, best weights, RNG key data),
     written with `StandardSave`;
-  - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run dir).
+  - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run name).
 Per-epoch metrics are handed to the manager, which keeps the best checkpoint by `best_metric`
 (`AnyPreservationPolicy([LatestN, BestN])`: `max_to_keep` with `best_fn` alone would delete the latest).
 """
@@ -14,13 +14,14 @@ import json
 import math
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lrjax.errors import CheckpointError
+from lrjax.errors import CheckpointError, LrjaxError
 
 
 class Checkpointer:
@@ -74,9 +75,12 @@ class Checkpointer:
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics={k: float(v) for k, v in metrics.items()}, force=force)
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
+    def restore(self, target: Any, step: int | None = None,
+                check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict]:
         """Restores `step` (default: the newest intact one) into the structure of `target`.
 
+        `check_meta(meta)` runs on the checkpoint's meta before its arrays are read, so a run that
+        differs (another model, rate, ...) is refused by the caller's error, and nothing is moved.
         An unreadable checkpoint is reported and moved aside to `checkpoints/unreadable-STEP` (never
         deleted), and the next older one is tried; raises `CheckpointError` naming them if none is readable.
         """
@@ -86,11 +90,15 @@ class Checkpointer:
         failures = []
         for s in candidates:
             try:
-                restored = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                meta = dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                if check_meta is not None:
+                    check_meta(meta)
+                restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 if failures or self._set_aside:
                     print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
-                return s, restored["state"], dict(restored["meta"])
+                return s, restored["state"], meta
+            except LrjaxError:  # the caller's verdict on an intact checkpoint
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
                 if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
                     raise CheckpointError(f"checkpoint {self.directory / str(s)} holds a different model or "
@@ -127,8 +135,9 @@ class Checkpointer:
 
 
 def _is_mismatch(error: Exception) -> bool:
-    """Orbax's error for a restore target whose tree structure differs from what is on disk."""
-    return isinstance(error, ValueError) and "structures do not match" in str(error)
+    """Orbax's errors for a restore target whose tree structure or array shapes differ from the disk's."""
+    return isinstance(error, ValueError) and any(
+        m in str(error) for m in ("structures do not match", "not compatible with the stored shape"))
 
 
 def _json_ok(path: Path) -> bool:

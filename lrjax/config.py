@@ -41,7 +41,7 @@ class Config:
     hidden_sizes: tuple[int, ...] = _f((300, 100), "hidden layer widths of the MLP, e.g. 300,100")
     optimizer: str = _f("sgd", f"optax optimizer: {', '.join(OPTIMIZERS)}")
     # --- range test ---
-    start_lr: float = _f(1e-3, "first learning rate of the range test", RANGE + ("sweep",))
+    start_lr: float = _f(1e-3, "first learning rate of the range test", RANGE)
     factor: float | None = _f(1.005, "lr growth per step (ignored when --end-lr is given)", RANGE)
     end_lr: float | None = _f(None, "last learning rate; with --num-steps, sets the factor", RANGE)
     num_steps: int | None = _f(None, "range-test steps (default: one epoch of the training set)", RANGE)
@@ -51,8 +51,7 @@ class Config:
                         RANGE + ("sweep",))
     eval_every: int = _f(0, "validation loss every this many range-test steps (0: off)", RANGE)
     suggestion: str = _f("default", f"suggestion method: {', '.join(METHODS)}, or default "
-                         f"(= {DEFAULT_METHOD}, chosen by experiments/suggestion_quality.py)",
-                         RANGE + ("sweep",))
+                         f"(= {DEFAULT_METHOD}, chosen by experiments/suggestion_quality.py)", RANGE)
     skip_start: int = _f(10, "points skipped at the start of the curve by the suggestions", RANGE)
     skip_end: int = _f(5, "points skipped at the end of the curve by the suggestions", RANGE)
     chunk_steps: int = _f(256, "range-test steps per compiled chunk (progress granularity)", RANGE)

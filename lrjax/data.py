@@ -138,12 +138,19 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None)
 
     where = os.path.abspath(data_dir) if data_dir else "default"
     version = tfds_source.prepared_version(name, data_dir)
-    key = hashlib.sha1(f"{name}|{version}|{where}".encode()).hexdigest()[:12]
-    path = cache_dir / "tfds" / name.replace("/", "_") / f"{version}-{key}.npz"
+    folder = cache_dir / "tfds" / name.replace("/", "_")
+    prefix = f"{version}-{hashlib.sha1(f'{name}|{version}|{where}'.encode()).hexdigest()[:12]}"
+
+    def entry():  # a dataset deleted or prepared again gets a new entry, never the old arrays
+        fingerprint = tfds_source.prepared_fingerprint(name, data_dir)
+        return folder / f"{prefix}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}.npz"
+
+    path = entry()
     if path.exists():
         with np.load(path) as z:
             return dict(z)
     splits = tfds_source.load_tfds_arrays(name, data_dir, idx_dir=idx_dir)
+    path = entry()  # after a preparation, the prepared files'
     raw = {"train_images": splits["train"][0], "train_labels": splits["train"][1],
            "test_images": splits["test"][0], "test_labels": splits["test"][1]}
     names = tfds_source.class_names(name, data_dir)
@@ -154,6 +161,9 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **raw)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
+        for stale in folder.glob(f"{prefix}-*.npz"):  # earlier preparations of the same data_dir
+            if stale != path:
+                stale.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only cache is only slower
     return raw

@@ -112,6 +112,8 @@ def _check_structure(arrays: dict[str, np.ndarray], folder: Path) -> None:
         if images.ndim != 3 or labels.ndim != 1:
             raise DataError(f"{folder}: {split} images must be 3-d and labels 1-d, got {images.shape} "
                             f"and {labels.shape} (images and labels files swapped?)")
+        if images.shape[0] == 0:
+            raise DataError(f"{folder}: the {split} split holds no images")
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{folder}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
         if labels.size and labels.max() > 9:

@@ -217,12 +217,12 @@ def _num(v) -> float | None:
 
 def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, data, lrs: Sequence[float], *,
           seeds: Sequence[int] = (42,), epochs: int = 5, batch_size: int = 32, patience: int | None = None,
-          eval_batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None,
+          min_delta: float = 0.0, eval_batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None,
           on_epoch: Callable[[int, dict], None] | None = None, member_loop: str | None = None) -> SweepResult:
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
-    With `patience`, each member stops `patience` epochs after its best validation loss and keeps its
-    best state. `on_epoch(epoch, metrics)` is called on the host after each epoch (progress, logging).
+    With `patience`, each member stops `patience` epochs after its best validation loss (an improvement
+    is a fall of more than `min_delta`) and keeps its best state. `on_epoch(epoch, metrics)` is called on the host after each epoch (progress, logging).
     `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its members.
     """
     t_start = time.perf_counter()
@@ -239,7 +239,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     def widen(a: np.ndarray, fill) -> np.ndarray:  # (S, L) -> (S, Lp)
         return np.concatenate([a, np.full((S, Lp - L), fill, a.dtype)], axis=1)
     monitors = (None if patience is None
-                else [[EarlyStopping(patience=patience) for _ in range(L)] for _ in range(S)])
+                else [[EarlyStopping(patience=patience, min_delta=min_delta) for _ in range(L)] for _ in range(S)])
     history = {k: np.full((epochs, S, L), np.nan) for k in ("train_loss", "val_loss", "val_accuracy")}
     diverged_epoch = np.full((S, L), -1)
     stopped_epoch = np.full((S, L), -1)

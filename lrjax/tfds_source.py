@@ -205,6 +205,14 @@ def prepared_version(name: str, data_dir: str | None) -> str:
     return str(_builder(name, data_dir).version)
 
 
+def prepared_fingerprint(name: str, data_dir: str | None) -> str:
+    """Names, sizes and modification times of the prepared files TFDS reads for `name` (part of
+    lrjax's cache key): the same until the dataset is deleted or prepared again."""
+    folder = Path(str(_builder(name, data_dir).data_dir))
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def class_names(name: str, data_dir: str | None) -> list[str] | None:
     """The label names TFDS declares for `name`, or None when it declares none."""
     label = _builder(name, data_dir).info.features["label"]

@@ -32,7 +32,7 @@ from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory, TrainState
 
 # Settings that define a run: resuming a workdir with different values would mix two experiments.
-RUN_IDENTITY = ("dataset", "seed", "batch_size", "hidden_sizes", "optimizer", "lr")
+RUN_IDENTITY = ("dataset", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor")
 
 
 @dataclasses.dataclass
@@ -108,7 +108,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     mesh_lib.check_batch_size(batch_size, mesh)
-    config = dict(config or {})
+    # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
+    config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor}
     # train_s: compiled epochs and validation (dispatch is asynchronous: they are timed together)
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
@@ -127,8 +128,12 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                             mode=early_stopping.mode)
         if ckpt.latest_step() is not None:
             target = _tree(state, best_params, rng)
-            resumed_from, tree, meta = ckpt.restore(target)
-            _check_same_run(meta.get("config", {}), config, ckpt.directory)
+            try:
+                resumed_from, tree, meta = ckpt.restore(
+                    target, check_meta=lambda m: _check_same_run(m.get("config", {}), config, ckpt.directory))
+            except BaseException:
+                ckpt.close()
+                raise
             state = state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
                                   step=tree["step"])
             best_params, rng = tree["best_params"], tree["rng"]
@@ -151,6 +156,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             for epoch in range(start_epoch + 1, epochs + 1):
                 if early_stopping.should_stop:  # also when resuming a run that had stopped
                     break
+                if stop_after is not None and epoch > stop_after:
+                    interrupted = "stop-after"
+                    break
                 t0 = time.perf_counter()
                 if epoch == start_epoch + 1:
                     compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, epoch),
@@ -168,7 +176,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                     raise TrainingDiverged(
                         f"loss became non-finite in epoch {epoch} (train {metrics['loss']}, validation "
                         f"{metrics['val_loss']}) at lr {lr:g}; lower the learning rate"
-                        + (f"; the best checkpoint so far is intact in {ckpt.directory}" if ckpt else ""))
+                        + (f"; the best checkpoint so far is intact in {ckpt.directory}"
+                           if ckpt is not None and ckpt.latest_step() is not None else ""))
                 if early_stopping.update(epoch, metrics):
                     best_params = jax.tree.map(jnp.copy, state.params)
                 record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": t2 - t0}
@@ -190,11 +199,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 timings["checkpoint_s"] += t5 - t4
                 if progress is not None and jax.process_index() == 0:
                     progress(_epoch_line(record, epochs, early_stopping, epoch))
-                if signals.received:
-                    interrupted = signals.received
-                    break
-                if stop_after is not None and epoch >= stop_after and epoch < epochs:
-                    interrupted = "stop-after"
+                if signals.received:  # a signal in the last epoch leaves nothing to resume: the run is done
+                    if epoch < epochs and not early_stopping.should_stop:
+                        interrupted = signals.received
                     break
     finally:
         t6 = time.perf_counter()
@@ -205,8 +212,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         timings["checkpoint_s"] += time.perf_counter() - t6
 
     final = state.replace(params=best_params) if early_stopping.restore_best_weights else state
+    best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == early_stopping.best_epoch), None)
     return FitResult(
-        state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=early_stopping.best,
+        state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=best_val_loss,
         epochs_run=len(history), stopped_early=early_stopping.should_stop, interrupted=interrupted,
         run_dir=writers.run_dir if writers else None, resumed_from=resumed_from,
         wall_time_s=time.perf_counter() - t_start, timings=timings)

@@ -138,7 +138,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
                                cfg.eval_batch_size)
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": result.best_epoch,
-        "best_val_loss": _best_val_loss(result), "epochs_run": result.epochs_run,
+        "best_val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
         "wall_time_s": time.perf_counter() - t0, **(extra or {}),
@@ -153,11 +153,6 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
               f"{test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
     return metrics
-
-
-def _best_val_loss(result: FitResult) -> float | None:
-    losses = [h["val_loss"] for h in result.history if h["epoch"] == result.best_epoch]
-    return losses[0] if losses else None
 
 
 class Interrupted(LrjaxError):
@@ -218,7 +213,7 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
 
     result = sweep(lambda s: model_for(cfg, data, s), optimizers.get(cfg.optimizer), data, grid, seeds=seeds,
                    epochs=cfg.epochs, batch_size=cfg.batch_size,
-                   patience=cfg.patience if cfg.patience < cfg.epochs else None,
+                   patience=cfg.patience if cfg.patience < cfg.epochs else None, min_delta=cfg.min_delta,
                    eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape, members=len(grid)),
                    on_epoch=on_epoch)
     result.suggestions = dict(suggestions or {})

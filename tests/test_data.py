@@ -220,6 +220,13 @@ def test_images_labels_count_mismatch(idx_folder):
         load_dataset("mnist", idx_folder, valid_size=10)
 
 
+def test_empty_split(idx_folder):
+    write_idx_gz(idx_folder / FILES["test_images"], np.zeros((0, 8, 8), np.uint8))
+    write_idx_gz(idx_folder / FILES["test_labels"], np.zeros(0, np.uint8))
+    with pytest.raises(DataError, match=r"the test split holds no images"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
 def test_swapped_images_and_labels(idx_folder):
     raw = _raw_arrays()
     write_idx_gz(idx_folder / FILES["test_images"], raw["test_labels"])

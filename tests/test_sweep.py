@@ -92,6 +92,13 @@ def test_per_member_early_stopping_matches_solo(data, member_loop):
     assert (r.stopped_epoch >= 0).any(), "no member stopped: the test would not test anything"
 
 
+def test_min_delta_applies_to_every_member(data):
+    # nothing improves by 100: every member stops `patience` epochs after its first
+    r = sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=4, batch_size=16, patience=1,
+                     min_delta=100.0)
+    assert r.stopped_epoch.tolist() == [[2, 2]]
+
+
 def test_no_recompile_for_a_new_grid(data, compiles):
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=1, batch_size=16)
     first = compiles.count("sweep_epoch")

@@ -1,6 +1,7 @@
 """Tests of lrjax.tfds_source: TFDS datasets as numpy arrays, prepared offline without TensorFlow."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,11 +158,22 @@ def test_load_dataset_through_tfds_caches_the_decoded_arrays(tmp_path, idx_dir, 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(tfds_source, "load_tfds_arrays", no_decoding)
-    second = load_dataset("mnist", idx_dir, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(tfds_source, "load_tfds_arrays", no_decoding)
+        second = load_dataset("mnist", idx_dir, **kw)
     np.testing.assert_array_equal(second.x_train, first.x_train)
     np.testing.assert_array_equal(second.y_test, first.y_test)
     assert second.class_names == first.class_names
+
+    # The TFDS folder deleted and prepared again from other files: the new data, never the cached arrays.
+    shutil.rmtree(tmp_path / "tfds")
+    other = tmp_path / "idx2"
+    other.mkdir()
+    for key, array in idx.items():
+        write_idx_gz(other / FILES[key], (array + 1) % 10 if key.endswith("labels") else array)
+    third = load_dataset("mnist", other, **kw)
+    np.testing.assert_array_equal(third.y_train, (idx["train_labels"][20:] + 1) % 10)
+    assert len(list((tmp_path / "cache" / "tfds" / "mnist").glob("*.npz"))) == 1  # the stale entry is gone
 
 
 def test_unprepared_dataset_in_the_default_data_dir_is_one_clear_error(no_tensorflow, monkeypatch, tmp_path):

@@ -116,6 +116,8 @@ def test_min_delta_and_monitor_accuracy(data):
     es = EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.5)  # nothing can improve by 0.5
     result = run(data, epochs=20, early_stopping=es)
     assert es.mode == "max" and result.best_epoch == 1 and result.epochs_run == 3 and result.stopped_early
+    # best_val_loss is the best epoch's validation loss, whatever the monitor
+    assert result.best_val_loss == result.history[0]["val_loss"] != es.best
 
 
 def test_fit_leaves_the_model_untouched(data):
@@ -195,6 +197,32 @@ def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     # a changed run-defining setting is refused instead of mixing two experiments
     with pytest.raises(lrjax.ConfigError, match="batch_size"):
         workflow.train_job(cfg("b").replace(batch_size=8), data=data)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(lr=LR * 2), "lr"),
+    (dict(seed=7), "seed"),
+    (dict(early_stopping=EarlyStopping(monitor="val_accuracy")), "monitor"),
+    (dict(model=lambda data: lrjax.mlp(data.in_features, (16,), data.num_classes, seed=0)), "different model"),
+])
+def test_resuming_another_run_is_refused_and_moves_nothing(tmp_path, data, change, match):
+    run(data, epochs=2, workdir=tmp_path)
+    steps_before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    kw = {**dict(epochs=4, workdir=tmp_path, batch_size=16, progress=None, lr=LR), **change}
+    m = kw.pop("model", model)(data)
+    with pytest.raises(lrjax.LrjaxError, match=match):
+        fit(m, optax.sgd, data, **kw)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps_before  # nothing set aside
+    assert run(data, epochs=3, workdir=tmp_path).resumed_from == 2  # the original run still resumes
+
+
+def test_stop_after_counts_from_the_start_and_ends_with_the_run(tmp_path, data):
+    a = run(data, epochs=6, workdir=tmp_path, stop_after=3, early_stopping=EarlyStopping(patience=100))
+    assert a.epochs_run == 3 and a.interrupted == "stop-after"
+    b = run(data, epochs=6, workdir=tmp_path, stop_after=2, early_stopping=EarlyStopping(patience=100))
+    assert b.resumed_from == 3 and b.epochs_run == 3 and b.interrupted == "stop-after"  # no epoch trained
+    c = run(data, epochs=6, workdir=tmp_path, stop_after=6, early_stopping=EarlyStopping(patience=100))
+    assert c.epochs_run == 6 and c.interrupted is None  # the last epoch: nothing left to resume
 
 
 # ---------------------------------------------------------------------------------------------
