@@ -9,7 +9,8 @@ from lrjax.errors import ConfigError
 
 
 def momentum(learning_rate):
-    """SGD with momentum 0.9 (Keras' `SGD(momentum=0.9)`)."""
+    """SGD with momentum 0.9: Keras' `SGD(momentum=0.9)` at a constant rate (optax scales the whole
+    momentum trace by the current rate, Keras only each new gradient, so they differ while it changes)."""
     return optax.sgd(learning_rate, momentum=0.9)
 
 

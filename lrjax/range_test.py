@@ -244,6 +244,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
     `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
     `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
+    `stop_on_divergence=False` runs every chunk even after all seeds diverged (a fixed amount of work,
+    for benchmarks); the steps after a seed's divergence are skipped and unrecorded either way.
     """
     method = suggest.DEFAULT_METHOD if method == "default" else method
     _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
@@ -359,7 +361,7 @@ def _report(c: int, out: dict, progress, lrs, num_steps) -> bool:
     loss, diverged = np.atleast_2d(loss), np.atleast_1d(diverged)
     chunk = loss.shape[1]
     done = min((c + 1) * chunk, num_steps)
-    finite = loss[np.isfinite(loss)]
+    finite = loss[:, np.isfinite(loss).all(0)].mean(0)  # the mean over seeds, at steps every seed ran
     if progress is not None:
         progress({"step": done, "num_steps": num_steps, "lr": float(lrs[done - 1]),
                   "loss": float(finite[-1]) if finite.size else math.nan,

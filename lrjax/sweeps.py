@@ -275,7 +275,9 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             trained = was_live & ~newly
             history["train_loss"][epoch - 1] = np.where(trained, train_m["loss"], np.nan)
             history["val_loss"][epoch - 1] = np.where(was_live, val_m["loss"], np.nan)
-            history["val_accuracy"][epoch - 1] = np.where(was_live, val_m["accuracy"], np.nan)
+            # a state that overflowed in its last finite step has no meaningful accuracy (argmax of NaNs)
+            history["val_accuracy"][epoch - 1] = np.where(was_live & np.isfinite(val_m["loss"]),
+                                                          val_m["accuracy"], np.nan)
             if monitors is not None:
                 improved = np.zeros((S, L), bool)
                 for s in range(S):

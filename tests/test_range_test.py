@@ -156,3 +156,13 @@ def test_bad_arguments_fail_before_running(data, bad, match):
 def test_training_arrays_alone_suffice_without_validation(data):
     r = run(SimpleNamespace(x_train=data.x_train, y_train=data.y_train), start_lr=1e-3, end_lr=10.0, num_steps=32)
     assert len(r.lrs) > 0 and len(r.val_steps) == 0
+
+
+def test_progress_reports_each_chunk_with_the_mean_loss_over_seeds(data):
+    infos = []
+    r = run(data, start_lr=1e-3, end_lr=1.0, num_steps=128, chunk_steps=64, num_seeds=2, progress=infos.append)
+    assert r.diverged_step is None
+    assert [i["step"] for i in infos] == [64, 128] and not any(i["diverged"] for i in infos)
+    for i in infos:
+        assert i["lr"] == pytest.approx(r.lrs[i["step"] - 1], rel=1e-6)
+        assert i["loss"] == pytest.approx(r.per_seed_losses[:, i["step"] - 1].mean(), rel=1e-5)

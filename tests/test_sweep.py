@@ -69,6 +69,8 @@ def test_diverging_member_is_frozen_and_isolated(data, member_loop):
     for j in (0, 1):
         assert all(np.isfinite(np.asarray(a[0, j])).all() for a in jax.tree.leaves(r.states.params))
     assert np.isnan(r.train_loss[1:, 0, 2]).all()
+    # its validation accuracy counts only where its validation loss is finite (never here)
+    assert np.isnan(r.val_accuracy[:, 0, 2]).all() and r.best_val_accuracy[0, 2] == 0
     for j in (0, 1):
         f = solo(data, lrs[j], 7, 3)
         np.testing.assert_allclose(r.val_loss[:, 0, j], [h["val_loss"] for h in f.history], rtol=1e-4)
