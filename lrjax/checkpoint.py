@@ -48,8 +48,10 @@ class Checkpointer:
             create=True,
         )
         self._set_aside: list[int] = []  # steps found unreadable and moved aside
+        # Handlers named up front, so a reopened manager can read a step's metadata before restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
             damaged = [p for p in self.directory.iterdir()
                        if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
@@ -58,7 +60,7 @@ class Checkpointer:
             for p in damaged:
                 print(f"lrjax: checkpoint {p} is unreadable (damaged metrics file)", file=sys.stderr)
                 self._rename_aside(int(p.name))
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -93,6 +95,8 @@ class Checkpointer:
                 meta = dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
                 if check_meta is not None:
                     check_meta(meta)
+                if _shapes(self.manager.item_metadata(s)["state"]) != _shapes(abstract):
+                    raise _different_model(self.directory / str(s))  # refused before any array is read
                 restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 if failures or self._set_aside:
                     print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
@@ -101,8 +105,7 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
                 if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
-                    raise CheckpointError(f"checkpoint {self.directory / str(s)} holds a different model or "
-                                          "optimizer state than this run's; use another --workdir") from None
+                    raise _different_model(self.directory / str(s)) from None
                 failures.append(s)
                 print(f"lrjax: checkpoint {self.directory / str(s)} is unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
@@ -132,6 +135,16 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    """The arrays' shapes, sorted: Orbax's stored metadata and a restore target share no tree types."""
+    return sorted(tuple(a.shape) for a in jax.tree.leaves(tree))
+
+
+def _different_model(where: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {where} holds a different model or optimizer state than this run's; "
+                           "use another --workdir")
 
 
 def _is_mismatch(error: Exception) -> bool:

@@ -130,7 +130,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             target = _tree(state, best_params, rng)
             try:
                 resumed_from, tree, meta = ckpt.restore(
-                    target, check_meta=lambda m: _check_same_run(m.get("config", {}), config, ckpt.directory))
+                    target, check_meta=lambda m: _check_meta(m, config, ckpt.directory))
             except BaseException:
                 ckpt.close()
                 raise
@@ -224,6 +224,18 @@ def _tree(state: TrainState, best_params, rng) -> dict[str, Any]:
     """What a checkpoint holds, as plain arrays (`rng`: the RNG key's raw uint32 data)."""
     return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
             "best_params": best_params, "rng": rng}
+
+
+META_KEYS = ("epoch", "early_stopping", "history", "run_name")
+
+
+def _check_meta(meta: dict, config: dict, where: Path) -> None:
+    """A checkpoint's meta before its arrays are read: damaged (missing keys: a plain error, so the
+    checkpoint counts as unreadable) or another run's (`ConfigError`)."""
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise KeyError(f"meta lacks {missing}")
+    _check_same_run(meta.get("config", {}), config, where)
 
 
 def _check_same_run(saved: dict, current: dict, where: Path) -> None:

@@ -216,6 +216,14 @@ def test_resuming_another_run_is_refused_and_moves_nothing(tmp_path, data, chang
     assert run(data, epochs=3, workdir=tmp_path).resumed_from == 2  # the original run still resumes
 
 
+def test_a_meta_without_the_run_state_counts_as_unreadable(tmp_path, data, capfd):
+    run(data, epochs=3, workdir=tmp_path, keep_latest=3)
+    (tmp_path / "checkpoints" / "3" / "meta" / "metadata").write_text("{}")  # valid JSON, nothing in it
+    resumed = run(data, epochs=4, workdir=tmp_path, keep_latest=3)
+    assert resumed.resumed_from == 2 and (tmp_path / "checkpoints" / "unreadable-3").is_dir()
+    assert "is unreadable (KeyError: \"meta lacks" in capfd.readouterr().err
+
+
 def test_stop_after_counts_from_the_start_and_ends_with_the_run(tmp_path, data):
     a = run(data, epochs=6, workdir=tmp_path, stop_after=3, early_stopping=EarlyStopping(patience=100))
     assert a.epochs_run == 3 and a.interrupted == "stop-after"
