@@ -150,7 +150,7 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None)
         with np.load(path) as z:
             return dict(z)
     splits = tfds_source.load_tfds_arrays(name, data_dir, idx_dir=idx_dir)
-    path = entry()  # after a preparation, the prepared files'
+    path = entry()  # load_tfds_arrays may just have prepared the files
     raw = {"train_images": splits["train"][0], "train_labels": splits["train"][1],
            "test_images": splits["test"][0], "test_labels": splits["test"][1]}
     names = tfds_source.class_names(name, data_dir)

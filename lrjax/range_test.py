@@ -2,14 +2,14 @@
 
 The rates come from an optax exponential schedule (`optax.exponential_decay` with decay_rate > 1,
 transition_steps=1), evaluated once into an array that the program consumes step by step: rates are
-data, so another start or factor never recompiles the steps (only the tiny schedule program). The steps run in `lax.scan` over device-resident
-data (each seed's batch order is drawn once on the host and sent along); `num_seeds` independent
-tests are one program (vmapped on accelerators; on a CPU each core loops over its share of seeds,
-see `mesh.map_members`). The scan runs in equal chunks of a few hundred steps so the host can print
-progress between them (the same compiled chunk is reused; the host dispatches chunk i+1 before
-reading chunk i) and can stop early once every seed has diverged. Divergence is detected on device:
-later steps of a diverged seed are masked (skipped) and never reach the curve, the suggestion or
-the plot.
+data, so another start or factor never recompiles the steps (only the tiny schedule program). The
+steps run in `lax.scan` over device-resident data (each seed's batch order is drawn once on the
+host and sent along); `num_seeds` independent tests are one program (vmapped on accelerators; on a
+CPU each core loops over its share of seeds, see `mesh.map_members`). The scan runs in equal chunks
+of a few hundred steps so the host can print progress between them (the same compiled chunk is
+reused; the host dispatches chunk i+1 before reading chunk i) and can stop early once every seed has
+diverged. Divergence is detected on device: later steps of a diverged seed are masked (skipped) and
+never reach the curve, the suggestion or the plot.
 """
 
 from __future__ import annotations
@@ -254,8 +254,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     mesh_lib.check_batch_size(batch_size, mesh)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        t_start = time.perf_counter()
         x, y = mesh_lib.replicate((np.asarray(data.x_train), np.asarray(data.y_train)), mesh)
+        t_start = time.perf_counter()
         n = x.shape[0]
         if num_steps is None:
             num_steps = steps.steps_per_epoch(n, batch_size)
