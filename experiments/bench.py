@@ -404,30 +404,19 @@ def bench_sweep(data, a):
 
 
 def bench_run(data_dir, a):
+    """`lrjax run` end to end (`workflow.run_job`, as the CLI calls it), its wall time by phase as
+    metrics.json's `phases_s` reports it; one run, with JAX's in-memory caches emptied first."""
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-run-"))
     try:
         jax.clear_caches()  # compile times as a fresh `lrjax run` sees them
         cfg = lrjax.Config(workdir=str(tmp), data_dir=data_dir, epochs=a.run_epochs, progress=False)
         from lrjax import workflow
 
-        t0 = time.perf_counter()
-        data = workflow.load(cfg)
-        t_load = time.perf_counter() - t0
-        r = workflow.find_lr_job(cfg, data)
-        t1 = time.perf_counter()
-        from lrjax.monitors import EarlyStopping
-
-        f = lrjax.fit(mlp(data.in_features, seed=cfg.seed), optax.sgd, data, lr=r.suggestion, epochs=cfg.epochs,
-                      early_stopping=EarlyStopping(patience=cfg.patience), workdir=tmp, progress=None)
-        t_fit = time.perf_counter() - t1
-        total = t_load + r.wall_time_s + t_fit
-        tm = f.timings
-        phases = {"data load": t_load, "range test compile": r.compile_time_s,
-                  "range test (run)": r.wall_time_s - r.compile_time_s, "training compile": tm["compile_s"],
-                  "training epochs": tm["train_s"], "checkpoint I/O": tm["checkpoint_s"],
-                  "TensorBoard writes": tm["tensorboard_s"]}
-        for name, sec in phases.items():
-            row("run", f"{name} ({a.run_epochs} epochs)", sec, note=f"{100 * sec / total:.0f}% of {total:.1f}s")
+        metrics = workflow.run_job(cfg)
+        total = metrics["wall_time_s"]
+        for name, sec in metrics["phases_s"].items():
+            row("run", f"{name.replace('_', ' ')} ({a.run_epochs} epochs)", sec,
+                note=f"{100 * sec / total:.0f}% of {total:.1f}s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

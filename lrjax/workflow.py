@@ -113,14 +113,19 @@ def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
 
 def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
               extra: dict[str, Any] | None = None, stop_after: int | None = None,
-              started: float | None = None) -> dict[str, Any]:
+              started: float | None = None, phases: dict[str, float] | None = None) -> dict[str, Any]:
     """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json
-    (`wall_time_s` counts from `started`, a `time.perf_counter()` value, when given)."""
+    (`wall_time_s` counts from `started`, a `time.perf_counter()` value, when given; `phases` are
+    the seconds of the work done since then, to which metrics.json's `phases_s` adds training's)."""
     t0 = started if started is not None else time.perf_counter()
+    phases = dict(phases or {})
     lr = lr if lr is not None else cfg.lr
     if lr is None:
         raise LrjaxError("lrjax train needs --lr (or use `lrjax run` to find one first)")
-    data = data if data is not None else load(cfg)
+    if data is None:
+        t = time.perf_counter()
+        data = load(cfg)
+        phases["data_load"] = time.perf_counter() - t
     workdir = Path(cfg.workdir)
     es = EarlyStopping(monitor=cfg.monitor, patience=cfg.patience, min_delta=cfg.min_delta,
                        restore_best_weights=cfg.restore_best)
@@ -133,15 +138,22 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         progress=print if cfg.progress else None)
     if result.interrupted:
         raise Interrupted(result)
+    t = time.perf_counter()
     with jax.set_mesh(mesh):
         test = result.evaluate(mesh_lib.replicate(data.x_test, mesh), mesh_lib.replicate(data.y_test, mesh),
                                cfg.eval_batch_size)
+    timings = result.timings
+    phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
+                  checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
+                  test_evaluation=time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    phases["other"] = wall - sum(phases.values())  # model init, training set-up, summaries
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
-        "wall_time_s": time.perf_counter() - t0, **(extra or {}),
+        "wall_time_s": wall, "phases_s": phases, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
         "history": result.history,
     }
@@ -170,10 +182,13 @@ def run_job(cfg: Config) -> dict[str, Any]:
     """The seed workflow end to end; returns metrics.json's content."""
     t0 = time.perf_counter()
     data = load(cfg)
+    phases = {"data_load": time.perf_counter() - t0}
     workdir = Path(cfg.workdir)
     if jax.process_index() == 0:
+        t = time.perf_counter()
         workdir.mkdir(parents=True, exist_ok=True)
         save_samples(data, workdir / "samples.png")
+        phases["samples_png"] = time.perf_counter() - t
     lr_file = workdir / "lr_find.json"
     if lr_file.exists() and (workdir / "checkpoints").exists():
         # A resumed run keeps the rate its first attempt chose (the range test is deterministic anyway).
@@ -181,9 +196,14 @@ def run_job(cfg: Config) -> dict[str, Any]:
         lr, method = saved["suggestion"], saved.get("method")
         _say(cfg, f"resuming: using the earlier range test's rate {lr:.4g} from {lr_file}")
     else:
+        t = time.perf_counter()
         result = find_lr_job(cfg, data)
         lr, method = result.suggestion, result.method
-    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0)
+        phases.update(range_test_compile=result.compile_time_s,
+                      range_test=result.wall_time_s - result.compile_time_s,
+                      # the model's initialisation, lr_find.{json,csv,png} and the TensorBoard curve
+                      range_test_init_and_outputs=time.perf_counter() - t - result.wall_time_s)
+    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0, phases=phases)
 
 
 def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):

@@ -251,7 +251,14 @@ def test_save_samples_writes_png(tmp_path):
     save_samples(ds, path, rows=2, cols=5)
     blob = path.read_bytes()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(blob) > 1000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)[..., :3].mean(-1)  # 1 is white
+    assert pixels.shape[1] == 600  # 5 columns of 1.2 inches at 100 dpi
+    # every cell of the 2 x 5 grid shows an image (dark pixels in its lower, non-title part)
+    cells = [pixels[r * pixels.shape[0] // 2:(r + 1) * pixels.shape[0] // 2][-pixels.shape[0] // 4:,
+                    c * 120:(c + 1) * 120] for r in range(2) for c in range(5)]
+    assert all((cell < 0.5).sum() > 50 for cell in cells)
 
 
 def test_env_data_dir_is_honoured(idx_folder, tmp_path, monkeypatch):

@@ -173,7 +173,7 @@ def test_each_checkpoint_holds_its_own_history(tmp_path, data):
 
 
 def _comparable(metrics: dict) -> dict:
-    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "tensorboard")}
+    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "phases_s", "tensorboard")}
     out["history"] = strip_times(out["history"])
     return out
 
@@ -194,6 +194,11 @@ def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     assert _comparable(b) == _comparable(a)
     assert file_a["stopped_early"] and file_a["epochs_run"] == file_a["best_epoch"] + 3 < 40
     assert file_a["best_val_loss"] == min(h["val_loss"] for h in file_a["history"])
+    # the wall time by phase (the data came from the caller: no load)
+    phases = file_a["phases_s"]
+    assert set(phases) == {"training_compile", "training", "checkpoint_io", "tensorboard", "test_evaluation", "other"}
+    assert all(v >= 0 for v in phases.values()) and phases["training"] > 0
+    assert sum(phases.values()) == pytest.approx(file_a["wall_time_s"], rel=1e-9)
     # a changed run-defining setting is refused instead of mixing two experiments
     with pytest.raises(lrjax.ConfigError, match="batch_size"):
         workflow.train_job(cfg("b").replace(batch_size=8), data=data)
@@ -437,6 +442,12 @@ def test_run_end_to_end_on_real_data(tmp_path, real_data_dir):
     assert metrics["epochs_run"] == 2 and metrics["stopped_early"] is False and metrics["seed"] == 42
     assert metrics["best_epoch"] in (1, 2) and 0.5 < metrics["test_accuracy"] <= 1.0  # 10 classes: chance 0.1
     assert math.isfinite(metrics["test_loss"]) and metrics["wall_time_s"] > 0
+    phases = metrics["phases_s"]  # where the wall time went, every step of the workflow
+    assert set(phases) == {"data_load", "samples_png", "range_test_compile", "range_test",
+                           "range_test_init_and_outputs", "training_compile", "training", "checkpoint_io",
+                           "tensorboard", "test_evaluation", "other"}
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(metrics["wall_time_s"], rel=1e-9)
 
     lr_find = json.loads((work / "lr_find.json").read_text())
     assert lr_find["suggestion"] == pytest.approx(metrics["lr"]) and metrics["lr"] > 0
