@@ -184,6 +184,28 @@ class RangeTestResult:
     val_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     @property
+    def warnings(self) -> list[str]:
+        """What makes the suggestion doubtful, read off the smoothed curve after its first 10 points
+        (the suggestions' default warm-up, where one batch's loss still dominates). Lowest in the
+        first 5% and 10% higher at the end: the loss rose without falling first (the rates started
+        too high). A test that did not diverge and whose loss never rose 10% above its lowest: it
+        ended before the turn the suggestions look for (the rates stopped too low)."""
+        sm = np.asarray(self.smoothed, np.float64)
+        if len(sm) < 40 or not np.all(np.isfinite(sm)):
+            return []
+        sm = sm[10:]
+        lowest = int(np.argmin(sm))
+        rise = (sm[-1] - sm[lowest]) / abs(sm[lowest])
+        if lowest < 0.05 * len(sm) and rise > 0.1:
+            return [f"the smoothed loss rose from step {lowest + 10} (lr {self.lrs[lowest + 10]:.3g}) without falling "
+                    "first: the rates started too high; lower the start rate (--start-lr)"]
+        if self.diverged_step is None and rise <= 0.1:
+            return [f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest + 10]:.3g}, last lr "
+                    f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
+                    "further (--end-lr, --factor or --num-steps)"]
+        return []
+
+    @property
     def band(self) -> tuple[np.ndarray, np.ndarray]:
         """Spread over seeds (min, max of the per-seed smoothed curves)."""
         sm = np.stack([suggest.smooth(l, self.beta) for l in self.per_seed_losses])
@@ -196,7 +218,7 @@ class RangeTestResult:
             "diverged_step": self.diverged_step, "diverged_lr": self.diverged_lr,
             "num_steps": self.num_steps, "num_seeds": self.num_seeds, "optimizer": self.optimizer,
             "batch_size": self.batch_size, "seed": self.seed, "beta": self.beta,
-            "wall_time_s": self.wall_time_s, "compile_time_s": self.compile_time_s,
+            "wall_time_s": self.wall_time_s, "compile_time_s": self.compile_time_s, "warnings": self.warnings,
         }
         if self.num_seeds > 1:
             d["per_seed_losses"] = self.per_seed_losses.tolist()

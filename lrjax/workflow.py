@@ -97,6 +97,9 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     _say(cfg, f"range test: {len(result.lrs)} steps, {div}, {result.wall_time_s:.1f}s "
               f"(compile {result.compile_time_s:.1f}s); suggestions: {sugg}")
     _say(cfg, f"suggested lr ({result.method}): {result.suggestion:.4g}  -> {workdir / 'lr_find.png'}")
+    if jax.process_index() == 0:
+        for warning in result.warnings:
+            print(f"lrjax: warning: {warning}", file=sys.stderr, flush=True)
     return result
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from lrjax.models import mlp
-from lrjax.range_test import exponential_lrs, find_lr
+from lrjax.range_test import RangeTestResult, exponential_lrs, find_lr
 
 from conftest import CompileCounter, synthetic
 
@@ -166,3 +166,27 @@ def test_progress_reports_each_chunk_with_the_mean_loss_over_seeds(data):
     for i in infos:
         assert i["lr"] == pytest.approx(r.lrs[i["step"] - 1], rel=1e-6)
         assert i["loss"] == pytest.approx(r.per_seed_losses[:, i["step"] - 1].mean(), rel=1e-5)
+
+
+def curve_result(smoothed, diverged_step=None):
+    n = len(smoothed)
+    lrs = np.geomspace(1e-3, 1.0, n)
+    return RangeTestResult(lrs=lrs, losses=np.asarray(smoothed), smoothed=np.asarray(smoothed),
+                           per_seed_losses=np.asarray(smoothed)[None], suggestions={}, suggestion=None,
+                           method="seed", diverged_step=diverged_step, diverged_lr=None, num_steps=n, num_seeds=1,
+                           optimizer="sgd", batch_size=32, seed=0, wall_time_s=0.0, compile_time_s=0.0)
+
+
+def test_warnings_for_a_curve_that_never_fell_or_never_turned(data):
+    t = np.linspace(0, 1, 200)
+    assert curve_result(1 - 0.5 * np.sin(np.pi * t) + 3 * t ** 8, diverged_step=199).warnings == []  # falls, turns
+    rising = curve_result(1 + t ** 2, diverged_step=199).warnings
+    assert len(rising) == 1 and "--start-lr" in rising[0]
+    still_falling = curve_result(2 - t).warnings
+    assert len(still_falling) == 1 and "never turned back up" in still_falling[0]
+    # a real flat test (rates far too low) gets the second warning, also in lr_find.json
+    too_low = run(data, start_lr=1e-4, end_lr=1e-3, num_steps=100)
+    assert too_low.diverged_step is None
+    assert len(too_low.warnings) == 1 and "never turned back up" in too_low.warnings[0]
+    assert too_low.to_json()["warnings"] == too_low.warnings
+    assert run(data, start_lr=1e-3, end_lr=1e4, num_steps=200).warnings == []  # falls, turns, diverges
