@@ -95,7 +95,10 @@ class Checkpointer:
                 meta = dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
                 if check_meta is not None:
                     check_meta(meta)
-                if _shapes(self.manager.item_metadata(s)["state"]) != _shapes(abstract):
+                stored = self.manager.item_metadata(s)["state"]
+                if stored is None:  # a damaged step (its _METADATA gone), not another model
+                    raise ValueError("the arrays' metadata is missing")
+                if _shapes(stored) != _shapes(abstract):
                     raise _different_model(self.directory / str(s))  # refused before any array is read
                 restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 if failures or self._set_aside:

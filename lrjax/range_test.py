@@ -185,14 +185,20 @@ class RangeTestResult:
 
     @property
     def warnings(self) -> list[str]:
-        """What makes the suggestion doubtful, read off the smoothed curve after its first 10 points
-        (the suggestions' default warm-up, where one batch's loss still dominates). Lowest in the
-        first 5% and 10% higher at the end: the loss rose without falling first (the rates started
-        too high). A test that did not diverge and whose loss never rose 10% above its lowest: it
-        ended before the turn the suggestions look for (the rates stopped too low)."""
+        """What makes the suggestion doubtful: a curve under 40 points; else, read off the smoothed
+        curve after its first 10 points (the suggestions' default warm-up, where one batch's loss
+        still dominates): lowest in the first 5% and 10% higher at the end, the loss rose without
+        falling first (the rates started too high); a test that did not diverge and whose loss never
+        rose 10% above its lowest ended before the turn the suggestions look for (the rates stopped
+        too low)."""
         sm = np.asarray(self.smoothed, np.float64)
-        if len(sm) < 40 or not np.all(np.isfinite(sm)):
+        if not np.all(np.isfinite(sm)) or self.suggestion is None:
             return []
+        if len(sm) < 40:
+            return [f"the curve has only {len(sm)} points"
+                    + (f" (it diverged at lr {self.diverged_lr:.3g})" if self.diverged_lr is not None else "")
+                    + ": too few to trust the suggestion; start lower or let the rates grow more slowly "
+                    "(--start-lr, --factor, --num-steps)"]
         sm = sm[10:]
         lowest = int(np.argmin(sm))
         rise = (sm[-1] - sm[lowest]) / abs(sm[lowest])
@@ -281,6 +287,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         n = x.shape[0]
         if num_steps is None:
             num_steps = steps.steps_per_epoch(n, batch_size)
+            if num_steps < 2:
+                raise ValueError(f"one epoch of {n} examples at batch size {batch_size} is a single step; the "
+                                 "range test needs num_steps >= 2 (--num-steps)")
         if end_lr is not None:
             factor = None
         lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
@@ -322,10 +331,10 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             carry, out = compiled(*args)  # dispatched asynchronously
             outputs.append(out)
             # Read the previous chunk while this one runs; stop once every seed has diverged.
-            if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps) and stop_on_divergence:
+            if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps, num_seeds) and stop_on_divergence:
                 break
         else:
-            _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps)
+            _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
 
         # (seeds, steps) on the host, also for a single unbatched seed
         out = [jax.tree.map(lambda a: np.asarray(a).reshape(total, -1)[:num_seeds], o)
@@ -377,13 +386,16 @@ def _check_args(*, start_lr, factor, end_lr, num_steps, beta, diverge_factor, nu
         raise ValueError("find_lr: " + "; ".join(problems))
 
 
-def _report(c: int, out: dict, progress, lrs, num_steps) -> bool:
+def _report(c: int, out: dict, progress, lrs, num_steps, num_seeds) -> bool:
     """Reads chunk `c`'s output (blocking), reports progress; True when every seed has diverged."""
     loss, diverged = mesh_lib.to_host((out["loss"], out["diverged_step"]))
     loss, diverged = np.atleast_2d(loss), np.atleast_1d(diverged)
     chunk = loss.shape[1]
     done = min((c + 1) * chunk, num_steps)
-    finite = loss[:, np.isfinite(loss).all(0)].mean(0)  # the mean over seeds, at steps every seed ran
+    loss = loss[:num_seeds]  # without the filler seeds that pad the `members` axis (never run)
+    ran = np.isfinite(loss).any(0)
+    with np.errstate(invalid="ignore"):  # the mean over the seeds still running, at steps where any ran
+        finite = np.nanmean(np.where(np.isfinite(loss[:, ran]), loss[:, ran], np.nan), 0)
     if progress is not None:
         progress({"step": done, "num_steps": num_steps, "lr": float(lrs[done - 1]),
                   "loss": float(finite[-1]) if finite.size else math.nan,

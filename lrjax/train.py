@@ -105,6 +105,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     preemption would (for tests and time-boxed jobs). Raises `TrainingDiverged` on a non-finite loss.
     """
     t_start = time.perf_counter()
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"stop_after (--stop-after) must be an epoch >= 1, got {stop_after}")
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     mesh_lib.check_batch_size(batch_size, mesh)

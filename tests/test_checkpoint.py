@@ -145,9 +145,13 @@ def _delete_meta(step_dir: Path) -> None:
     (step_dir / "meta" / "metadata").unlink()
 
 
+def _delete_array_metadata(step_dir: Path) -> None:
+    (step_dir / "state" / "_METADATA").unlink()  # Orbax then knows no shapes: damaged, not another model
+
+
 # Orbax's asyncio helpers may report 'Event loop is closed' from a thread after a failed read: noise.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_delete_array_data, _truncate_all_files, _delete_meta])
+@pytest.mark.parametrize("damage", [_delete_array_data, _truncate_all_files, _delete_meta, _delete_array_metadata])
 def test_corrupted_latest_falls_back_to_older(five_steps, capfd, damage):
     damage(five_steps / "5")
     ckpt = Checkpointer(five_steps, keep_latest=2)

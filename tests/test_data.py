@@ -11,7 +11,7 @@ import pytest
 
 from lrjax import data as data_lib
 from lrjax import idx as idx_lib
-from lrjax.data import load_dataset, save_samples
+from lrjax.data import from_arrays, load_dataset, save_samples
 from lrjax.errors import DataError
 from lrjax.idx import FILES, write_idx_gz
 
@@ -259,6 +259,15 @@ def test_save_samples_writes_png(tmp_path):
     cells = [pixels[r * pixels.shape[0] // 2:(r + 1) * pixels.shape[0] // 2][-pixels.shape[0] // 4:,
                     c * 120:(c + 1) * 120] for r in range(2) for c in range(5)]
     assert all((cell < 0.5).sum() > 50 for cell in cells)
+
+
+@pytest.mark.parametrize("shape", [(40, 12, 16, 3), (40, 10, 10, 1), (33, 8, 8)])  # colour, channel axis, few
+def test_save_samples_any_image_shape(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, shape, np.uint8), rng.integers(0, 10, shape[0]).astype(np.uint8)
+    ds = from_arrays("t", x, y, x[:5], y[:5], valid_size=30)  # 3..10 training images for a 4 x 10 grid
+    save_samples(ds, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_env_data_dir_is_honoured(idx_folder, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from lrjax.models import mlp
-from lrjax.range_test import RangeTestResult, exponential_lrs, find_lr
+from lrjax.range_test import RangeTestResult, _report, exponential_lrs, find_lr
 
 from conftest import CompileCounter, synthetic
 
@@ -153,6 +153,11 @@ def test_bad_arguments_fail_before_running(data, bad, match):
     assert not any("Finished XLA compilation" in m for m in compiles.messages)
 
 
+def test_a_one_step_epoch_asks_for_num_steps(data):
+    with pytest.raises(ValueError, match="single step.*--num-steps"):
+        run(data, batch_size=512, start_lr=1e-3)  # 512 examples: the default one epoch is one step
+
+
 def test_training_arrays_alone_suffice_without_validation(data):
     r = run(SimpleNamespace(x_train=data.x_train, y_train=data.y_train), start_lr=1e-3, end_lr=10.0, num_steps=32)
     assert len(r.lrs) > 0 and len(r.val_steps) == 0
@@ -172,7 +177,7 @@ def curve_result(smoothed, diverged_step=None):
     n = len(smoothed)
     lrs = np.geomspace(1e-3, 1.0, n)
     return RangeTestResult(lrs=lrs, losses=np.asarray(smoothed), smoothed=np.asarray(smoothed),
-                           per_seed_losses=np.asarray(smoothed)[None], suggestions={}, suggestion=None,
+                           per_seed_losses=np.asarray(smoothed)[None], suggestions={}, suggestion=0.01,
                            method="seed", diverged_step=diverged_step, diverged_lr=None, num_steps=n, num_seeds=1,
                            optimizer="sgd", batch_size=32, seed=0, wall_time_s=0.0, compile_time_s=0.0)
 
@@ -184,9 +189,21 @@ def test_warnings_for_a_curve_that_never_fell_or_never_turned(data):
     assert len(rising) == 1 and "--start-lr" in rising[0]
     still_falling = curve_result(2 - t).warnings
     assert len(still_falling) == 1 and "never turned back up" in still_falling[0]
+    short = curve_result(1 + t[:12] ** 2, diverged_step=12).warnings
+    assert len(short) == 1 and "only 12 points" in short[0]
     # a real flat test (rates far too low) gets the second warning, also in lr_find.json
     too_low = run(data, start_lr=1e-4, end_lr=1e-3, num_steps=100)
     assert too_low.diverged_step is None
     assert len(too_low.warnings) == 1 and "never turned back up" in too_low.warnings[0]
     assert too_low.to_json()["warnings"] == too_low.warnings
     assert run(data, start_lr=1e-3, end_lr=1e4, num_steps=200).warnings == []  # falls, turns, diverges
+
+
+def test_progress_skips_filler_and_diverged_seeds():
+    # 3 seeds padded to 4 (the filler never runs); seed 1 diverged after step 1 of this chunk
+    nan = np.nan
+    loss = np.array([[1.0, 2.0, 3.0], [5.0, nan, nan], [3.0, 4.0, 5.0], [nan, nan, nan]], np.float32)
+    infos = []
+    done = _report(0, {"loss": loss, "diverged_step": np.array([-1, 1, -1, 0])}, infos.append,
+                   np.geomspace(1e-3, 1.0, 10), 10, num_seeds=3)
+    assert not done and infos[0]["step"] == 3 and infos[0]["loss"] == pytest.approx(4.0)  # mean of 3 and 5

@@ -236,6 +236,8 @@ def test_stop_after_counts_from_the_start_and_ends_with_the_run(tmp_path, data):
     assert b.resumed_from == 3 and b.epochs_run == 3 and b.interrupted == "stop-after"  # no epoch trained
     c = run(data, epochs=6, workdir=tmp_path, stop_after=6, early_stopping=EarlyStopping(patience=100))
     assert c.epochs_run == 6 and c.interrupted is None  # the last epoch: nothing left to resume
+    with pytest.raises(lrjax.ConfigError, match="stop-after"):
+        run(data, epochs=6, workdir=tmp_path / "new", stop_after=0)
 
 
 # ---------------------------------------------------------------------------------------------
