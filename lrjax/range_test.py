@@ -199,14 +199,13 @@ class RangeTestResult:
                     + (f" (it diverged at lr {self.diverged_lr:.3g})" if self.diverged_lr is not None else "")
                     + ": too few to trust the suggestion; start lower or let the rates grow more slowly "
                     "(--start-lr, --factor, --num-steps)"]
-        sm = sm[10:]
-        lowest = int(np.argmin(sm))
+        lowest = 10 + int(np.argmin(sm[10:]))
         rise = (sm[-1] - sm[lowest]) / abs(sm[lowest])
-        if lowest < 0.05 * len(sm) and rise > 0.1:
-            return [f"the smoothed loss rose from step {lowest + 10} (lr {self.lrs[lowest + 10]:.3g}) without falling "
-                    "first: the rates started too high; lower the start rate (--start-lr)"]
+        if lowest - 10 < 0.05 * (len(sm) - 10) and rise > 0.1:
+            return [f"the smoothed loss rose from step {lowest} (lr {self.lrs[lowest]:.3g}) without falling first: "
+                    "the rates started too high; lower the start rate (--start-lr)"]
         if self.diverged_step is None and rise <= 0.1:
-            return [f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest + 10]:.3g}, last lr "
+            return [f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest]:.3g}, last lr "
                     f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
                     "further (--end-lr, --factor or --num-steps)"]
         return []

@@ -222,8 +222,9 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
     With `patience`, each member stops `patience` epochs after its best validation loss (an improvement
-    is a fall of more than `min_delta`) and keeps its best state. `on_epoch(epoch, metrics)` is called on the host after each epoch (progress, logging).
-    `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its members.
+    is a fall of more than `min_delta`) and keeps its best state. `on_epoch(epoch, metrics)` is called
+    on the host after each epoch (progress, logging). `member_loop` ('vmap' or 'map', default by
+    platform) is how each device goes through its members.
     """
     t_start = time.perf_counter()
     lrs = np.asarray(lrs, np.float64)
