@@ -50,17 +50,23 @@ def test_fit_on_1_2_8_devices_agrees(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_one(tmp_path):
+def run_two_processes(workdir: Path) -> list[tuple[str, str]]:
+    """The fit job as 2 processes (one CPU device each, loopback coordinator): [(stdout, stderr)]."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "fit", str(tmp_path / "mp"), f"127.0.0.1:{port}", "2",
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "fit", str(workdir), f"127.0.0.1:{port}", "2",
                                str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    outs = run_two_processes(tmp_path / "mp")
     lines = [ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")]
     assert lines and not any(ln.startswith("RESULT ") for ln in outs[1][0].splitlines()), "only process 0 reports"
     multi = json.loads(lines[-1][len("RESULT "):])
@@ -70,6 +76,11 @@ def test_two_processes_agree_with_one(tmp_path):
     assert multi["checkpoints"] == single["checkpoints"]  # written once, collectively
     runs = list((tmp_path / "mp" / "tensorboard").glob("run_*/train/events.out.tfevents*"))
     assert len(runs) == 1, "only process 0 writes TensorBoard events"
+    # the same job again resumes from the collectively written checkpoint (process 0 says so)
+    again = run_two_processes(tmp_path / "mp")
+    assert "resuming" in again[0][1] and "from epoch 3" in again[0][1] and "resuming" not in again[1][1]
+    resumed = json.loads([ln for ln in again[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert resumed["history"] == multi["history"] and resumed["checkpoints"] == multi["checkpoints"]
 
 
 @pytest.mark.slow
