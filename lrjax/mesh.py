@@ -91,6 +91,12 @@ def axis_size(name: str, mesh: jax.sharding.Mesh | None = None) -> int:
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh.axis_names else 1
 
 
+def padded_members(count: int, mesh: jax.sharding.Mesh) -> int:
+    """`count` members rounded up to whole blocks of the mesh's `members` axis: the range test and the
+    sweep fill the rest with members that never run."""
+    return count + (-count) % axis_size("members", mesh)
+
+
 def spread_members(tree, axis: int = 0):
     """Under an ambient mesh with a `members` axis, splits dimension `axis` of every leaf (seeds of a
     range test, rates of a sweep) across it; other dimensions stay replicated."""

@@ -295,7 +295,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
 
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
         # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
-        total = num_seeds + (-num_seeds) % mesh_lib.axis_size("members", mesh) if num_seeds > 1 else 1
+        total = mesh_lib.padded_members(num_seeds, mesh) if num_seeds > 1 else 1
         states = [steps.init_state(m, optimizer, start_lr) for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
@@ -392,9 +392,8 @@ def _report(c: int, out: dict, progress, lrs, num_steps, num_seeds) -> bool:
     chunk = loss.shape[1]
     done = min((c + 1) * chunk, num_steps)
     loss = loss[:num_seeds]  # without the filler seeds that pad the `members` axis (never run)
-    ran = np.isfinite(loss).any(0)
-    with np.errstate(invalid="ignore"):  # the mean over the seeds still running, at steps where any ran
-        finite = np.nanmean(np.where(np.isfinite(loss[:, ran]), loss[:, ran], np.nan), 0)
+    # A step a seed did not run is NaN (never inf): the mean over the seeds that ran, where any did.
+    finite = np.nanmean(loss[:, ~np.isnan(loss).all(0)], 0)
     if progress is not None:
         progress({"step": done, "num_steps": num_steps, "lr": float(lrs[done - 1]),
                   "loss": float(finite[-1]) if finite.size else math.nan,

@@ -234,7 +234,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     member_loop = member_loop or mesh_lib.default_member_loop(mesh)
     mesh_lib.check_batch_size(batch_size, mesh)
     # The rates fill whole blocks of the `members` axis: filler rates (copies of the last) never train.
-    Lp = L + (-L) % mesh_lib.axis_size("members", mesh)
+    Lp = mesh_lib.padded_members(L, mesh)
     real = np.arange(Lp) < L
 
     def widen(a: np.ndarray, fill) -> np.ndarray:  # (S, L) -> (S, Lp)

@@ -177,8 +177,8 @@ class Interrupted(LrjaxError):
         self.result = result
         epoch = result.history[-1]["epoch"] if result.history else 0
         how = "as asked (--stop-after)" if result.interrupted == "stop-after" else f"by {result.interrupted}"
-        saved = "checkpoint saved: run the same command again to resume" if result.history else "nothing to save"
-        super().__init__(f"stopped {how} after epoch {epoch}; {saved}")
+        super().__init__(f"stopped {how} after epoch {epoch}; checkpoint saved: run the same command again "
+                         "to resume")
 
 
 def run_job(cfg: Config) -> dict[str, Any]:
