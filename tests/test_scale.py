@@ -49,7 +49,6 @@ def test_fit_on_1_2_8_devices_agrees(tmp_path):
     assert_same_training(results[1], results[8])
 
 
-@pytest.mark.slow
 def run_two_processes(workdir: Path) -> list[tuple[str, str]]:
     """The fit job as 2 processes (one CPU device each, loopback coordinator): [(stdout, stderr)]."""
     with socket.socket() as s:
@@ -65,6 +64,7 @@ def run_two_processes(workdir: Path) -> list[tuple[str, str]]:
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     outs = run_two_processes(tmp_path / "mp")
     lines = [ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")]
