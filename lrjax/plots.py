@@ -1,15 +1,17 @@
-"""Matplotlib figures written to PNG files (Agg backend: no display needed). Plotting only."""
+"""Matplotlib figures written to PNG files. Plotting only.
+
+Figures are `matplotlib.figure.Figure` objects, not pyplot's: no global figure registry, no GUI
+backend, nothing to close, and safe to draw on a worker thread (`lrjax run` writes its figures on
+one while it computes), as matplotlib's docs advise for use outside an interactive session.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 _MARKERS = {"valley": "o", "steepest": "v", "minimum": "s", "seed": "D"}
 
@@ -17,7 +19,8 @@ _MARKERS = {"valley": "o", "steepest": "v", "minimum": "s", "seed": "D"}
 def plot_lr_find(result, path: str | Path) -> None:
     """The seed's plot done well: loss vs lr (log x), y clipped to the first loss, min line, suggestions."""
     lrs, losses, smoothed = result.lrs, result.losses, result.smoothed
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     if len(lrs):
         ax.plot(lrs, losses, color="0.75", lw=0.8, label="loss (raw)")
         if result.num_seeds > 1:
@@ -63,7 +66,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     cell_h, cell_w = h + title, w + gap
     # white background: 0 in the "binary" colormap of grayscale images, 1 in RGB
     mosaic = np.zeros((rows * cell_h, cols * cell_w)) if gray else np.ones((rows * cell_h, cols * cell_w, 3))
-    fig = plt.figure(figsize=(cols * 1.2, cols * 1.2 * mosaic.shape[0] / mosaic.shape[1]))
+    fig = Figure(figsize=(cols * 1.2, cols * 1.2 * mosaic.shape[0] / mosaic.shape[1]))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
     for i, image in enumerate(images):
@@ -74,12 +77,12 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     ax.imshow(mosaic, cmap="binary" if gray else None, interpolation="nearest", vmin=0, vmax=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_history(history: Sequence[dict], path: str | Path) -> None:
     """Training curves (the seed's pd.DataFrame(history).plot()): loss and accuracy per epoch."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     for key, style in (("loss", "C0-"), ("val_loss", "C0--"), ("accuracy", "C1-"), ("val_accuracy", "C1--")):
         ax.plot(epochs, [h[key] for h in history], style, label=key)
@@ -93,7 +96,6 @@ def plot_history(history: Sequence[dict], path: str | Path) -> None:
 def _save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_sweep(result, path: str | Path) -> None:
@@ -101,7 +103,8 @@ def plot_sweep(result, path: str | Path) -> None:
     from lrjax.sweeps import nan_reduce
 
     lrs = result.lrs
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     for ax, values, label in ((axes[0], result.best_val_accuracy, "best validation accuracy"),
                               (axes[1], np.where(np.isfinite(result.best_val_loss), result.best_val_loss, np.nan),
                                "best validation loss")):
