@@ -65,6 +65,9 @@ def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray, t
                 test_labels: np.ndarray, class_names=None, source: str = "arrays",
                 valid_size: int = VALID_SIZE) -> Dataset:
     """Splits and scales raw uint8 images (first `valid_size` train images become validation)."""
+    if valid_size < 1:
+        raise DataError(f"{name}: valid_size must be at least 1 (training monitors the validation loss), "
+                        f"got {valid_size}")
     if len(train_images) <= valid_size:
         raise DataError(f"{name}: {len(train_images)} training images, need more than the {valid_size} "
                         "held out for validation")
@@ -116,10 +119,12 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "does not exist"
             raise DataError(f"data folder {folder} {what} (--data-dir / LRJAX_DATA_DIR)")
-        use_idx = idx_lib.has_idx_files(folder) or (
-            name in tfds_source.IDX_DATASETS and not tfds_source.is_prepared(name, str(folder)))
-        if use_idx:
+        if name in tfds_source.IDX_DATASETS and (idx_lib.has_idx_files(folder)
+                                                  or not tfds_source.is_prepared(name, str(folder))):
             return _from_raw(name, idx_lib.read_idx_folder(folder, name), f"IDX files in {folder}", valid_size)
+        if idx_lib.has_idx_files(folder) and not tfds_source.is_prepared(name, str(folder)):
+            raise DataError(f"{folder} holds MNIST-format IDX files, which lrjax reads as "
+                            f"{' or '.join(tfds_source.IDX_DATASETS)}, not as {name!r} (--dataset / --data-dir)")
     tfds_dir = None if data_dir is None else str(data_dir)
     raw = _cached_tfds(name, tfds_dir, cache_dir)
     return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_dir or 'default data_dir'})", valid_size)

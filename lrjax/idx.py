@@ -68,6 +68,8 @@ def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
         raise DataError(f"{path}: wrong IDX magic number {magic:#010x} (expected 0x00000801 or 0x00000803)")
     ndim = _MAGIC[magic]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, {header} expected)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
@@ -101,6 +103,11 @@ def read_idx_folder(folder: str | os.PathLike, dataset: str = "fashion_mnist",
             if digest != known[key]:
                 raise DataError(f"{path}: sha256 {digest[:16]}... does not match the published "
                                 f"{dataset} file ({known[key][:16]}...); the file is damaged or another dataset")
+        elif verify and key == "train_images":  # no checksum of its own: at least not another known dataset
+            digest = hashlib.sha256(raw).hexdigest()
+            other = [d for d, sums in SHA256.items() if sums.get(key) == digest]
+            if other:
+                raise DataError(f"{folder} holds the {other[0]} files, not {dataset}'s (--dataset / --data-dir)")
         out[key] = parse_idx(raw, path)
     _check_structure(out, folder)
     return out

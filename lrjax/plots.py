@@ -116,7 +116,8 @@ def plot_sweep(result, path: str | Path) -> None:
         div = result.diverged.any(0)
         if div.any():
             ax.plot(lrs[div], mean[div], "x", color="C3", ms=10, label="diverged")
-        ax.axvline(result.best_lr, color="k", ls=":", label=f"best lr {result.best_lr:.3g}")
+        if result.best_lr is not None:
+            ax.axvline(result.best_lr, color="k", ls=":", label=f"best lr {result.best_lr:.3g}")
         for i, (name, lr) in enumerate((result.suggestions or {}).items()):
             if lr:
                 ax.axvline(lr, color=f"C{i + 1}", ls="--", lw=1, label=f"{name} {lr:.3g}")

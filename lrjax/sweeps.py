@@ -158,13 +158,16 @@ class SweepResult:
         return nan_reduce(np.nanmin, self.val_loss, 0, np.inf)
 
     @property
-    def best_index(self) -> int:
+    def best_index(self) -> int | None:
+        """None when no member ever had a finite validation accuracy (every one diverged at once)."""
+        if not np.isfinite(self.val_accuracy).any():
+            return None
         return int(np.argmax(self.best_val_accuracy.mean(0)))
 
     @property
-    def best_lr(self) -> float:
-        """The rate with the highest best-validation accuracy, averaged over seeds."""
-        return float(self.lrs[self.best_index])
+    def best_lr(self) -> float | None:
+        """The rate with the highest best-validation accuracy, averaged over seeds (None: see best_index)."""
+        return None if self.best_index is None else float(self.lrs[self.best_index])
 
     @property
     def diverged(self) -> np.ndarray:
@@ -185,7 +188,8 @@ class SweepResult:
                     "val_accuracy": [_num(v) for v in self.val_accuracy[:, s, j]],
                 })
         return {"lrs": [float(v) for v in self.lrs], "seeds": list(self.seeds), "epochs": self.epochs,
-                "best_lr": self.best_lr, "best_val_accuracy": float(self.best_val_accuracy.mean(0).max()),
+                "best_lr": self.best_lr,
+                "best_val_accuracy": None if self.best_lr is None else float(self.best_val_accuracy.mean(0).max()),
                 "mean_best_val_accuracy": [float(v) for v in self.best_val_accuracy.mean(0)],
                 "suggestions": self.suggestions, "wall_time_s": self.wall_time_s,
                 "compile_time_s": self.compile_time_s, "members": members}
@@ -306,9 +310,10 @@ def write_sweep_events(result: SweepResult, logdir: Path, hparams: dict | None =
     """One TensorBoard run per member with its curves and hparams, for TensorBoard's HParams view."""
     from lrjax import tb
 
+    names = run_names(result.lrs)
     for s, seed in enumerate(result.seeds):
         for j, lr in enumerate(result.lrs):
-            writer = tb.Writer(Path(logdir) / f"lr_{lr:.4g}_seed_{seed}", purge_step=0)
+            writer = tb.Writer(Path(logdir) / f"lr_{names[j]}_seed_{seed}", purge_step=0)
             try:
                 for e in range(result.train_loss.shape[0]):
                     scalars = {"train_loss": result.train_loss[e, s, j], "val_loss": result.val_loss[e, s, j],
@@ -319,3 +324,13 @@ def write_sweep_events(result: SweepResult, logdir: Path, hparams: dict | None =
                                       "diverged": float(result.diverged[s, j])})
             finally:
                 writer.close()
+
+
+def run_names(lrs) -> list[str]:
+    """The rates as short distinct strings ('0.01', '0.0316', ...): 4 significant digits, more where
+    two rates would share a name (and so one TensorBoard run)."""
+    for digits in (4, 6, 8, 17):
+        names = [f"{float(lr):.{digits}g}" for lr in lrs]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{float(lr)!r}_{i}" for i, lr in enumerate(lrs)]  # repeated rates: one run each all the same

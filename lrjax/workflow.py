@@ -312,6 +312,9 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
         result.save(workdir)
         write_sweep_events(result, workdir / "tensorboard" / "sweep", hparams={"optimizer": cfg.optimizer,
                                                                                "batch_size": cfg.batch_size})
+    if result.best_lr is None:
+        raise LrjaxError(f"every member of the sweep diverged before its first validation, so there is no best "
+                         f"rate ({workdir / 'sweep.json'}); lower the rates (--lrs)")
     _say(cfg, f"best lr {result.best_lr:.4g} (mean best val_acc {result.best_val_accuracy.mean(0).max():.4f}); "
               f"{int(result.diverged.sum())} member(s) diverged; {result.wall_time_s:.1f}s -> {workdir / 'sweep.png'}")
     return result

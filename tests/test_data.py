@@ -235,6 +235,31 @@ def test_swapped_images_and_labels(idx_folder):
         load_dataset("mnist", idx_folder, valid_size=10)
 
 
+def test_truncated_header(idx_folder):
+    _write_raw_gz(idx_folder / FILES["train_images"], (2051).to_bytes(4, "big") + (5).to_bytes(4, "big"))
+    with pytest.raises(DataError, match=r"truncated IDX header \(8 bytes, 16 expected\)"):
+        load_dataset("mnist", idx_folder, valid_size=10)
+
+
+@pytest.mark.parametrize("name", ["kmnist", "cifar10"])
+def test_idx_folder_is_not_read_as_another_dataset(idx_folder, tmp_path, name):
+    # the IDX files hold mnist or fashion_mnist; any other name must not load them silently
+    with pytest.raises(DataError, match=rf"holds MNIST-format IDX files, .* not as '{name}'"):
+        load_dataset(name, idx_folder, cache_dir=tmp_path / "cache", valid_size=10)
+
+
+def test_fashion_files_are_not_read_as_mnist(real_data_dir, tmp_path):
+    with pytest.raises(DataError, match=r"holds the fashion_mnist files, not mnist's"):
+        load_dataset("mnist", real_data_dir, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("valid_size", [0, -3])
+def test_valid_size_must_be_positive(valid_size):
+    x, y = np.zeros((10, 2, 2), np.uint8), np.zeros(10, np.uint8)
+    with pytest.raises(DataError, match=r"valid_size must be at least 1"):
+        from_arrays("toy", x, y, x, y, valid_size=valid_size)
+
+
 def test_too_few_training_images_for_validation(idx_folder):
     with pytest.raises(DataError, match=r"30 training images, need more than the 5000 held out"):
         load_dataset("mnist", idx_folder)

@@ -118,3 +118,24 @@ def test_outputs(tmp_path, data):
     assert j["best_lr"] == r.best_lr and len(j["members"]) == 4 and j["seeds"] == [0, 1]
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 1 + 2 * 4
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_member_diverged_has_no_best_rate(tmp_path, data):
+    r = sweeps.sweep(model_fn, optax.sgd, data, [1e20, 1e30], seeds=[0], epochs=2, batch_size=16)
+    assert r.diverged.all() and r.best_index is None and r.best_lr is None
+    r.save(tmp_path)  # the outputs still say what happened
+    j = json.loads((tmp_path / "sweep.json").read_text())
+    assert j["best_lr"] is None and j["best_val_accuracy"] is None and all(m["diverged"] for m in j["members"])
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_names_are_distinct_and_short():
+    assert sweeps.run_names([0.01, 0.0316227766, 0.1]) == ["0.01", "0.03162", "0.1"]
+    assert sweeps.run_names([0.0100001, 0.0100004]) == ["0.0100001", "0.0100004"]  # 4 digits would merge them
+    assert len(set(sweeps.run_names([0.5, 0.5]))) == 2
+
+
+def test_close_rates_get_one_tensorboard_run_each(tmp_path, data):
+    r = sweeps.sweep(model_fn, optax.sgd, data, [0.0100001, 0.0100004], seeds=[0], epochs=1, batch_size=16)
+    sweeps.write_sweep_events(r, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_0.0100001_seed_0", "lr_0.0100004_seed_0"]

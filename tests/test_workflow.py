@@ -97,3 +97,9 @@ def test_run_job_waits_for_its_background_outputs(tmp_path, data, monkeypatch):
     with pytest.raises(OSError, match="no space left"):
         workflow.run_job(c.replace(workdir=str(tmp_path / "second")))
     assert not (tmp_path / "second" / "metrics.json").exists()
+
+
+def test_sweep_job_with_every_member_diverged_is_an_error_after_writing(tmp_path, data):
+    with pytest.raises(lrjax.LrjaxError, match="every member of the sweep diverged"):
+        workflow.sweep_job(cfg(tmp_path, lrs=(1e20, 1e30), num_lrs=2, epochs=1), data)
+    assert json.loads((tmp_path / "sweep.json").read_text())["best_lr"] is None
