@@ -48,7 +48,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
     help_text = f.metadata["help"]
     tp = _unwrap_optional(tp)
     if tp is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=f"{help_text} (default: {'on' if f.default else 'off'})")
         return
     if typing.get_origin(tp) is tuple:
         item = typing.get_args(tp)[0]
@@ -68,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(Config)
     for name, description in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
+        p.set_defaults(subparser=p)  # flag errors found after parsing print this subcommand's usage
         for f in dataclasses.fields(Config):
             if name in f.metadata["commands"]:
                 _add_field(p, f, hints[f.name])
         if name == "train":
             p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
-                           help="end after this epoch as a preemption would (time-boxed jobs, tests)")
+                           help="end after this epoch with a checkpoint, as a preemption would, and exit 0; "
+                                "the same command resumes (time-boxed jobs, tests)")
     return parser
 
 
@@ -96,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.command == "train" and cfg.lr is None:
+            raise ConfigError("lrjax train needs --lr (or use `lrjax run` to find one first)")
+        if getattr(args, "stop_after", None) is not None and args.stop_after < 1:
+            raise ConfigError(f"--stop-after must be an epoch >= 1, got {args.stop_after}")
+        if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
+            raise ConfigError(f"--workdir {cfg.workdir} is a file, not a folder")
     except ConfigError as e:
-        parser.error(str(e))  # exits 2 with usage
+        args.subparser.error(str(e))  # exits 2 with the subcommand's usage
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from lrjax import mesh as mesh_lib

@@ -8,6 +8,7 @@ argument parser from these fields, so a new option is one new field here. Valida
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +28,15 @@ def _f(default: Any, help: str, commands: tuple[str, ...] = ALL, **kw) -> Any:
 @dataclass(frozen=True)
 class Config:
     # --- where things go and what data ---
-    workdir: str = _f("workdir", "output folder: lr_find.*, metrics.json, checkpoints/, tensorboard/")
+    workdir: str = _f("workdir", "output folder: lr_find.* (find-lr, run), metrics.json and checkpoints/ "
+                      "(train, run; a rerun resumes), sweep.* (sweep), tensorboard/")
     dataset: str = _f("fashion_mnist", "dataset name: fashion_mnist, mnist (IDX files or TFDS), or any "
                       "prepared TFDS image-classification dataset")
     data_dir: str | None = _f(None, "folder of the four IDX .gz files, or a TFDS data_dir "
                               "(default: $LRJAX_DATA_DIR, else TFDS's default)")
     tfds_data_dir: str | None = _f(None, "read the dataset through tensorflow-datasets from this data_dir "
                                    "(prepared there from the IDX files in --data-dir if needed)")
-    cache_dir: str | None = _f(None, "where decoded arrays and prepared TFDS data are cached "
+    cache_dir: str | None = _f(None, "cache of decoded TFDS arrays (tfds/) and compiled programs (jax/) "
                                "(default: $LRJAX_CACHE_DIR or ~/.cache/lrjax)")
     seed: int = _f(42, "seed for model init, batch order and everything random")
     batch_size: int = _f(32, "global batch size (divided across devices)")
@@ -45,32 +47,35 @@ class Config:
     factor: float | None = _f(1.005, "lr growth per step (ignored when --end-lr is given)", RANGE)
     end_lr: float | None = _f(None, "last learning rate; with --num-steps, sets the factor", RANGE)
     num_steps: int | None = _f(None, "range-test steps (default: one epoch of the training set)", RANGE)
-    diverge_factor: float = _f(4.0, "stop once the loss exceeds this x the best smoothed loss", RANGE)
+    diverge_factor: float = _f(4.0, "stop once the smoothed loss exceeds this x its lowest value", RANGE)
     beta: float = _f(0.98, "smoothing of the debiased exponential moving average", RANGE)
-    num_seeds: int = _f(1, "independent range tests (or sweep seeds) run as one compiled program",
+    num_seeds: int = _f(1, "independent range tests run as one compiled program (sweep: seeds per rate)",
                         RANGE + ("sweep",))
-    eval_every: int = _f(0, "validation loss every this many range-test steps (0: off)", RANGE)
+    eval_every: int = _f(0, "validation loss (of the first 1000 validation images) every this many "
+                         "range-test steps (0: off)", RANGE)
     suggestion: str = _f("default", f"suggestion method: {', '.join(METHODS)}, or default "
                          f"(= {DEFAULT_METHOD}, chosen by experiments/suggestion_quality.py)", RANGE)
     skip_start: int = _f(10, "points skipped at the start of the curve by the suggestions", RANGE)
     skip_end: int = _f(5, "points skipped at the end of the curve by the suggestions", RANGE)
     chunk_steps: int = _f(256, "range-test steps per compiled chunk (progress granularity)", RANGE)
     # --- training ---
-    lr: float | None = _f(None, "learning rate for training (`run` uses the range test's suggestion)",
-                          ("train",))
+    lr: float | None = _f(None, "learning rate for training (required; `lrjax run` uses the range test's "
+                          "suggestion)", ("train",))
     epochs: int = _f(100, "maximum number of epochs", TRAIN)
-    patience: int = _f(20, "early stopping: epochs without improvement of the monitor", TRAIN)
+    patience: int = _f(20, "early stopping: epochs without improvement of the monitor (sweep: of "
+                       "val_loss; a patience >= --epochs switches it off)", TRAIN)
     min_delta: float = _f(0.0, "early stopping: smallest change that counts as improvement", TRAIN)
     monitor: str = _f("val_loss", "early stopping monitor: val_loss or val_accuracy", ("train", "run"))
     restore_best: bool = _f(True, "end with the best epoch's weights (Keras restore_best_weights)",
                             ("train", "run"))
     keep_latest: int = _f(2, "latest checkpoints kept (the best one is always kept too)", ("train", "run"))
-    eval_batch_size: int = _f(1000, "batch size of the compiled evaluation")
+    eval_batch_size: int = _f(1000, "batch size of the compiled evaluation", TRAIN)
     # --- sweep ---
     lrs: tuple[float, ...] = _f((1e-3, 1.0), "sweep: lo,hi range of a log grid, or an explicit list "
                                 "of rates when more than two are given", ("sweep",))
     num_lrs: int = _f(16, "sweep: points of the log grid", ("sweep",))
-    lr_find_json: str | None = _f(None, "sweep: an lr_find.json whose suggestions to mark", ("sweep",))
+    lr_find_json: str | None = _f(None, "sweep: an lr_find.json whose suggestions to mark (default: "
+                                  "WORKDIR/lr_find.json where it exists)", ("sweep",))
     # --- devices and clusters ---
     mesh_shape: str = _f("auto", "devices: 'auto' (all on data; on a CPU, seeds and sweep rates over the cores) "
                          "or e.g. '4' or 'members=2,data=4'")
@@ -90,6 +95,12 @@ class Config:
         for name in ("patience", "eval_every", "skip_start", "skip_end", "min_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        for name in ("start_lr", "end_lr", "lr", "factor", "min_delta"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{_flag(name)} must be a finite number, got {value}")
         for name in ("start_lr", "end_lr", "lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -114,8 +125,12 @@ class Config:
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
         if not self.dataset or not all(c.isalnum() or c in "_-/.:" for c in self.dataset):
             raise ConfigError(f"--dataset {self.dataset!r} is not a dataset name")
-        if len(self.lrs) < 2 or any(not x > 0 for x in self.lrs):
+        if len(self.lrs) < 2 or any(not (x > 0 and math.isfinite(x)) for x in self.lrs):
             raise ConfigError(f"--lrs needs two or more positive rates, got {self.lrs}")
+        if self.mesh_shape.strip() != "auto":
+            from lrjax.mesh import parse_mesh_shape
+
+            parse_mesh_shape(self.mesh_shape, 1)  # its syntax now; the device count when the job starts
 
     # Convenience -------------------------------------------------------------------------------
     def replace(self, **changes) -> "Config":

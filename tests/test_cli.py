@@ -86,6 +86,12 @@ def test_flags_follow_config_metadata(capsys):
     (["find-lr", "--batch-size", "lots"], "invalid int value: 'lots'"),
     (["train", "--hidden-sizes", "300,x"], "expected comma-separated ints"),
     (["train", "--lr", "-1"], "--lr must be a positive number"),
+    (["train", "--lr", "inf"], "lrjax train: error: --lr must be a finite number, got inf"),
+    (["train"], "lrjax train: error: lrjax train needs --lr"),
+    (["train", "--lr", "0.1", "--stop-after", "0"], "--stop-after must be an epoch >= 1, got 0"),
+    (["find-lr", "--seed", "-1"], "lrjax find-lr: error: --seed must be >= 0, got -1"),
+    (["run", "--mesh-shape", "foo"], "--mesh-shape 'foo' is not 'auto', an integer or 'members=M,data=D'"),
+    (["sweep", "--lrs", "0.01,nan"], "--lrs needs two or more positive rates"),
 ])
 def test_bad_flag_values(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
@@ -95,6 +101,14 @@ def test_bad_flag_values(argv, message, capsys, tmp_path):
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "w").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--workdir", str(tmp_path / "w")])
+    assert exit_.value.code == 2
+    assert "lrjax run: error: --workdir " in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
