@@ -75,11 +75,15 @@ def make_mesh(spec: str = "auto", members: int = 1) -> jax.sharding.Mesh:
                              devices=jax.devices()[:d])
     axes = parse_mesh_shape(spec, n)
     size = int(np.prod(list(axes.values())))
+    devices = None
     if size != n:
-        raise ConfigError(f"--mesh-shape {spec!r} needs {size} devices but {n} are available")
+        if not (_cores_as_devices and jax.process_count() == 1 and size < n):
+            raise ConfigError(f"--mesh-shape {spec!r} needs {size} devices but {n} are available")
+        devices = jax.devices()[:size]  # the cores were made devices by lrjax, not chosen: use some of them
     # Auto axes: the programs state where the batch is split (with_sharding_constraint) and XLA
     # propagates the rest; explicit-sharding mode would make every constraint an assertion.
-    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes))
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
+                         devices=devices)
 
 
 def data_axis_size(mesh: jax.sharding.Mesh | None = None) -> int:
@@ -176,14 +180,23 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     JAX's own cluster auto-detection (SLURM with several tasks, Open MPI, ...) is used when such an
     environment is present, and a single process starts nothing.
     """
-    explicit = coordinator_address is not None or num_processes is not None
     env = os.environ
-    cluster = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    # Any setting given by hand asks for a multi-process job: a missing piece is an error, never a
+    # silent single-process run (each process would then run the whole job into the same workdir).
+    explicit = (any(v is not None for v in (coordinator_address, num_processes, process_id))
+                or "JAX_COORDINATOR_ADDRESS" in env)
+    cluster = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     if not explicit and not cluster:
         return False
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if address is not None and not address.rpartition(":")[2].isdigit():
+        raise ConfigError(f"the coordinator address {address!r} needs a port: host:port "
+                          "(--coordinator-address / $JAX_COORDINATOR_ADDRESS)")
     if "JAX_COORDINATOR_ADDRESS" in env and num_processes is None and "JAX_NUM_PROCESSES" in env:
         num_processes = int(env["JAX_NUM_PROCESSES"])
+        if process_id is None and "JAX_PROCESS_ID" not in env and num_processes > 1:
+            raise ConfigError(f"$JAX_NUM_PROCESSES is {num_processes} but this process has no id: set "
+                              "$JAX_PROCESS_ID (or --process-id) in each process")
         process_id = process_id if process_id is not None else int(env.get("JAX_PROCESS_ID", "0"))
     # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

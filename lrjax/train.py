@@ -201,9 +201,10 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 timings["checkpoint_s"] += t5 - t4
                 if progress is not None and jax.process_index() == 0:
                     progress(_epoch_line(record, epochs, early_stopping, epoch))
-                if signals.received:  # a signal in the last epoch leaves nothing to resume: the run is done
+                received = _agreed_signal(signals.received)
+                if received:  # a signal in the last epoch leaves nothing to resume: the run is done
                     if epoch < epochs and not early_stopping.should_stop:
-                        interrupted = signals.received
+                        interrupted = received
                     break
     finally:
         t6 = time.perf_counter()
@@ -220,6 +221,19 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         epochs_run=len(history), stopped_early=early_stopping.should_stop, interrupted=interrupted,
         run_dir=writers.run_dir if writers else None, resumed_from=resumed_from,
         wall_time_s=time.perf_counter() - t_start, timings=timings)
+
+
+def _agreed_signal(received: str | None) -> str | None:
+    """The stop signal as every process of a job sees it (any process's). A preemption signal reaches
+    the processes at different moments; one that stopped alone would leave the others waiting for it
+    in the next epoch's collectives."""
+    if jax.process_count() == 1:
+        return received
+    from jax.experimental import multihost_utils
+
+    code = np.int32(signal.Signals[received].value if received else 0)
+    agreed = int(np.max(multihost_utils.process_allgather(code)))
+    return signal.Signals(agreed).name if agreed else None
 
 
 def _tree(state: TrainState, best_params, rng) -> dict[str, Any]:

@@ -4,6 +4,8 @@ environment gives (XLA_FLAGS / JAX_NUM_CPU_DEVICES set before JAX starts), print
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +34,17 @@ def main():
     data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=120)
     model_fn = lambda s: mlp(36, (16,), 4, seed=s)  # noqa: E731
     out = {"devices": jax.device_count(), "processes": jax.process_count()}
-    if job == "fit":
+    if job == "fit_signal":  # SIGTERM reaches process 1 only, during epoch 2 (as a preemption might)
+        class SignalAt2(EarlyStopping):
+            def update(self, epoch, metrics):
+                if epoch == 2 and jax.process_index() == jax.process_count() - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return super().update(epoch, metrics)
+
+        r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=5, batch_size=16, seed=3,
+                early_stopping=SignalAt2(patience=5), workdir=workdir, progress=None)
+        out.update(interrupted=r.interrupted, epochs_run=r.epochs_run)
+    elif job == "fit":
         r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3,
                 early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)
         out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]

@@ -49,16 +49,20 @@ def test_fit_on_1_2_8_devices_agrees(tmp_path):
     assert_same_training(results[1], results[8])
 
 
-def run_two_processes(workdir: Path) -> list[tuple[str, str]]:
-    """The fit job as 2 processes (one CPU device each, loopback coordinator): [(stdout, stderr)]."""
+def run_two_processes(workdir: Path, job: str = "fit", timeout: int = 300) -> list[tuple[str, str]]:
+    """A worker job as 2 processes (one CPU device each, loopback coordinator): [(stdout, stderr)]."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "fit", str(workdir), f"127.0.0.1:{port}", "2",
+    procs = [subprocess.Popen([sys.executable, str(WORKER), job, str(workdir), f"127.0.0.1:{port}", "2",
                                str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return outs
@@ -81,6 +85,14 @@ def test_two_processes_agree_with_one(tmp_path):
     assert "resuming" in again[0][1] and "from epoch 3" in again[0][1] and "resuming" not in again[1][1]
     resumed = json.loads([ln for ln in again[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     assert resumed["history"] == multi["history"] and resumed["checkpoints"] == multi["checkpoints"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_after_the_same_epoch(tmp_path):
+    # without agreement the signalled process stops after epoch 2 and the other waits for it forever
+    outs = run_two_processes(tmp_path / "sig", job="fit_signal", timeout=120)
+    result = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert result["interrupted"] == "SIGTERM" and result["epochs_run"] == 2
 
 
 @pytest.mark.slow
@@ -114,6 +126,7 @@ def test_cpu_cores_become_devices_for_members():
             "n = m.use_cpu_cores(); import jax\n"
             "print('RESULT ' + json.dumps({'made': n, 'devices': jax.device_count(), "
             "'shapes': [dict(m.make_mesh('auto', k).shape) for k in (1, 3, 16)], "
+            "'explicit': [dict(m.make_mesh(spec).shape) for spec in ('1', 'members=2,data=1')] if n else None, "
             "'loop': m.default_member_loop(m.make_mesh('auto', 16))}))")
 
     def child(env):
@@ -125,6 +138,8 @@ def test_cpu_cores_become_devices_for_members():
     r = child({"JAX_NUM_CPU_DEVICES": None, "XLA_FLAGS": None})
     assert r["made"] == 4 and r["devices"] == 4 and r["loop"] == "map"
     assert r["shapes"] == [{"members": 1, "data": 1}, {"members": 3, "data": 1}, {"members": 4, "data": 1}]
+    # an explicit mesh may use fewer of these cores (they were made devices by lrjax, not by the user)
+    assert r["explicit"] == [{"members": 1, "data": 1}, {"members": 2, "data": 1}]
     r = child({"JAX_NUM_CPU_DEVICES": "3", "XLA_FLAGS": None})  # the user's choice stands
     assert r["made"] == 0 and r["devices"] == 3 and r["shapes"] == [{"data": 3}] * 3
 
@@ -149,6 +164,27 @@ def test_mesh_shape_parsing():
         mesh_lib.parse_mesh_shape("data=2,data=4", 8)
     with pytest.raises(ConfigError, match="positive"):
         mesh_lib.parse_mesh_shape("members=-2,data=-4", 8)
+
+
+@pytest.mark.parametrize("flags, env, match", [
+    ({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4"}, "set \\$JAX_PROCESS_ID"),
+    ({"process_id": 1}, {}, "initialize failed: Number of processes"),  # not a silent single process
+    ({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "initialize failed: Number of processes"),
+    ({"coordinator_address": "nonsense", "num_processes": 1, "process_id": 0}, {}, "needs a port: host:port"),
+])
+def test_incomplete_distributed_settings_are_errors(monkeypatch, flags, env, match):
+    def initialize(coordinator_address=None, num_processes=None, process_id=None):  # as JAX checks it
+        if num_processes is None:
+            raise ValueError("Number of processes must be defined.")
+
+    monkeypatch.setattr(mesh_lib.jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(mesh_lib.jax.config, "update", lambda *a: None)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=match):
+        mesh_lib.initialize_distributed(**flags)
 
 
 @pytest.mark.parametrize("flag_id, expected", [(3, 3), (None, 2)])
