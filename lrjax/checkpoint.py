@@ -71,6 +71,17 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
+    def latest_meta(self) -> dict | None:
+        """The meta of the newest checkpoint whose meta reads (None if none); reads no arrays and moves
+        nothing (`restore` judges the arrays)."""
+        self.manager.wait_until_finished()
+        for s in reversed(self.all_steps()):
+            try:
+                return dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception:  # noqa: BLE001 - an unreadable step: the next older one
+                continue
+        return None
+
     def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float], force: bool = False) -> None:
         """Starts an (asynchronous) save; the previous save is finished first by Orbax."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),

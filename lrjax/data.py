@@ -98,11 +98,12 @@ def default_cache_dir() -> Path:
 
 def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, valid_size: int = VALID_SIZE,
-                 tfds_data_dir: str | os.PathLike | None = None) -> Dataset:
+                 tfds_data_dir: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
     """Loads `name` from IDX files in `data_dir` (or $LRJAX_DATA_DIR) or through tensorflow-datasets.
 
     With `tfds_data_dir`, the TFDS path is used with that data_dir; an MNIST-format dataset that is
-    not prepared there yet is prepared from the IDX files in `data_dir` (without TensorFlow).
+    not prepared there yet is prepared from the IDX files in `data_dir` (without TensorFlow), with
+    TFDS's progress bars unless `progress` is False.
 
     Raises `DataError` (one clear line) for a missing folder or file, corrupt or truncated gzip,
     checksum mismatch, wrong magic number or shape, or an unknown/unprepared TFDS dataset offline.
@@ -112,7 +113,7 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
     data_dir = data_dir or default_data_dir()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if tfds_data_dir is not None:
-        raw = _cached_tfds(name, str(tfds_data_dir), cache_dir, idx_dir=data_dir)
+        raw = _cached_tfds(name, str(tfds_data_dir), cache_dir, idx_dir=data_dir, progress=progress)
         return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_data_dir})", valid_size)
     if data_dir is not None:
         folder = Path(data_dir)
@@ -126,7 +127,7 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
             raise DataError(f"{folder} holds MNIST-format IDX files, which lrjax reads as "
                             f"{' or '.join(tfds_source.IDX_DATASETS)}, not as {name!r} (--dataset / --data-dir)")
     tfds_dir = None if data_dir is None else str(data_dir)
-    raw = _cached_tfds(name, tfds_dir, cache_dir)
+    raw = _cached_tfds(name, tfds_dir, cache_dir, progress=progress)
     return _from_raw(name, raw, f"tensorflow-datasets {name} ({tfds_dir or 'default data_dir'})", valid_size)
 
 
@@ -138,7 +139,8 @@ def _from_raw(name: str, raw: dict[str, np.ndarray], source: str, valid_size: in
                        valid_size=valid_size)
 
 
-def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None) -> dict[str, np.ndarray]:
+def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None,
+                 progress: bool = True) -> dict[str, np.ndarray]:
     from lrjax import tfds_source
 
     where = os.path.abspath(data_dir) if data_dir else "default"
@@ -154,7 +156,7 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None)
     if path.exists():
         with np.load(path) as z:
             return dict(z)
-    splits = tfds_source.load_tfds_arrays(name, data_dir, idx_dir=idx_dir)
+    splits = tfds_source.load_tfds_arrays(name, data_dir, idx_dir=idx_dir, progress=progress)
     path = entry()  # load_tfds_arrays may just have prepared the files
     raw = {"train_images": splits["train"][0], "train_labels": splits["train"][1],
            "test_images": splits["test"][0], "test_labels": splits["test"][1]}

@@ -58,14 +58,15 @@ def _quiet_absl():
         absl_logging.set_verbosity(level)
 
 
-def load_tfds_arrays(name: str, data_dir: str | None,
-                     idx_dir: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_tfds_arrays(name: str, data_dir: str | None, idx_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Returns {"train": (images, labels), "test": (images, labels)}, preparing the dataset if needed.
 
     Images are uint8 (N, H, W, C), labels int64 (N,). For MNIST and Fashion-MNIST the examples come
     in the order of the official IDX files (TFDS stores them shuffled; the shuffle is undone), so
     both sources give identical arrays; other datasets come in TFDS's fixed record order.
-    `idx_dir` (a folder of the four IDX .gz files) is only read, never written to.
+    `idx_dir` (a folder of the four IDX .gz files) is only read, never written to. `progress`
+    False hides TFDS's progress bars while it prepares (its setting is global, and left so).
     """
     builder = _builder(name, data_dir)  # fails early, with one line, on an unknown name
     try:
@@ -78,6 +79,7 @@ def load_tfds_arrays(name: str, data_dir: str | None,
             raise DataError(f"TFDS dataset {name} in {builder.data_dir} is prepared as "
                             f"{builder.info.file_format.value}, but lrjax reads array_record: delete that "
                             f"folder to prepare it again") from None
+        tfds.display_progress_bar(progress)
         _prepare(name, data_dir, idx_dir)
         sources = _open(name, data_dir)
     return {split: _to_arrays(name, split, source) for split, source in zip(SPLITS, sources)}

@@ -37,8 +37,8 @@ def _say(cfg: Config, msg: str) -> None:
 
 def load(cfg: Config) -> Dataset:
     t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir,
-                        tfds_data_dir=cfg.tfds_data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
+                        progress=cfg.progress)
     _say(cfg, f"data: {data.name} from {data.source}: train {len(data.x_train)}, validation "
               f"{len(data.x_valid)}, test {len(data.x_test)} ({time.perf_counter() - t0:.2f}s)")
     return data
@@ -138,8 +138,12 @@ def find_lr_job(cfg: Config, data: Dataset | None = None, outputs: OutputWriter 
         else:
             _write_lr_find(result, workdir)
     if result.suggestion is None:
-        raise LrjaxError(f"the range test recorded too few points ({len(result.lrs)}) to suggest a rate; "
-                         "lower --start-lr or --diverge-factor's sensitivity, or raise --num-steps")
+        if result.diverged_step is None:
+            raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
+                             "raise --num-steps (its default is one epoch)")
+        raise LrjaxError(f"the range test diverged at step {result.diverged_step} (lr {result.diverged_lr:.3g}), "
+                         "too early to suggest a rate; lower --start-lr, let the rate grow more slowly "
+                         "(--factor, --end-lr) or raise --diverge-factor")
     div = (f"diverged at step {result.diverged_step} (lr {result.diverged_lr:.3g})"
            if result.diverged_step is not None else "did not diverge")
     sugg = ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items() if v is not None)
@@ -171,11 +175,12 @@ def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
 def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
               extra: dict[str, Any] | None = None, stop_after: int | None = None,
               started: float | None = None, phases: dict[str, float] | None = None,
-              outputs: OutputWriter | None = None) -> dict[str, Any]:
+              outputs: OutputWriter | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json
     (`wall_time_s` counts from `started`, a `time.perf_counter()` value, when given; `phases` are
     the seconds of the work done since then, to which metrics.json's `phases_s` adds training's).
-    Files still being written on `outputs`' worker are waited for before metrics.json."""
+    Files still being written on `outputs`' worker are waited for before metrics.json; `config`
+    adds entries to the run's configuration kept in its checkpoints."""
     t0 = started if started is not None else time.perf_counter()
     phases = dict(phases or {})
     lr = lr if lr is not None else cfg.lr
@@ -193,7 +198,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         model_for(cfg, data), optimizers.get(cfg.optimizer), data, lr=lr, epochs=cfg.epochs,
         batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
-        config={**cfg.to_dict(), "lr": lr}, mesh=mesh, stop_after=stop_after,
+        config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
         progress=print if cfg.progress else None)
     if result.interrupted:
         raise Interrupted(result)
@@ -227,10 +232,39 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
-    _say(cfg, f"trained {result.epochs_run} epochs at lr {lr:.4g} ({stop}); test accuracy "
-              f"{test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
+    _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
+              f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
     return metrics
+
+
+def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
+    """The meta of the run checkpointed in `cfg.workdir` (None when there is none), after checking
+    that `cfg` describes the same run (`ConfigError` otherwise), so that `lrjax run` resumes it at
+    its own rate, whatever lr_find.json says now, or refuses before writing anything."""
+    directory = Path(cfg.workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    from lrjax.checkpoint import Checkpointer
+    from lrjax.train import _check_same_run
+
+    ckpt = Checkpointer(directory)
+    try:
+        meta = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if meta is None or "lr" not in meta:
+        return None  # nothing readable: training decides (it moves unreadable checkpoints aside)
+    _check_same_run(meta.get("config", {}), {**cfg.to_dict(), "lr": meta["lr"]}, directory)
+    return meta
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file the user or an earlier run wrote; `LrjaxError` naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise LrjaxError(f"{path} is not valid JSON ({e}); {what}") from None
 
 
 class Interrupted(LrjaxError):
@@ -249,20 +283,19 @@ def run_job(cfg: Config, background_outputs: bool = True) -> dict[str, Any]:
     test's files are written on a worker thread meanwhile (metrics.json's `background_s`), or in
     line with `background_outputs=False` (the benchmark's comparison)."""
     t0 = time.perf_counter()
+    workdir = Path(cfg.workdir)
+    # A workdir with checkpoints resumes that run at its rate, or is refused before anything is loaded or written.
+    resumed = checkpointed_run(cfg)
     data = load(cfg)
     phases = {"data_load": time.perf_counter() - t0}
-    workdir = Path(cfg.workdir)
     outputs = OutputWriter(background=background_outputs)
     try:
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             outputs.submit("samples_png", save_samples, data, workdir / "samples.png")
-        lr_file = workdir / "lr_find.json"
-        if lr_file.exists() and (workdir / "checkpoints").exists():
-            # A resumed run keeps the rate its first attempt chose (the range test is deterministic anyway).
-            saved = json.loads(lr_file.read_text())
-            lr, method = saved["suggestion"], saved.get("method")
-            _say(cfg, f"resuming: using the earlier range test's rate {lr:.4g} from {lr_file}")
+        if resumed is not None:
+            lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
+            _say(cfg, f"resuming: the checkpointed run's rate {lr!r} (epoch {resumed['epoch']} done)")
         else:
             t = time.perf_counter()
             result = find_lr_job(cfg, data, outputs)
@@ -272,7 +305,7 @@ def run_job(cfg: Config, background_outputs: bool = True) -> dict[str, Any]:
                           # the model's initialisation and handing the outputs to the worker
                           range_test_init=time.perf_counter() - t - result.wall_time_s)
         return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0, phases=phases,
-                         outputs=outputs)
+                         outputs=outputs, config={"lr_method": method})
     finally:
         outputs.close()
 
@@ -288,11 +321,12 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     if suggestions is None:
         lr_find_file = Path(cfg.lr_find_json) if cfg.lr_find_json else workdir / "lr_find.json"
         if lr_find_file.exists():
-            suggestions = json.loads(lr_find_file.read_text()).get("suggestions")
+            found = read_json(lr_find_file, "pass another --lr-find-json or remove it")
+            suggestions = found.get("suggestions") if isinstance(found, dict) else None
         elif cfg.lr_find_json:
             raise LrjaxError(f"--lr-find-json {lr_find_file} does not exist")
     _say(cfg, f"sweep: {len(grid)} rates {grid[0]:.3g}..{grid[-1]:.3g} x {len(seeds)} seed(s), "
-              f"{cfg.epochs} epochs, as one program")
+              f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, as one program")
 
     def on_epoch(epoch, m):
         if cfg.progress and jax.process_index() == 0:

@@ -103,3 +103,40 @@ def test_sweep_job_with_every_member_diverged_is_an_error_after_writing(tmp_path
     with pytest.raises(lrjax.LrjaxError, match="every member of the sweep diverged"):
         workflow.sweep_job(cfg(tmp_path, lrs=(1e20, 1e30), num_lrs=2, epochs=1), data)
     assert json.loads((tmp_path / "sweep.json").read_text())["best_lr"] is None
+
+
+def test_run_job_resumes_at_the_checkpointed_rate_whatever_lr_find_json_says(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    c = cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2)
+    first = workflow.run_job(c)
+    # a later find-lr in the same workdir (here: one that found nothing) must not change the run's rate
+    (tmp_path / "lr_find.json").write_text(json.dumps({"suggestion": None, "method": "valley"}))
+    again = workflow.run_job(c.replace(epochs=3))
+    assert again["lr"] == first["lr"] and again["lr_method"] == first["lr_method"] is not None
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    assert again["history"][:2] == first["history"]
+
+
+def test_run_job_refuses_another_runs_workdir_before_writing(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    workflow.train_job(cfg(tmp_path, lr=0.05, epochs=1), data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(lrjax.ConfigError, match="batch_size 16 \\(now 8\\)"):
+        workflow.run_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2).replace(batch_size=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no samples.png, no lr_find.*
+
+
+def test_a_malformed_lr_find_json_is_named(tmp_path, data):
+    (tmp_path / "lr_find.json").write_text("hi\n")
+    with pytest.raises(lrjax.LrjaxError, match="lr_find.json is not valid JSON"):
+        workflow.sweep_job(cfg(tmp_path, epochs=1), data)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch_size=160), "ran only 2 steps, too few to suggest a rate; raise --num-steps"),
+    (dict(start_lr=1e3, end_lr=1e6, num_steps=50),
+     r"diverged at step 1 \(lr 1.15e\+03\), too early .* lower --start-lr"),
+])
+def test_too_few_points_says_why(tmp_path, data, kw, match):
+    with pytest.raises(lrjax.LrjaxError, match=match):
+        workflow.find_lr_job(cfg(tmp_path).replace(**kw), data)
