@@ -1,10 +1,11 @@
 """The host training loop: compiled epochs with early stopping, Orbax checkpoints and TensorBoard.
 
 Each epoch is one compiled program (`steps.train_epoch`) followed by a compiled evaluation of the
-validation set; the host syncs once per epoch and does everything with side effects between epochs:
-early stopping, best weights, checkpoints, TensorBoard, printing, signals. The data order of epoch
-e derives from (seed, e) only, so a run resumed from its checkpoint ends bit-identical (on CPU) to
-an uninterrupted one.
+validation set; the host syncs once per epoch. Epoch e's metrics decide at once (early stopping,
+best weights, signals) whether epoch e+1 starts; its side effects (TensorBoard, checkpoint,
+printing) then run on the host while the device computes e+1. The data order of epoch e derives
+from (seed, e) only, so a run resumed from its checkpoint ends bit-identical (on CPU) to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -152,26 +153,39 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             writers.train.write_text("hparams", tb.hparams_markdown({**config, "lr": lr, "epochs": epochs}))
 
     seed_key = jax.random.wrap_key_data(rng)
-    interrupted = None
+
+    def may_run(epoch: int) -> tuple[bool, str | None]:
+        """Whether `epoch` trains; if not, whether that interrupts the run ('stop-after')."""
+        if epoch > epochs or early_stopping.should_stop:  # also when resuming a run that had stopped
+            return False, None
+        if stop_after is not None and epoch > stop_after:
+            return False, "stop-after"
+        return True, None
+
+    def dispatch(epoch: int, state: TrainState):
+        """Starts `epoch` (asynchronously): (epoch, start time, its state, train and validation metrics)."""
+        t = time.perf_counter()
+        new, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
+        return epoch, t, new, train_m, steps.evaluate(new, xv, yv, batch_size=eval_batch_size)
+
+    # Epoch e+1 is dispatched as soon as epoch e's metrics decide that training goes on, before e's
+    # TensorBoard writes, checkpoint and progress line, which then run on the host while the device
+    # computes (they were a gap between epochs). Nothing is dispatched that might not be kept.
+    go, interrupted = may_run(start_epoch + 1)
+    pending = None
     try:
         with _StopSignals() as signals, jax.set_mesh(mesh):
-            for epoch in range(start_epoch + 1, epochs + 1):
-                if early_stopping.should_stop:  # also when resuming a run that had stopped
-                    break
-                if stop_after is not None and epoch > stop_after:
-                    interrupted = "stop-after"
-                    break
+            if go:
                 t0 = time.perf_counter()
-                if epoch == start_epoch + 1:
-                    compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, epoch),
-                                                       batch_size=batch_size).compile()
-                    timings["compile_s"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                state, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
-                val_m = steps.evaluate(state, xv, yv, batch_size=eval_batch_size)
+                compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, start_epoch + 1),
+                                                   batch_size=batch_size).compile()
+                timings["compile_s"] += time.perf_counter() - t0
+                pending = dispatch(start_epoch + 1, state)
+            while pending is not None:
+                t1 = time.perf_counter()
+                epoch, t0, state, train_m, val_m = pending
                 train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
                 t2 = time.perf_counter()
-                timings["train_s"] += t2 - t0
                 metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
                            "val_loss": float(val_m["loss"]), "val_accuracy": float(val_m["accuracy"])}
                 if not _finite(*metrics.values()):
@@ -181,10 +195,17 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                         + (f"; the best checkpoint so far is intact in {ckpt.directory}"
                            if ckpt is not None and ckpt.latest_step() is not None else ""))
                 if early_stopping.update(epoch, metrics):
-                    best_params = jax.tree.map(jnp.copy, state.params)
+                    best_params = state.params  # no copy needed: the epoch programs donate nothing
+                received = _agreed_signal(signals.received)
+                go, reason = may_run(epoch + 1)
+                # a signal in the last epoch leaves nothing to resume: the run is done
+                signalled = received and epoch < epochs and not early_stopping.should_stop
+                interrupted = received if signalled else reason
+                pending = dispatch(epoch + 1, state) if go and not received else None
+                t3 = time.perf_counter()
+                timings["train_s"] += t3 - t1
                 record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": t2 - t0}
                 history.append(record)
-                t3 = time.perf_counter()
                 if writers is not None:
                     writers.write_epoch(epoch, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
                                                 "learning_rate": lr, "epoch_time_s": t2 - t0},
@@ -201,11 +222,6 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 timings["checkpoint_s"] += t5 - t4
                 if progress is not None and jax.process_index() == 0:
                     progress(_epoch_line(record, epochs, early_stopping, epoch))
-                received = _agreed_signal(signals.received)
-                if received:  # a signal in the last epoch leaves nothing to resume: the run is done
-                    if epoch < epochs and not early_stopping.should_stop:
-                        interrupted = received
-                    break
     finally:
         t6 = time.perf_counter()
         if ckpt is not None:

@@ -475,3 +475,20 @@ def test_epochs_and_new_rates_reuse_one_compiled_epoch(data, compiles):
     assert compiles.count("train_epoch") == first
     run(data, epochs=1, batch_size=24)  # a batch shape no other test uses: a new program, counted
     assert compiles.count("train_epoch") == first + 1
+
+
+@pytest.mark.parametrize("epochs, patience, stops", [(4, 10, False), (40, 2, True)])  # limit; early stop
+def test_next_epoch_runs_while_the_host_writes_and_nothing_extra_is_started(tmp_path, data, monkeypatch,
+                                                                           epochs, patience, stops):
+    from lrjax import steps
+
+    started = []  # epochs dispatched (each ends with its validation)
+    evaluate = steps.evaluate
+    monkeypatch.setattr(steps, "evaluate", lambda *a, **kw: started.append(1) or evaluate(*a, **kw))
+    seen = []  # at each epoch's progress line (after its TensorBoard writes and checkpoint): epochs started
+    r = run(data, epochs=epochs, workdir=tmp_path, early_stopping=EarlyStopping(patience=patience),
+            progress=lambda line: seen.append(len(started)))
+    n = r.epochs_run
+    assert r.stopped_early == stops == (n < epochs) and n >= 3
+    # epoch e + 1 was already running while epoch e was written, except after the last epoch
+    assert seen == [*range(2, n + 1), n] and len(started) == n
