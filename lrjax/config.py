@@ -95,8 +95,8 @@ class Config:
         for name in ("patience", "eval_every", "skip_start", "skip_end", "min_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name in ("start_lr", "end_lr", "lr", "factor", "min_delta"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):

@@ -166,26 +166,31 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         """Starts `epoch` (asynchronously): (epoch, start time, its state, train and validation metrics)."""
         t = time.perf_counter()
         new, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
-        return epoch, t, new, train_m, steps.evaluate(new, xv, yv, batch_size=eval_batch_size)
+        return epoch, t, new, train_m, compiled_eval(new, xv, yv)
 
     # Epoch e+1 is dispatched as soon as epoch e's metrics decide that training goes on, before e's
     # TensorBoard writes, checkpoint and progress line, which then run on the host while the device
     # computes (they were a gap between epochs). Nothing is dispatched that might not be kept.
     go, interrupted = may_run(start_epoch + 1)
-    pending = None
+    pending, failed = None, None
     try:
         with _StopSignals() as signals, jax.set_mesh(mesh):
             if go:
                 t0 = time.perf_counter()
                 compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, start_epoch + 1),
                                                    batch_size=batch_size).compile()
-                timings["compile_s"] += time.perf_counter() - t0
+                compiled_eval = steps.evaluate.lower(state, xv, yv, batch_size=eval_batch_size).compile()
+                t1 = time.perf_counter()
+                timings["compile_s"] += t1 - t0
                 pending = dispatch(start_epoch + 1, state)
+                timings["train_s"] += time.perf_counter() - t1
+            free = time.perf_counter()  # when the host was last free to wait for an epoch
             while pending is not None:
                 t1 = time.perf_counter()
                 epoch, t0, state, train_m, val_m = pending
                 train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
                 t2 = time.perf_counter()
+                epoch_time = t2 - max(t0, free)  # not the previous epoch's outputs, written meanwhile
                 metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
                            "val_loss": float(val_m["loss"]), "val_accuracy": float(val_m["accuracy"])}
                 if not _finite(*metrics.values()):
@@ -201,14 +206,19 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 # a signal in the last epoch leaves nothing to resume: the run is done
                 signalled = received and epoch < epochs and not early_stopping.should_stop
                 interrupted = received if signalled else reason
-                pending = dispatch(epoch + 1, state) if go and not received else None
+                pending = None
+                if go and not received:
+                    try:
+                        pending = dispatch(epoch + 1, state)
+                    except BaseException as e:  # noqa: BLE001 - this epoch is complete: its outputs first
+                        failed = e
                 t3 = time.perf_counter()
                 timings["train_s"] += t3 - t1
-                record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": t2 - t0}
+                record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": epoch_time}
                 history.append(record)
                 if writers is not None:
                     writers.write_epoch(epoch, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                                                "learning_rate": lr, "epoch_time_s": t2 - t0},
+                                                "learning_rate": lr, "epoch_time_s": epoch_time},
                                         {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]})
                 t4 = time.perf_counter()
                 if ckpt is not None:
@@ -222,6 +232,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 timings["checkpoint_s"] += t5 - t4
                 if progress is not None and jax.process_index() == 0:
                     progress(_epoch_line(record, epochs, early_stopping, epoch))
+                if failed is not None:
+                    raise failed
+                free = time.perf_counter()
     finally:
         t6 = time.perf_counter()
         if ckpt is not None:

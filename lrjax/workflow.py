@@ -75,11 +75,13 @@ class OutputWriter:
             self._tasks.append(self._pool.submit(task))
 
     def wait(self) -> None:
-        try:
-            for task in self._tasks:
-                task.result()
-        finally:
-            self._tasks = []
+        """Waits for every write; raises the first failure, after printing any others."""
+        failures = [e for e in (task.exception() for task in self._tasks) if e is not None]
+        self._tasks = []
+        for e in failures[1:]:
+            print(f"lrjax: error: writing outputs failed: {e}", file=sys.stderr, flush=True)
+        if failures:
+            raise failures[0]
 
     def close(self) -> None:
         """Finishes the writes without raising (for error paths: a failure is printed, never masks
@@ -210,10 +212,13 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
                   test_evaluation=time.perf_counter() - t)
-    background = {}
+    background, output_error = {}, None
     if outputs is not None:
         t = time.perf_counter()
-        outputs.wait()
+        try:
+            outputs.wait()
+        except Exception as e:  # noqa: BLE001 - raised below, once the training's metrics are safe
+            output_error = e
         phases["outputs_wait"] = time.perf_counter() - t
         background = dict(outputs.seconds) if outputs.background else {}
     wall = time.perf_counter() - t0
@@ -235,6 +240,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
               f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
+    if output_error is not None:
+        raise output_error
     return metrics
 
 
@@ -323,6 +330,11 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
         if lr_find_file.exists():
             found = read_json(lr_find_file, "pass another --lr-find-json or remove it")
             suggestions = found.get("suggestions") if isinstance(found, dict) else None
+            if not (isinstance(suggestions, dict) and all(
+                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+                    for v in suggestions.values())):
+                raise LrjaxError(f"{lr_find_file} has no 'suggestions' of the range test (names to positive "
+                                 "rates or null); pass another --lr-find-json or remove it")
         elif cfg.lr_find_json:
             raise LrjaxError(f"--lr-find-json {lr_find_file} does not exist")
     _say(cfg, f"sweep: {len(grid)} rates {grid[0]:.3g}..{grid[-1]:.3g} x {len(seeds)} seed(s), "

@@ -89,7 +89,8 @@ def test_flags_follow_config_metadata(capsys):
     (["train", "--lr", "inf"], "lrjax train: error: --lr must be a finite number, got inf"),
     (["train"], "lrjax train: error: lrjax train needs --lr"),
     (["train", "--lr", "0.1", "--stop-after", "0"], "--stop-after must be an epoch >= 1, got 0"),
-    (["find-lr", "--seed", "-1"], "lrjax find-lr: error: --seed must be >= 0, got -1"),
+    (["find-lr", "--seed", "-1"], "lrjax find-lr: error: --seed must be in [0, 2**32), got -1"),
+    (["run", "--seed", str(2**64)], "--seed must be in [0, 2**32)"),
     (["run", "--mesh-shape", "foo"], "--mesh-shape 'foo' is not 'auto', an integer or 'members=M,data=D'"),
     (["sweep", "--lrs", "0.01,nan"], "--lrs needs two or more positive rates"),
 ])

@@ -482,13 +482,45 @@ def test_next_epoch_runs_while_the_host_writes_and_nothing_extra_is_started(tmp_
                                                                            epochs, patience, stops):
     from lrjax import steps
 
-    started = []  # epochs dispatched (each ends with its validation)
-    evaluate = steps.evaluate
-    monkeypatch.setattr(steps, "evaluate", lambda *a, **kw: started.append(1) or evaluate(*a, **kw))
-    seen = []  # at each epoch's progress line (after its TensorBoard writes and checkpoint): epochs started
+    started = {0}  # epochs whose data order was drawn, i.e. that were started (or compiled for)
+    epoch_key = steps.epoch_key
+    monkeypatch.setattr(steps, "epoch_key", lambda key, e: started.add(int(e)) or epoch_key(key, e))
+    seen = []  # at each epoch's progress line (after its TensorBoard writes and checkpoint): the last started
     r = run(data, epochs=epochs, workdir=tmp_path, early_stopping=EarlyStopping(patience=patience),
-            progress=lambda line: seen.append(len(started)))
+            progress=lambda line: seen.append(max(started)))
     n = r.epochs_run
     assert r.stopped_early == stops == (n < epochs) and n >= 3
     # epoch e + 1 was already running while epoch e was written, except after the last epoch
-    assert seen == [*range(2, n + 1), n] and len(started) == n
+    assert seen == [*range(2, n + 1), n] and max(started) == n
+
+
+def test_epoch_times_leave_out_the_previous_epochs_writes_and_add_up(tmp_path, data, monkeypatch):
+    save = Checkpointer.save
+
+    def slow_save(self, *a, **kw):  # a slow filesystem: 0.3 s a save, far longer than a tiny epoch
+        time.sleep(0.3)
+        return save(self, *a, **kw)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    r = run(data, epochs=4, workdir=tmp_path)
+    times = [h["epoch_time_s"] for h in r.history]
+    assert max(times[1:]) < 0.25, times  # epoch e+1 ran during e's save, but the save is not its time
+    # every epoch's time lies inside the training phase (the first epoch too), the save in checkpoint_s
+    assert sum(times) <= r.timings["train_s"] and r.timings["checkpoint_s"] >= 4 * 0.3
+
+
+def test_a_failure_to_start_the_next_epoch_keeps_the_finished_one(tmp_path, data, monkeypatch):
+    from lrjax import steps
+
+    epoch_key = steps.epoch_key
+
+    def failing(key, epoch):
+        if int(epoch) == 3:
+            raise RuntimeError("device lost")
+        return epoch_key(key, epoch)
+
+    monkeypatch.setattr(steps, "epoch_key", failing)
+    lines = []
+    with pytest.raises(RuntimeError, match="device lost"):
+        run(data, epochs=5, workdir=tmp_path, progress=lines.append)
+    assert len(lines) == 2 and step_numbers(tmp_path / "checkpoints") == [1, 2]  # epoch 2: logged and saved

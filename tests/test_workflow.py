@@ -69,9 +69,11 @@ def test_output_writer_runs_tasks_in_order_and_raises_the_first_failure(capsys):
     writer.submit("a", done.append, 1)
     writer.submit("b", fail, "disk full")
     writer.submit("c", done.append, 2)  # a failure does not stop later writes
+    writer.submit("e", fail, "quota")
     with pytest.raises(OSError, match="disk full"):
         writer.wait()
     assert done == [1, 2] and set(writer.seconds) == {"a", "c"}
+    assert "writing outputs failed: quota" in capsys.readouterr().err  # the other failure is not lost
     writer.submit("d", fail, "read-only")
     writer.close()  # waits, and reports instead of raising (it runs while another error is handled)
     assert "writing outputs failed: read-only" in capsys.readouterr().err
@@ -96,7 +98,8 @@ def test_run_job_waits_for_its_background_outputs(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "save_samples", broken)
     with pytest.raises(OSError, match="no space left"):
         workflow.run_job(c.replace(workdir=str(tmp_path / "second")))
-    assert not (tmp_path / "second" / "metrics.json").exists()
+    # ... after the training's results are safe: a figure never costs the metrics
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["lr"] == metrics["lr"]
 
 
 def test_sweep_job_with_every_member_diverged_is_an_error_after_writing(tmp_path, data):
@@ -126,9 +129,15 @@ def test_run_job_refuses_another_runs_workdir_before_writing(tmp_path, data, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no samples.png, no lr_find.*
 
 
-def test_a_malformed_lr_find_json_is_named(tmp_path, data):
-    (tmp_path / "lr_find.json").write_text("hi\n")
-    with pytest.raises(lrjax.LrjaxError, match="lr_find.json is not valid JSON"):
+@pytest.mark.parametrize("text, match", [
+    ("hi\n", "lr_find.json is not valid JSON"),
+    ('{"suggestions": {"valley": "0.01"}}', "lr_find.json has no 'suggestions'"),
+    ('{"suggestions": [0.01, 0.1]}', "lr_find.json has no 'suggestions'"),
+])
+def test_a_malformed_lr_find_json_is_named_before_the_sweep(tmp_path, data, text, match, monkeypatch):
+    (tmp_path / "lr_find.json").write_text(text)
+    monkeypatch.setattr(lrjax.sweeps, "sweep", None)  # it must not get that far
+    with pytest.raises(lrjax.LrjaxError, match=match):
         workflow.sweep_job(cfg(tmp_path, epochs=1), data)
 
 
