@@ -12,7 +12,7 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
   sweep   16 learning rates x E epochs: 16 sequential trainings (baseline) vs one program: vmapped on
           one device, and lrjax's default (on a CPU: the rates looped over by every core)
   io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
-  run     the whole `lrjax run` workflow: outputs on a worker thread vs in line, and broken down by phase
+  run     the whole `lrjax run` workflow broken down by phase
 """
 
 from __future__ import annotations
@@ -404,32 +404,19 @@ def bench_sweep(data, a):
 
 
 def bench_run(data_dir, a):
-    """`lrjax run` end to end (`workflow.run_job`, as the CLI calls it): its figures and files written
-    on the worker thread (lrjax's default) vs in line, in alternating rounds with JAX's in-memory
-    caches emptied before each (compile times as a fresh `lrjax run` sees them); then the wall time
-    of the last default run by phase, as metrics.json's `phases_s` reports it."""
-    from lrjax import workflow
-
+    """`lrjax run` end to end (`workflow.run_job`, as the CLI calls it), its wall time by phase as
+    metrics.json's `phases_s` reports it; one run, with JAX's in-memory caches emptied first."""
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-run-"))
-    last = {}
-
-    def run(background: bool):
-        shutil.rmtree(tmp / "wd", ignore_errors=True)
-        cfg = lrjax.Config(workdir=str(tmp / "wd"), data_dir=data_dir, epochs=a.run_epochs, progress=False)
-        last[background] = workflow.run_job(cfg, background_outputs=background)
-
     try:
-        interleaved("run", {f"lrjax run ({a.run_epochs} epochs), outputs written in line": lambda: run(False),
-                            f"lrjax run ({a.run_epochs} epochs), outputs on a worker thread": lambda: run(True)},
-                    a.repeats, cold=True)
-        metrics = last[True]
+        jax.clear_caches()  # compile times as a fresh `lrjax run` sees them
+        cfg = lrjax.Config(workdir=str(tmp), data_dir=data_dir, epochs=a.run_epochs, progress=False)
+        from lrjax import workflow
+
+        metrics = workflow.run_job(cfg)
         total = metrics["wall_time_s"]
         for name, sec in metrics["phases_s"].items():
             row("run", f"{name.replace('_', ' ')} ({a.run_epochs} epochs)", sec,
                 note=f"{100 * sec / total:.0f}% of {total:.1f}s")
-        for name, sec in metrics.get("background_s", {}).items():
-            row("run", f"{name.replace('_', ' ')} (worker thread)", sec,
-                note="written while the phases above ran, not part of their sum")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,8 +1,8 @@
 """Matplotlib figures written to PNG files. Plotting only.
 
 Figures are `matplotlib.figure.Figure` objects, not pyplot's: no global figure registry, no GUI
-backend, nothing to close, and safe to draw on a worker thread (`lrjax run` writes its figures on
-one while it computes), as matplotlib's docs advise for use outside an interactive session.
+backend, nothing to close, and safe in threads, as matplotlib's docs advise for use outside an
+interactive session.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,52 +47,6 @@ def model_for(cfg: Config, data: Dataset, seed: int | None = None):
     return mlp(data.in_features, cfg.hidden_sizes, data.num_classes, seed=cfg.seed if seed is None else seed)
 
 
-class OutputWriter:
-    """Writes a run's files (figures, the range test's CSV/JSON and TensorBoard curve) on one worker
-    thread while the main thread computes: `lrjax run` spent ~0.7 s of its critical path on them
-    (matplotlib's import and drawing), where a compile or the range test leaves a core free.
-
-    `wait()` returns once everything is written and raises the first failure; `seconds` holds each
-    task's time on the worker (it overlaps the main thread's phases, so it is not one of them).
-    """
-
-    def __init__(self, background: bool = True):
-        self.background = background
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrjax-outputs") if background else None
-        self._tasks: list[Future] = []
-        self.seconds: dict[str, float] = {}
-
-    def submit(self, name: str, fn, *args) -> None:
-        def task():
-            t = time.perf_counter()
-            fn(*args)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-
-        if self._pool is None:  # inline: written now, on the calling thread (failures raise here)
-            task()
-        else:
-            self._tasks.append(self._pool.submit(task))
-
-    def wait(self) -> None:
-        """Waits for every write; raises the first failure, after printing any others."""
-        failures = [e for e in (task.exception() for task in self._tasks) if e is not None]
-        self._tasks = []
-        for e in failures[1:]:
-            print(f"lrjax: error: writing outputs failed: {e}", file=sys.stderr, flush=True)
-        if failures:
-            raise failures[0]
-
-    def close(self) -> None:
-        """Finishes the writes without raising (for error paths: a failure is printed, never masks
-        the exception being handled)."""
-        for task in self._tasks:
-            if task.exception() is not None:
-                print(f"lrjax: error: writing outputs failed: {task.exception()}", file=sys.stderr, flush=True)
-        self._tasks = []
-        if self._pool is not None:
-            self._pool.shutdown()
-
-
 class _Progress:
     """A tqdm bar fed by the range test's per-chunk reports (stderr, main process only)."""
 
@@ -115,9 +68,8 @@ class _Progress:
             self.bar.close()
 
 
-def find_lr_job(cfg: Config, data: Dataset | None = None, outputs: OutputWriter | None = None) -> RangeTestResult:
-    """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve (on `outputs`' worker
-    when given, else before returning)."""
+def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
+    """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve."""
     data = data if data is not None else load(cfg)
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
@@ -135,10 +87,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None, outputs: OutputWriter 
     finally:
         bar.close()
     if jax.process_index() == 0:
-        if outputs is not None:
-            outputs.submit("lr_find_outputs", _write_lr_find, result, workdir)
-        else:
-            _write_lr_find(result, workdir)
+        result.save(workdir)
+        write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
@@ -158,11 +108,6 @@ def find_lr_job(cfg: Config, data: Dataset | None = None, outputs: OutputWriter 
     return result
 
 
-def _write_lr_find(result: RangeTestResult, workdir: Path) -> None:
-    result.save(workdir)
-    write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
-
-
 def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
     """The range-test curve in TensorBoard: loss, smoothed loss and lr against the step."""
     writer = tb.Writer(logdir, purge_step=0)
@@ -177,12 +122,11 @@ def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
 def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
               extra: dict[str, Any] | None = None, stop_after: int | None = None,
               started: float | None = None, phases: dict[str, float] | None = None,
-              outputs: OutputWriter | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+              config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains with `lr` (default `cfg.lr`), evaluates the kept weights on test, writes metrics.json
     (`wall_time_s` counts from `started`, a `time.perf_counter()` value, when given; `phases` are
     the seconds of the work done since then, to which metrics.json's `phases_s` adds training's).
-    Files still being written on `outputs`' worker are waited for before metrics.json; `config`
-    adds entries to the run's configuration kept in its checkpoints."""
+    `config` adds entries to the run's configuration kept in its checkpoints."""
     t0 = started if started is not None else time.perf_counter()
     phases = dict(phases or {})
     lr = lr if lr is not None else cfg.lr
@@ -212,15 +156,6 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
                   test_evaluation=time.perf_counter() - t)
-    background, output_error = {}, None
-    if outputs is not None:
-        t = time.perf_counter()
-        try:
-            outputs.wait()
-        except Exception as e:  # noqa: BLE001 - raised below, once the training's metrics are safe
-            output_error = e
-        phases["outputs_wait"] = time.perf_counter() - t
-        background = dict(outputs.seconds) if outputs.background else {}
     wall = time.perf_counter() - t0
     phases["other"] = wall - sum(phases.values())  # model init, training set-up, summaries
     metrics = {
@@ -229,7 +164,6 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
         "wall_time_s": wall, "phases_s": phases, **(extra or {}),
-        **({"background_s": background} if background else {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
         "history": result.history,
     }
@@ -240,8 +174,6 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
               f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
-    if output_error is not None:
-        raise output_error
     return metrics
 
 
@@ -285,36 +217,32 @@ class Interrupted(LrjaxError):
                          "to resume")
 
 
-def run_job(cfg: Config, background_outputs: bool = True) -> dict[str, Any]:
-    """The seed workflow end to end; returns metrics.json's content. samples.png and the range
-    test's files are written on a worker thread meanwhile (metrics.json's `background_s`), or in
-    line with `background_outputs=False` (the benchmark's comparison)."""
+def run_job(cfg: Config) -> dict[str, Any]:
+    """The seed workflow end to end; returns metrics.json's content."""
     t0 = time.perf_counter()
     workdir = Path(cfg.workdir)
     # A workdir with checkpoints resumes that run at its rate, or is refused before anything is loaded or written.
     resumed = checkpointed_run(cfg)
     data = load(cfg)
     phases = {"data_load": time.perf_counter() - t0}
-    outputs = OutputWriter(background=background_outputs)
-    try:
-        if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            outputs.submit("samples_png", save_samples, data, workdir / "samples.png")
-        if resumed is not None:
-            lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
-            _say(cfg, f"resuming: the checkpointed run's rate {lr!r} (epoch {resumed['epoch']} done)")
-        else:
-            t = time.perf_counter()
-            result = find_lr_job(cfg, data, outputs)
-            lr, method = result.suggestion, result.method
-            phases.update(range_test_compile=result.compile_time_s,
-                          range_test=result.wall_time_s - result.compile_time_s,
-                          # the model's initialisation and handing the outputs to the worker
-                          range_test_init=time.perf_counter() - t - result.wall_time_s)
-        return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0, phases=phases,
-                         outputs=outputs, config={"lr_method": method})
-    finally:
-        outputs.close()
+    if jax.process_index() == 0:
+        t = time.perf_counter()
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_samples(data, workdir / "samples.png")
+        phases["samples_png"] = time.perf_counter() - t
+    if resumed is not None:
+        lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
+        _say(cfg, f"resuming: the checkpointed run's rate {lr!r} (epoch {resumed['epoch']} done)")
+    else:
+        t = time.perf_counter()
+        result = find_lr_job(cfg, data)
+        lr, method = result.suggestion, result.method
+        phases.update(range_test_compile=result.compile_time_s,
+                      range_test=result.wall_time_s - result.compile_time_s,
+                      # the model's initialisation, lr_find.{json,csv,png} and the TensorBoard curve
+                      range_test_init_and_outputs=time.perf_counter() - t - result.wall_time_s)
+    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0, phases=phases,
+                     config={"lr_method": method})
 
 
 def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):
