@@ -333,4 +333,4 @@ def run_names(lrs) -> list[str]:
         names = [f"{float(lr):.{digits}g}" for lr in lrs]
         if len(set(names)) == len(names):
             return names
-    return [f"{float(lr)!r}_{i}" for i, lr in enumerate(lrs)]  # repeated rates: one run each all the same
+    return [f"{float(lr)!r}_{i}" for i, lr in enumerate(lrs)]  # a rate given twice: numbered apart
