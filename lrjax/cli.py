@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(Config):
             if name in f.metadata["commands"]:
                 _add_field(p, f, hints[f.name])
-        if name == "train":
+        if name in ("train", "run"):
             p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                            help="end after this epoch with a checkpoint, as a preemption would, and exit 0; "
                                 "the same command resumes (time-boxed jobs, tests)")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             workflow.train_job(cfg, stop_after=args.stop_after)
         elif args.command == "run":
-            workflow.run_job(cfg)
+            workflow.run_job(cfg, stop_after=args.stop_after)
         elif args.command == "sweep":
             workflow.sweep_job(cfg)
     except workflow.Interrupted as e:

@@ -217,8 +217,8 @@ class Interrupted(LrjaxError):
                          "to resume")
 
 
-def run_job(cfg: Config) -> dict[str, Any]:
-    """The seed workflow end to end; returns metrics.json's content."""
+def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
+    """The seed workflow end to end; returns metrics.json's content (`stop_after` as in `train_job`)."""
     t0 = time.perf_counter()
     workdir = Path(cfg.workdir)
     # A workdir with checkpoints resumes that run at its rate, or is refused before anything is loaded or written.
@@ -241,8 +241,8 @@ def run_job(cfg: Config) -> dict[str, Any]:
                       range_test=result.wall_time_s - result.compile_time_s,
                       # the model's initialisation, lr_find.{json,csv,png} and the TensorBoard curve
                       range_test_init_and_outputs=time.perf_counter() - t - result.wall_time_s)
-    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, started=t0, phases=phases,
-                     config={"lr_method": method})
+    return train_job(cfg, data, lr=lr, extra={"lr_method": method}, stop_after=stop_after, started=t0,
+                     phases=phases, config={"lr_method": method})
 
 
 def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):

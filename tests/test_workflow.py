@@ -97,6 +97,20 @@ def test_run_job_resumes_at_the_checkpointed_rate_whatever_lr_find_json_says(tmp
     assert again["history"][:2] == first["history"]
 
 
+def test_run_job_stopped_after_an_epoch_resumes_to_the_same_end(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    c = cfg(tmp_path / "a", start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=3)
+    whole = workflow.run_job(c)
+    with pytest.raises(workflow.Interrupted, match="after epoch 1"):
+        workflow.run_job(c.replace(workdir=str(tmp_path / "b")), stop_after=1)
+    resumed = workflow.run_job(c.replace(workdir=str(tmp_path / "b")))
+
+    def comparable(m):
+        return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in m["history"]], m["lr"], m["test_loss"]
+
+    assert comparable(resumed) == comparable(whole)
+
+
 def test_run_job_refuses_another_runs_workdir_before_writing(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     workflow.train_job(cfg(tmp_path, lr=0.05, epochs=1), data)
