@@ -120,10 +120,12 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "does not exist"
             raise DataError(f"data folder {folder} {what} (--data-dir / LRJAX_DATA_DIR)")
-        if name in tfds_source.IDX_DATASETS and (idx_lib.has_idx_files(folder)
-                                                  or not tfds_source.is_prepared(name, str(folder))):
-            return _from_raw(name, idx_lib.read_idx_folder(folder, name), f"IDX files in {folder}", valid_size)
-        if idx_lib.has_idx_files(folder) and not tfds_source.is_prepared(name, str(folder)):
+        has_idx = idx_lib.has_idx_files(folder)
+        if name in tfds_source.IDX_DATASETS:
+            if has_idx or not tfds_source.is_prepared(name, str(folder)):
+                return _from_raw(name, idx_lib.read_idx_folder(folder, name), f"IDX files in {folder}",
+                                 valid_size)
+        elif has_idx and not tfds_source.is_prepared(name, str(folder)):
             raise DataError(f"{folder} holds MNIST-format IDX files, which lrjax reads as "
                             f"{' or '.join(tfds_source.IDX_DATASETS)}, not as {name!r} (--dataset / --data-dir)")
     tfds_dir = None if data_dir is None else str(data_dir)

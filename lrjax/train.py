@@ -120,7 +120,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
     # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
     rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
-    best_params = jax.tree.map(jnp.copy, state.params)
+    best_params = state.params  # no copy needed: the epoch programs donate nothing
     history: list[dict[str, float]] = []
     start_epoch, run_name, resumed_from = 0, tb.new_run_name(), None
 
@@ -200,14 +200,13 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                         + (f"; the best checkpoint so far is intact in {ckpt.directory}"
                            if ckpt is not None and ckpt.latest_step() is not None else ""))
                 if early_stopping.update(epoch, metrics):
-                    best_params = state.params  # no copy needed: the epoch programs donate nothing
+                    best_params = state.params
+                go, interrupted = may_run(epoch + 1)
                 received = _agreed_signal(signals.received)
-                go, reason = may_run(epoch + 1)
-                # a signal in the last epoch leaves nothing to resume: the run is done
-                signalled = received and epoch < epochs and not early_stopping.should_stop
-                interrupted = received if signalled else reason
+                if received and (go or interrupted):  # after the last epoch a signal leaves nothing to resume
+                    go, interrupted = False, received
                 pending = None
-                if go and not received:
+                if go:
                     try:
                         pending = dispatch(epoch + 1, state)
                     except BaseException as e:  # noqa: BLE001 - this epoch is complete: its outputs first

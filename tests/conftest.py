@@ -41,6 +41,11 @@ def tiny_data():
     return synthetic()
 
 
+def strip_times(history):
+    """Per-epoch records without their wall times, which differ between otherwise identical runs."""
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
 class CompileCounter:
     """Counts XLA compilations of jitted functions by name, from JAX's own `jax_log_compiles` log."""
 

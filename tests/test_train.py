@@ -30,6 +30,8 @@ from lrjax.idx import FILES, write_idx_gz
 from lrjax.monitors import EarlyStopping
 from lrjax.train import fit
 
+from conftest import strip_times
+
 LR = 0.05
 HIDDEN = (32,)
 
@@ -67,10 +69,6 @@ def run(data, optimizer=optax.sgd, lr=LR, **kw):
 
 def bits(tree) -> list[tuple]:
     return [(str(a.dtype), a.shape, np.asarray(a).tobytes()) for a in jax.tree.leaves(tree)]
-
-
-def strip_times(history):
-    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
 
 
 def latest_checkpoint(workdir: Path, like):
