@@ -90,8 +90,8 @@ def row(section, variant, seconds, baseline=None, note=""):
 # --------------------------------------------------------------------------------------------------
 
 @jax.jit
-def _loop_step(state, batch, lr):
-    return steps.train_step(state.with_lr(lr), batch)
+def _loop_step(state, batch, weights, lr):
+    return steps.train_step(state.with_lr(lr), batch, weights)
 
 
 def _loop_batches(data, batch_size, num_steps, seed):
@@ -110,7 +110,7 @@ def python_loop_range_test(data, model, batch_size, num_steps, start_lr, factor,
     ones = np.ones(batch_size, np.float32)
     losses = []
     for i, xb, yb in _loop_batches(data, batch_size, num_steps, seed):
-        state, m = _loop_step(state, (xb, yb, ones), start_lr * factor ** i)
+        state, m = _loop_step(state, (xb, yb), ones, start_lr * factor ** i)
         losses.append(float(m["loss"]))
     return losses
 
@@ -171,8 +171,8 @@ def matmul_peak(n: int = 2048) -> float:
     return 2 * n ** 3 / t / 1e9
 
 
-def python_loop_epoch(data, batch_size, lr=0.01):
-    state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, lr)
+def python_loop_epoch(data, batch_size, lr=0.01, model=None):
+    state = steps.init_state(model if model is not None else mlp(data.in_features, seed=42), optax.sgd, lr)
     step = jax.jit(steps.train_step)
     evaluate = jax.jit(steps.eval_step)
     n = len(data.x_train)
@@ -180,12 +180,12 @@ def python_loop_epoch(data, batch_size, lr=0.01):
     losses = []
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        state, m = step(state, (data.x_train[idx], data.y_train[idx], np.ones(len(idx), np.float32)))
+        state, m = step(state, (data.x_train[idx], data.y_train[idx]), np.ones(len(idx), np.float32))
         losses.append(float(m["loss"]))
     total = 0.0
     for i in range(0, len(data.x_valid), 1000):
         xb, yb = data.x_valid[i:i + 1000], data.y_valid[i:i + 1000]
-        total += float(evaluate(state, (xb, yb, np.ones(len(xb), np.float32)))["loss_sum"])
+        total += float(evaluate(state, (xb, yb), np.ones(len(xb), np.float32))["loss"])
     return losses, total
 
 
@@ -310,14 +310,14 @@ def bench_seeds(data, a):
 
 
 def bench_epoch(data, a):
-    x, y, xv, yv = map(jnp.asarray, (data.x_train, data.y_train, data.x_valid, data.y_valid))
+    train, valid = jax.tree.map(jnp.asarray, ((data.x_train, data.y_train), (data.x_valid, data.y_valid)))
     for bs in (32, 256):
         state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, 0.01)
 
         def lrjax_epoch(bs=bs):
             nonlocal state
-            state, m = steps.train_epoch(state, x, y, jax.random.key(0), batch_size=bs)
-            v = steps.evaluate(state, xv, yv, batch_size=1000)
+            state, m = steps.train_epoch(state, train, jax.random.key(0), batch_size=bs)
+            v = steps.evaluate(state, valid, batch_size=1000)
             jax.device_get((m, v))
 
         variants = {f"batch {bs}: jitted step, Python loop + eval": lambda bs=bs: python_loop_epoch(data, bs),
@@ -403,6 +403,33 @@ def bench_sweep(data, a):
         row("sweep", name, medians[name], base, f"{medians[name] / one:.1f}x the time of one training")
 
 
+def bench_cnn(data, a):
+    """The CNN (BatchNorm + Dropout, `lrjax.cnn`): a training epoch + validation and a range test,
+    lrjax's compiled programs vs a jitted step called from Python, at batch 32 and 128, already
+    compiled. On a subset (`--cnn-train`, default 11,000 images: a fifth of an epoch) to keep it short."""
+    sub = data.take(a.cnn_train, 1000, 1000)
+    train, valid = jax.tree.map(jnp.asarray, ((sub.x_train, sub.y_train), (sub.x_valid, sub.y_valid)))
+    for bs in (32, 128):
+        state = steps.init_state(lrjax.cnn(seed=42), optax.sgd, 0.01)
+        num_steps = -(-len(sub.x_train) // bs)
+
+        def lrjax_epoch(bs=bs):
+            nonlocal state
+            state, m = steps.train_epoch(state, train, jax.random.key(0), batch_size=bs)
+            jax.device_get((m, steps.evaluate(state, valid, batch_size=1000)))
+
+        kw = dict(batch_size=bs, num_steps=num_steps, start_lr=1e-3, factor=1.005)
+        interleaved("cnn", {
+            f"batch {bs}: epoch, jitted step, Python loop + eval": lambda bs=bs: python_loop_epoch(
+                sub, bs, model=lrjax.cnn(seed=42)),
+            f"batch {bs}: epoch, lrjax compiled epoch + eval": lrjax_epoch}, a.repeats)
+        interleaved("cnn", {
+            f"batch {bs}: range test, jitted step, Python loop": lambda: python_loop_range_test(
+                sub, lrjax.cnn(seed=0), **kw),
+            f"batch {bs}: range test, lrjax find_lr": lambda: lrjax.find_lr(lrjax.cnn(seed=0), optax.sgd, sub, **kw),
+        }, a.repeats)
+
+
 def bench_run(data_dir, a):
     """`lrjax run` end to end (`workflow.run_job`, as the CLI calls it), its wall time by phase as
     metrics.json's `phases_s` reports it; one run, with JAX's in-memory caches emptied first."""
@@ -438,6 +465,7 @@ def main():
     p.add_argument("--sweep-epochs", type=int, default=2)
     p.add_argument("--run-epochs", type=int, default=5)
     p.add_argument("--io-epochs", type=int, default=8)
+    p.add_argument("--cnn-train", type=int, default=11000, help="training images of the cnn section")
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
@@ -454,7 +482,7 @@ def main():
     print(f"{'section':7s} {'variant':52s} {'median':>11s}  {'ratio':>7s}")
     sections = a.sections.split(",")
     for name, fn in (("range", bench_range), ("seeds", bench_seeds), ("epoch", bench_epoch),
-                     ("sweep", bench_sweep), ("io", bench_io)):
+                     ("sweep", bench_sweep), ("io", bench_io), ("cnn", bench_cnn)):
         if name in sections:
             fn(data, a)
     if "run" in sections and a.data_dir:

@@ -1,7 +1,8 @@
 """Orbax checkpoints: the latest N and the best by a metric, saved asynchronously, restored with fallback.
 
 A checkpoint is a `Composite` of two items, so plain Orbax can read it without lrjax:
-  - `state`: a pytree of arrays (model parameters, optimizer state, best weights, RNG key data),
+  - `state`: a pytree of arrays (model parameters and state, optimizer state, best weights, RNG key
+    data; typed PRNG keys, such as a Dropout stream's, are stored as their raw data),
     written with `StandardSave`;
   - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run name).
 Per-epoch metrics are handed to the manager, which keeps the best checkpoint by `best_metric`
@@ -84,7 +85,7 @@ class Checkpointer:
 
     def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float], force: bool = False) -> None:
         """Starts an (asynchronous) save; the previous save is finished first by Orbax."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics={k: float(v) for k, v in metrics.items()}, force=force)
 
@@ -99,7 +100,7 @@ class Checkpointer:
         """
         self.manager.wait_until_finished()
         candidates = [step] if step is not None else list(reversed(self.all_steps()))
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _storable(target))
         failures = []
         for s in candidates:
             try:
@@ -114,7 +115,7 @@ class Checkpointer:
                 restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 if failures or self._set_aside:
                     print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
-                return s, restored["state"], meta
+                return s, _from_storable(restored["state"], target), meta
             except LrjaxError:  # the caller's verdict on an intact checkpoint
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
@@ -149,6 +150,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _is_key(a) -> bool:
+    return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _storable(tree: Any) -> Any:
+    """Typed PRNG keys (an RNG stream's state inside a model) as their raw uint32 data, which Orbax stores."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def _from_storable(tree: Any, like: Any) -> Any:
+    """`_storable`'s inverse: the leaves that are keys in `like` become keys again (of the same impl)."""
+    return jax.tree.map(lambda a, t: jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a,
+                        tree, like)
 
 
 def _shapes(tree: Any) -> list[tuple[int, ...]]:

@@ -40,7 +40,11 @@ class Config:
                                "(default: $LRJAX_CACHE_DIR or ~/.cache/lrjax)")
     seed: int = _f(42, "seed for model init, batch order and everything random")
     batch_size: int = _f(32, "global batch size (divided across devices)")
+    model: str = _f("mlp", "model: mlp (the seed's MLP) or cnn (a compact CNN with BatchNorm and Dropout); "
+                    "scripts add more with lrjax.models.register_model")
     hidden_sizes: tuple[int, ...] = _f((300, 100), "hidden layer widths of the MLP, e.g. 300,100")
+    dtype: str = _f("float32", "compute dtype: float32, or bfloat16 (mixed precision: parameters and optimizer "
+                    "state stay float32, the loss is computed in float32)")
     optimizer: str = _f("sgd", f"optax optimizer: {', '.join(OPTIMIZERS)}")
     # --- range test ---
     start_lr: float = _f(1e-3, "first learning rate of the range test", RANGE)
@@ -65,7 +69,8 @@ class Config:
     patience: int = _f(20, "early stopping: epochs without improvement of the monitor (sweep: of "
                        "val_loss; a patience >= --epochs switches it off)", TRAIN)
     min_delta: float = _f(0.0, "early stopping: smallest change that counts as improvement", TRAIN)
-    monitor: str = _f("val_loss", "early stopping monitor: val_loss or val_accuracy", ("train", "run"))
+    monitor: str = _f("val_loss", "early stopping monitor and best checkpoint: val_loss, val_accuracy or any "
+                      "val_<metric> of the task (mode: max for accuracy-like names, else min)", ("train", "run"))
     restore_best: bool = _f(True, "end with the best epoch's weights (Keras restore_best_weights)",
                             ("train", "run"))
     keep_latest: int = _f(2, "latest checkpoints kept (the best one is always kept too)", ("train", "run"))
@@ -119,8 +124,15 @@ class Config:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.suggestion != "default" and self.suggestion not in METHODS:
             raise ConfigError(f"--suggestion must be {', '.join(METHODS)} or default, got {self.suggestion!r}")
-        if self.monitor not in ("val_loss", "val_accuracy"):
-            raise ConfigError(f"--monitor must be val_loss or val_accuracy, got {self.monitor!r}")
+        if not self.monitor.startswith("val_"):
+            raise ConfigError(f"--monitor must name a validation metric (val_loss, val_accuracy, ...), got "
+                              f"{self.monitor!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        from lrjax.models import MODELS
+
+        if self.model not in MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
         if not self.dataset or not all(c.isalnum() or c in "_-/.:" for c in self.dataset):

@@ -61,6 +61,14 @@ class Dataset:
                                    x_test=self.x_test[:test], y_test=self.y_test[:test])
 
 
+def split_examples(data, split: str):
+    """The examples of `split` ('train', 'valid', 'test') as the loss function receives them: the pair
+    (x_<split>, y_<split>), or x_<split> itself where y_<split> is None (a pytree such as TFDS's
+    {"image", "label"} dicts). `data` is any object with those attributes, e.g. a `Dataset`."""
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}", None)
+    return x if y is None else (x, y)
+
+
 def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                 test_labels: np.ndarray, class_names=None, source: str = "arrays",
                 valid_size: int = VALID_SIZE) -> Dataset:

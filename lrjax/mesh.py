@@ -163,13 +163,15 @@ def replicate(tree, mesh: jax.sharding.Mesh):
     sharding = NamedSharding(mesh, P())
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
+    def assemble(a):
+        if jax.dtypes.issubdtype(getattr(a, "dtype", np.float32), jax.dtypes.prng_key):
+            # RNG keys (a Dropout stream's, say) travel as their raw data
+            data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(a)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a))
 
-def replicate_data(data, mesh: jax.sharding.Mesh):
-    """(x_train, y_train, x_valid, y_valid) of a dataset, replicated on every device of `mesh`."""
-    return replicate(tuple(np.asarray(a) for a in (data.x_train, data.y_train, data.x_valid, data.y_valid)),
-                     mesh)
+    return jax.tree.map(assemble, tree)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -30,8 +30,10 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps, suggest
+from lrjax import steps, suggest, tasks
+from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
+from lrjax.tasks import LossFn
 
 
 def exponential_lrs(start_lr: float, num_steps: int, factor: float | None = None,
@@ -69,25 +71,28 @@ def _init_carry(state: TrainState) -> _Carry:
                   diverged_step=jnp.full([], -1, jnp.int32), t=jnp.zeros([], jnp.int32))
 
 
-def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
+def _range_chunk(carry: _Carry, examples, idx, w, lrs, active, pos, val, hp):
     """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap or map it over seeds.
 
     A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
     state is left as it is and the step's loss is NaN and `valid` is False.
     """
-    val_x, val_y, val_w = val
+    val_examples, val_w = val
 
     def body(c: _Carry, inputs):
         i, wi, lr, act, p = inputs
         run = act & (c.diverged_step < 0)
 
         def step(c: _Carry):
-            state, m = steps.train_step(c.state.with_lr(lr), steps.gather_batch(x, y, i, wi))
+            state, m = steps.train_step(c.state.with_lr(lr), *steps.gather_batch(examples, i, wi))
             loss = m["loss"]
             avg = hp["beta"] * c.avg + (1 - hp["beta"]) * loss
             smoothed = avg / (1 - hp["beta"] ** (c.t + 1).astype(jnp.float32))
-            # fastai's rule on the smoothed loss (robust to batch noise); a non-finite loss always stops.
-            bad = ~jnp.isfinite(loss) | (smoothed > hp["diverge_factor"] * c.best)
+            # fastai's rule on the smoothed loss (robust to batch noise), smoothed > diverge_factor x lowest,
+            # written as a rise above the lowest by (diverge_factor - 1) x its magnitude so that it also
+            # holds for losses that go negative (log-likelihoods); a non-finite loss always stops.
+            rise = smoothed - c.best
+            bad = ~jnp.isfinite(loss) | (rise > (hp["diverge_factor"] - 1) * jnp.abs(c.best))
             new = c.replace(state=state, avg=avg, best=jnp.minimum(c.best, smoothed),
                             diverged_step=jnp.where(bad, c.t, -1), t=c.t + 1)
             return new, loss, ~bad
@@ -96,14 +101,14 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
             return c.replace(t=c.t + act.astype(jnp.int32)), jnp.full([], jnp.nan), jnp.zeros([], bool)
 
         c, loss, valid = jax.lax.cond(run, step, skip, c)
-        if val_x is None:
+        if val_examples is None:
             val_loss = jnp.full([], jnp.nan)
         else:
             # The predicate depends on the step number only, which is the same for every seed, so
             # under vmap this stays a real branch (a per-seed predicate would evaluate every step).
             val_loss = jax.lax.cond(
                 p % hp["eval_every"] == 0,
-                lambda s: steps.eval_step(s, (val_x, val_y, val_w))["loss_sum"] / jnp.sum(val_w),
+                lambda s: steps.eval_step(s, val_examples, val_w)["loss"] / jnp.sum(val_w),
                 lambda s: jnp.full([], jnp.nan), c.state)
             val_loss = jnp.where(valid, val_loss, jnp.nan)
         return c, {"loss": jnp.where(valid, loss, jnp.nan), "valid": valid, "val_loss": val_loss}
@@ -112,7 +117,7 @@ def _range_chunk(carry: _Carry, x, y, idx, w, lrs, active, pos, val, hp):
 
 
 @partial(jax.jit, static_argnames=("chunk", "member_loop"), donate_argnums=(0,))
-def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, member_loop: str = "vmap"):
+def _run_chunk(carry, start, examples, idx, w, lrs, active, val, hp, *, chunk: int, member_loop: str = "vmap"):
     """Steps [start, start + chunk) of the test. `start` is traced, so every chunk runs one program;
     with several seeds (a leading seed axis on carry, idx and w) the chunk runs for each seed, all
     at once or one after another per device (`member_loop`, see `mesh.map_members`)."""
@@ -123,11 +128,11 @@ def _run_chunk(carry, start, x, y, idx, w, lrs, active, val, hp, *, chunk: int, 
     pos = start + jnp.arange(chunk)  # step numbers
     lrs, active = take(lrs), take(active)
     if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
-        carry, out = _range_chunk(carry, x, y, take(idx), take(w), lrs, active, pos, val, hp)
+        carry, out = _range_chunk(carry, examples, take(idx), take(w), lrs, active, pos, val, hp)
     else:
         carry, out = mesh_lib.map_members(
-            lambda m, *shared: _range_chunk(m[0], *shared[:2], m[1], m[2], *shared[2:]),
-            (carry, take(idx, 1), take(w, 1)), x, y, lrs, active, pos, val, hp, loop=member_loop)
+            lambda m, examples, *shared: _range_chunk(m[0], examples, m[1], m[2], *shared),
+            (carry, take(idx, 1), take(w, 1)), examples, lrs, active, pos, val, hp, loop=member_loop)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
@@ -260,13 +265,18 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             chunk_steps: int = 256, stop_on_divergence: bool = True,
             progress: Callable[[dict], None] | None = None,
             init_fn: Callable[[int], nnx.Module] | None = None,
-            mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None) -> RangeTestResult:
+            mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None,
+            loss_fn: LossFn = tasks.classification, dtype=None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
     `init_fn(seed + s)` when given, else from `model`'s own weights (all seeds alike). `optimizer` is
     a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has `x_train`,
-    `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays. With `end_lr` given, the
+    `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays, or example pytrees with
+    `y_*` None (see `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)` is the
+    task (`lrjax.tasks`; default: softmax cross-entropy); `dtype` the compute dtype (e.g.
+    `jnp.bfloat16`: mixed precision, parameters stay float32). A BatchNorm's statistics and an RNG
+    stream's counter advance with the steps like the weights; the validation curve uses eval mode. With `end_lr` given, the
     rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
     default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
     `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
@@ -281,9 +291,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     mesh_lib.check_batch_size(batch_size, mesh)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        x, y = mesh_lib.replicate((np.asarray(data.x_train), np.asarray(data.y_train)), mesh)
+        examples = mesh_lib.replicate(split_examples(data, "train"), mesh)
         t_start = time.perf_counter()
-        n = x.shape[0]
+        n = steps.num_examples(examples)
         if num_steps is None:
             num_steps = steps.steps_per_epoch(n, batch_size)
             if num_steps < 2:
@@ -296,7 +306,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
         # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
         total = mesh_lib.padded_members(num_seeds, mesh) if num_seeds > 1 else 1
-        states = [steps.init_state(m, optimizer, start_lr) for m in models + models[-1:] * (total - num_seeds)]
+        states = [steps.init_state(m, optimizer, start_lr, loss_fn=loss_fn, dtype=dtype)
+                  for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
         carry = _init_carries(states, real=num_seeds)
@@ -307,14 +318,15 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         member_loop = member_loop or mesh_lib.default_member_loop(mesh)
 
         if eval_every > 0:
-            m = min(eval_examples, len(data.x_valid))
+            valid = split_examples(data, "valid")
+            m = min(eval_examples, steps.num_examples(valid))
             if m == 0:
                 raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or "
                                  "eval_examples is 0)")
-            val = (*mesh_lib.replicate((np.asarray(data.x_valid[:m]), np.asarray(data.y_valid[:m])), mesh),
+            val = (mesh_lib.replicate(jax.tree.map(lambda a: np.asarray(a[:m]), valid), mesh),
                    jnp.ones(m, jnp.float32))
         else:
-            val = (None, None, None)
+            val = (None, None)
         hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
               "eval_every": np.int32(max(eval_every, 1))}
         lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
@@ -322,7 +334,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
 
         compile_time, outputs = 0.0, []
         for c in range(num_chunks):
-            args = (carry, np.int32(c * chunk), x, y, idx, w, lrs_padded, active, val, hp)
+            args = (carry, np.int32(c * chunk), examples, idx, w, lrs_padded, active, val, hp)
             if c == 0:
                 t0 = time.perf_counter()
                 compiled = _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop).compile()

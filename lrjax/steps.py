@@ -4,6 +4,11 @@ The NNX model is split once into a static `GraphDef` and state pytrees; every fu
 pure function of pytrees (`TrainState`, arrays) that merges the model inside the trace, so plain
 `jax.jit` compiles it once per shape. No printing, files or other side effects in this module.
 
+Train and eval mode are two static graphdefs of the same model (`model.train()`, `model.eval()`):
+training steps merge the first and return the updated non-parameter state (batch statistics, RNG
+stream counts), every evaluation merges the second (running averages, no dropout). A loss function
+(`lrjax.tasks`) maps (model, batch) to per-example losses and metrics; padding rows carry weight 0.
+
 The learning rate lives in the optimizer state (`optax.inject_hyperparams`), so it is a traced value:
 changing it never recompiles, a range test can set it every step, and a sweep can vmap over it.
 """
@@ -21,6 +26,9 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
+from lrjax import tasks
+from lrjax.errors import ConfigError
+from lrjax.tasks import LossFn
 
 # XLA options for programs that run once per run (initialisation, the range test's rates): the
 # lowest backend optimisation level compiles the MLP's initialisation in 0.2 s instead of 0.8 s
@@ -28,18 +36,24 @@ from lrjax import mesh as mesh_lib
 ONE_SHOT = {"xla_backend_optimization_level": 0}
 
 OptimizerFactory = Callable[..., optax.GradientTransformation]
-Batch = tuple[jax.Array, jax.Array, jax.Array]  # images, int labels, per-example weights (0 = padding)
+Batch = Any  # what the loss function receives: an (x, y) pair of arrays, or any pytree of arrays
+RESERVED = ("loss", "lr", "count")  # names lrjax gives to its own entries beside the task's metrics
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything that changes during training, as one pytree; `graphdef` and `optimizer` are static."""
+    """Everything that changes during training, as one pytree; the rest is static (hashed by the
+    compiled programs): the model's structure in train and in eval mode, the optimizer factory, the
+    loss function and the compute dtype."""
 
     params: Any
-    rest: Any  # non-parameter model state (e.g. batch statistics); empty for the MLP
+    rest: Any  # non-parameter model state: batch statistics, RNG stream keys and counts, ...
     opt_state: Any
     step: jax.Array
-    graphdef: Any = struct.field(pytree_node=False)
+    graphdef: Any = struct.field(pytree_node=False)  # train mode (`model.train()`)
+    eval_graphdef: Any = struct.field(pytree_node=False)  # eval mode (`model.eval()`)
     optimizer: OptimizerFactory = struct.field(pytree_node=False)
+    loss_fn: LossFn = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False, default=None)  # compute dtype; None: the parameters'
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -53,6 +67,7 @@ class TrainState(struct.PyTreeNode):
         return self.replace(opt_state=optax.tree_utils.tree_set(self.opt_state, learning_rate=lr))
 
     def model(self) -> nnx.Module:
+        """The model with these weights and state, in train mode (call `.eval()` on it to evaluate)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
@@ -61,58 +76,116 @@ def make_tx(optimizer: OptimizerFactory, lr: float = 0.0) -> optax.GradientTrans
     return optax.inject_hyperparams(optimizer)(learning_rate=lr)
 
 
-def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: float = 1e-3) -> TrainState:
-    """Splits `model` once and builds the optimizer state; the model object itself is not touched later."""
+def check_optimizer(optimizer) -> None:
+    """A factory is needed (the rate is injected into its state); an optimizer instance is refused."""
+    if isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
+        raise ConfigError(
+            f"the optimizer must be a factory taking learning_rate, such as optax.adam or "
+            f"functools.partial(optax.adamw, weight_decay=1e-4), not {type(optimizer).__name__} "
+            f"{optimizer!r:.60}: lrjax sets the rate itself (range test, sweeps, schedules)")
+
+
+def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: float = 1e-3, *,
+               loss_fn: LossFn = tasks.classification, dtype=None) -> TrainState:
+    """Splits `model` once and builds the optimizer state; the model object itself is not touched later.
+
+    `dtype` (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision: parameters and optimizer
+    state stay as they are (float32), each step computes with a copy cast to `dtype`.
+    """
+    check_optimizer(optimizer)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return _init_state(params, rest, lr, graphdef=graphdef, optimizer=optimizer)
+    # A second Python view over the same arrays, to read the static train/eval attributes (Dropout's
+    # `deterministic`, BatchNorm's `use_running_average`) the NNX way; the user's model keeps its mode.
+    view = nnx.merge(graphdef, params, rest)
+    view.train()
+    train_def = nnx.graphdef(view)
+    view.eval()
+    eval_def = nnx.graphdef(view)
+    dtype = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
+    return _init_state(params, rest, lr, graphdef=train_def, eval_graphdef=eval_def, optimizer=optimizer,
+                       loss_fn=loss_fn, dtype=dtype)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "optimizer"), compiler_options=ONE_SHOT)
-def _init_state(params, rest, lr, *, graphdef, optimizer) -> TrainState:
+@partial(jax.jit, static_argnames=("graphdef", "eval_graphdef", "optimizer", "loss_fn", "dtype"),
+         compiler_options=ONE_SHOT)
+def _init_state(params, rest, lr, *, graphdef, eval_graphdef, optimizer, loss_fn, dtype) -> TrainState:
     # One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the
     # state, so later donation never touches the model's arrays.
     return TrainState(params=params, rest=rest, opt_state=make_tx(optimizer, lr).init(params),
-                      step=jnp.zeros([], jnp.int32), graphdef=graphdef, optimizer=optimizer)
+                      step=jnp.zeros([], jnp.int32), graphdef=graphdef, eval_graphdef=eval_graphdef,
+                      optimizer=optimizer, loss_fn=loss_fn, dtype=dtype)
 
 
-def _forward(params, rest, graphdef, x):
-    model = nnx.merge(graphdef, params, rest)
-    logits = model(x)
-    return logits, nnx.state(model, nnx.Not(nnx.Param))
+class _Precision:
+    """The model as the loss sees it under mixed precision: floating inputs cast to the compute
+    dtype, floating outputs back to float32 (the loss and its gradient's start stay float32).
+    Attribute access reaches the model itself."""
+
+    def __init__(self, model, dtype):
+        self._model, self._dtype = model, dtype
+
+    def __call__(self, *args, **kwargs):
+        cast = lambda to: (lambda a: a.astype(to) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a)
+        args, kwargs = jax.tree.map(cast(self._dtype), (args, kwargs))
+        return jax.tree.map(cast(jnp.float32), self._model(*args, **kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
-def _weighted_metrics(logits, labels, weights):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    total = jnp.maximum(jnp.sum(weights), 1.0)
-    loss = jnp.sum(losses * weights) / total
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * weights) / total
-    return loss, accuracy
+def _apply(state: TrainState, graphdef, params, batch: Batch):
+    """The loss function on `batch` with the model merged inside the trace: (losses, metrics, rest)."""
+    if state.dtype is not None:
+        params = jax.tree.map(lambda p: p.astype(state.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                              params)
+    # copy=True: fresh Variables of this trace level, which BatchNorm and RNG streams may update
+    model = nnx.merge(graphdef, params, state.rest, copy=True)
+    losses, metrics = state.loss_fn(model if state.dtype is None else _Precision(model, state.dtype), batch)
+    # The updated state keeps its dtypes (a bfloat16 batch would otherwise turn float32 statistics to bf16).
+    rest = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new,
+                        nnx.state(model, nnx.Not(nnx.Param)), state.rest)
+    return losses, metrics, rest
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `batch`; metrics are the loss and accuracy *before* the update and the
-    learning rate the step used (the record is the truth)."""
-    x, y, w = batch
+def _per_example(losses, metrics: dict, weights) -> dict[str, jax.Array]:
+    """The loss and metrics as one dict of float32 per-example arrays, checked against the batch."""
+    reserved = [name for name in metrics if name in RESERVED or name.startswith("val_")]
+    if reserved:
+        raise ValueError(f"loss_fn: metrics may not be named {reserved} (lrjax reports loss, lr, count and "
+                         "val_<name> itself)")
+    values = {"loss": losses, **metrics}
+    for name, v in values.items():
+        if jnp.shape(v) != weights.shape:
+            raise ValueError(f"loss_fn must return per-example arrays of shape {weights.shape} (lrjax applies "
+                             f"the padding weights and averages); {name!r} has shape {jnp.shape(v)}")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
 
-    def loss_fn(params):
-        logits, rest = _forward(params, state.rest, state.graphdef, x)
-        loss, accuracy = _weighted_metrics(logits, y, w)
-        return loss, (accuracy, rest)
 
-    (loss, (accuracy, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def train_step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch` (train mode); metrics are the weighted means of the loss and the
+    task's metrics *before* the update, and the learning rate the step used (the record is the truth).
+    `weights` (shape [batch]) are 0 for padding rows."""
+
+    def objective(params):
+        losses, metrics, rest = _apply(state, state.graphdef, params, batch)
+        values = _per_example(losses, metrics, weights)
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        means = {k: jnp.sum(v * weights) / total for k, v in values.items()}
+        return means["loss"], (means, rest)
+
+    (_, (means, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
-    return new, {"loss": loss, "accuracy": accuracy, "lr": state.lr}
+    return new, {**means, "lr": state.lr}
 
 
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Weighted sums (not means) so batches of a padded evaluation set add up exactly."""
-    x, y, w = batch
-    logits, _ = _forward(state.params, state.rest, state.graphdef, x)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
-            "count": jnp.sum(w)}
+def eval_step(state: TrainState, batch: Batch, weights) -> dict[str, jax.Array]:
+    """Eval mode (running averages, no dropout); weighted sums (not means) of the loss and metrics and
+    the example `count`, so batches of a padded evaluation set add up exactly."""
+    losses, metrics, _ = _apply(state, state.eval_graphdef, state.params, batch)
+    sums = {k: jnp.sum(v * weights) for k, v in _per_example(losses, metrics, weights).items()}
+    return {**sums, "count": jnp.sum(weights)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,10 +226,15 @@ def _batch_order(permutation, xp, n: int, batch_size: int, num_steps: int | None
     return idx, w
 
 
-def gather_batch(x, y, idx, w) -> Batch:
-    """Rows `idx` of the device-resident data, sharded along the batch over the `data` mesh axis."""
+def num_examples(examples) -> int:
+    return int(jax.tree.leaves(examples)[0].shape[0])
+
+
+def gather_batch(examples, idx, w) -> tuple[Batch, jax.Array]:
+    """Rows `idx` of the device-resident examples (a pytree) and their weights, sharded along the
+    batch over the `data` mesh axis."""
     idx = mesh_lib.shard_batch(idx)
-    return mesh_lib.shard_batch(x[idx]), y[idx], mesh_lib.shard_batch(w)
+    return jax.tree.map(lambda a: mesh_lib.shard_batch(a[idx]), examples), mesh_lib.shard_batch(w)
 
 
 def epoch_key(seed_key: jax.Array, epoch: int | jax.Array) -> jax.Array:
@@ -168,48 +246,47 @@ def epoch_key(seed_key: jax.Array, epoch: int | jax.Array) -> jax.Array:
 # Compiled programs
 # ---------------------------------------------------------------------------------------------
 
-def scan_train(state: TrainState, x, y, idx, w):
+def scan_train(state: TrainState, examples, idx, w):
     """Runs `train_step` over the rows of (idx, w); returns the state and per-step metrics."""
 
     def body(state, batch_idx):
-        i, wi = batch_idx
-        return train_step(state, gather_batch(x, y, i, wi))
+        return train_step(state, *gather_batch(examples, *batch_idx))
 
     return jax.lax.scan(body, state, (idx, w))
 
 
 def epoch_metrics(metrics, w):
-    """Example-weighted means of per-step metrics over an epoch."""
+    """Example-weighted means of per-step metrics (the loss and the task's) over an epoch."""
     counts = jnp.sum(w, axis=-1)
     total = jnp.sum(counts)
-    return {"loss": jnp.sum(metrics["loss"] * counts) / total,
-            "accuracy": jnp.sum(metrics["accuracy"] * counts) / total}
+    return {k: jnp.sum(v * counts) / total for k, v in metrics.items() if k != "lr"}
 
 
 # Not donated: the host keeps references to the state between epochs (async checkpoint, best weights).
 @partial(jax.jit, static_argnames=("batch_size",))
-def train_epoch(state: TrainState, x, y, key, *, batch_size: int):
+def train_epoch(state: TrainState, examples, key, *, batch_size: int):
     """One shuffled epoch as one compiled program: (state, epoch metrics)."""
-    idx, w = epoch_indices(key, x.shape[0], batch_size)
-    state, metrics = scan_train(state, x, y, idx, w)
+    idx, w = epoch_indices(key, num_examples(examples), batch_size)
+    state, metrics = scan_train(state, examples, idx, w)
     return state, epoch_metrics(metrics, w)
 
 
-def evaluate_arrays(state: TrainState, x, y, batch_size: int) -> dict[str, jax.Array]:
-    """Loss and accuracy over all of (x, y), scanned in padded batches (traceable, vmappable)."""
-    n = x.shape[0]
+def evaluate_arrays(state: TrainState, examples, batch_size: int) -> dict[str, jax.Array]:
+    """The loss and the task's metrics over all of `examples` in eval mode, scanned in padded
+    batches (traceable, vmappable)."""
+    n = num_examples(examples)
     steps = steps_per_epoch(n, batch_size)
     pos = jnp.arange(steps * batch_size).reshape(steps, batch_size)
     idx, w = jnp.minimum(pos, n - 1), (pos < n).astype(jnp.float32)
 
     def body(acc, batch_idx):
-        i, wi = batch_idx
-        sums = eval_step(state, gather_batch(x, y, i, wi))
+        sums = eval_step(state, *gather_batch(examples, *batch_idx))
         return jax.tree.map(jnp.add, acc, sums), None
 
-    zero = {"loss_sum": jnp.zeros([]), "correct": jnp.zeros([]), "count": jnp.zeros([])}
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(eval_step, state, *gather_batch(examples, idx[0], w[0])))
     sums, _ = jax.lax.scan(body, zero, (idx, w))
-    return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+    count = sums.pop("count")
+    return {k: v / count for k, v in sums.items()}
 
 
 evaluate = jax.jit(evaluate_arrays, static_argnames=("batch_size",))

@@ -27,9 +27,11 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps
+from lrjax import steps, tasks
+from lrjax.data import split_examples
 from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory
+from lrjax.tasks import LossFn
 
 
 def lr_grid(lrs: Sequence[float], num_lrs: int = 16) -> np.ndarray:
@@ -48,7 +50,7 @@ def nan_reduce(fn, values: np.ndarray, axis: int, fill: float) -> np.ndarray:
     return np.where(np.isnan(out), fill, out)
 
 
-def _member_step(state, live, batch):
+def _member_step(state, live, batch, weights):
     """One step of one member; a member that is not live, or whose loss is non-finite, is unchanged.
 
     Only the loss is checked: a finiteness test of every parameter after every step cost ~35% of a
@@ -57,37 +59,38 @@ def _member_step(state, live, batch):
     """
 
     def run(state):
-        new, m = steps.train_step(state, batch)
+        new, m = steps.train_step(state, batch, weights)
         ok = jnp.isfinite(m["loss"])
-        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), m["loss"], m["accuracy"], ok
+        m = {k: v for k, v in m.items() if k != "lr"}
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), m, ok
 
     def skip(state):
-        return state, jnp.full([], jnp.nan), jnp.full([], jnp.nan), jnp.zeros([], bool)
+        shapes = jax.eval_shape(run, state)[1]
+        return state, {k: jnp.full([], jnp.nan) for k in shapes}, jnp.zeros([], bool)
 
-    state, loss, accuracy, ok = jax.lax.cond(live, run, skip, state)
-    return state, {"loss": loss, "accuracy": accuracy, "ok": ok}
+    return jax.lax.cond(live, run, skip, state)
 
 
-def _member_epoch(member, x, y):
-    """One epoch of one member over its seed's batch order (idx, w)."""
+def _member_epoch(member, examples):
+    """One epoch of one member over its seed's batch order (idx, w): its state, whether it has
+    diverged, and the example-weighted means of its loss and metrics over the steps that ran."""
     state, active, diverged, idx, w = member
 
     def body(carry, iw):
         state, diverged, sums = carry
         live = active & ~diverged
-        state, m = _member_step(state, live, steps.gather_batch(x, y, *iw))
-        diverged = diverged | (live & ~m["ok"])
-        count = jnp.sum(iw[1]) * m["ok"]
-        sums = jax.tree.map(jnp.add, sums, {"loss": jnp.where(m["ok"], m["loss"], 0.0) * count,
-                                            "accuracy": jnp.where(m["ok"], m["accuracy"], 0.0) * count,
+        state, m, ok = _member_step(state, live, *steps.gather_batch(examples, *iw))
+        diverged = diverged | (live & ~ok)
+        count = jnp.sum(iw[1]) * ok
+        sums = jax.tree.map(jnp.add, sums, {**{k: jnp.where(ok, v, 0.0) * count for k, v in m.items()},
                                             "count": count})
         return (state, diverged, sums), None
 
-    zero = jnp.zeros([])
-    (state, diverged, sums), _ = jax.lax.scan(body, (state, diverged, {"loss": zero, "accuracy": zero,
-                                                                         "count": zero}), (idx, w))
-    count = jnp.maximum(sums["count"], 1.0)
-    return state, diverged, {"loss": sums["loss"] / count, "accuracy": sums["accuracy"] / count}
+    names = jax.eval_shape(_member_step, state, active, *steps.gather_batch(examples, idx[0], w[0]))[1]
+    zero = {k: jnp.zeros([]) for k in (*names, "count")}
+    (state, diverged, sums), _ = jax.lax.scan(body, (state, diverged, zero), (idx, w))
+    count = jnp.maximum(sums.pop("count"), 1.0)
+    return state, diverged, {k: v / count for k, v in sums.items()}
 
 
 def _to_members(tree, S: int, L: int):
@@ -101,44 +104,46 @@ def _from_members(tree, S: int, L: int):
 
 
 @partial(jax.jit, static_argnames=("batch_size", "member_loop"))
-def sweep_epoch(states, active, diverged, x, y, keys, *, batch_size: int, member_loop: str = "vmap"):
+def sweep_epoch(states, active, diverged, examples, keys, *, batch_size: int, member_loop: str = "vmap"):
     """One epoch of every member. states/active/diverged: (seeds, lrs, ...); keys: (seeds,).
 
     The members of a seed share its batch order. `member_loop` ('vmap' or 'map') is how each device
     goes through its members (see `mesh.map_members`).
     """
     S, L = active.shape
-    idx, w = jax.vmap(lambda k: steps.epoch_indices(k, x.shape[0], batch_size))(keys)
+    idx, w = jax.vmap(lambda k: steps.epoch_indices(k, steps.num_examples(examples), batch_size))(keys)
     idx, w = (jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]) for a in (idx, w))
     members = _to_members((states, active, diverged, idx, w), S, L)
-    out = mesh_lib.map_members(_member_epoch, members, x, y, loop=member_loop)
+    out = mesh_lib.map_members(_member_epoch, members, examples, loop=member_loop)
     return _from_members(out, S, L)
 
 
 @partial(jax.jit, static_argnames=("batch_size", "member_loop"))
-def sweep_evaluate(states, x, y, *, batch_size: int, member_loop: str = "vmap"):
+def sweep_evaluate(states, examples, *, batch_size: int, member_loop: str = "vmap"):
+    """Every member's loss and metrics on `examples`, in eval mode."""
     S, L = states.step.shape
-    out = mesh_lib.map_members(lambda s, x, y: steps.evaluate_arrays(s, x, y, batch_size),
-                               _to_members(states, S, L), x, y, loop=member_loop)
+    out = mesh_lib.map_members(lambda s, examples: steps.evaluate_arrays(s, examples, batch_size),
+                               _to_members(states, S, L), examples, loop=member_loop)
     return _from_members(out, S, L)
 
 
 @jax.jit
-def _keep_best(best, params, improved):
+def _keep_best(best, current, improved):
+    """Members' (params, rest) where `improved` (S, L), else the best kept so far."""
     def pick(b, p):
         mask = improved.reshape(improved.shape + (1,) * (p.ndim - improved.ndim))
         return jnp.where(mask, p, b)
 
-    return jax.tree.map(pick, best, params)
+    return jax.tree.map(pick, best, current)
 
 
 @dataclasses.dataclass
 class SweepResult:
     lrs: np.ndarray  # (L,)
     seeds: list[int]  # (S,)
-    train_loss: np.ndarray  # (E, S, L); NaN once a member has stopped or diverged
-    val_loss: np.ndarray  # (E, S, L)
-    val_accuracy: np.ndarray  # (E, S, L)
+    # per epoch, as in fit's history: "loss", the task's metrics, "val_loss", "val_<metric>": (E, S, L),
+    # NaN once a member has stopped or diverged (validation values also where its val_loss is not finite)
+    metrics: dict[str, np.ndarray]
     diverged_epoch: np.ndarray  # (S, L), -1 where the member never diverged
     stopped_epoch: np.ndarray  # (S, L), -1 where early stopping never stopped it
     epochs: int
@@ -146,6 +151,31 @@ class SweepResult:
     compile_time_s: float = 0.0
     suggestions: dict[str, float | None] = dataclasses.field(default_factory=dict)
     states: Any = None  # stacked final (or best) states, (S, L, ...)
+    rank_by: str = "val_accuracy"  # the metric that ranks the rates ("val_loss" where the task has no accuracy)
+
+    @property
+    def train_loss(self) -> np.ndarray:
+        return self.metrics["loss"]
+
+    @property
+    def val_loss(self) -> np.ndarray:
+        return self.metrics["val_loss"]
+
+    @property
+    def val_accuracy(self) -> np.ndarray:
+        """(E, S, L); all NaN for a task without an `accuracy` metric."""
+        return self.metrics.get("val_accuracy", np.full_like(self.val_loss, np.nan))
+
+    @property
+    def mode(self) -> str:
+        return EarlyStopping(monitor=self.rank_by).mode
+
+    def best(self, name: str) -> np.ndarray:
+        """(S, L): each member's best value of metric `name` over the epochs it trained (the highest for
+        accuracy-like metrics, else the lowest; -inf/inf where it never had one)."""
+        if EarlyStopping(monitor=name).mode == "max":
+            return nan_reduce(np.nanmax, self.metrics[name], 0, -np.inf)
+        return nan_reduce(np.nanmin, self.metrics[name], 0, np.inf)
 
     @property
     def best_val_accuracy(self) -> np.ndarray:
@@ -155,25 +185,35 @@ class SweepResult:
     @property
     def best_val_loss(self) -> np.ndarray:
         """(S, L): each member's best validation loss (inf if it never had a finite one)."""
-        return nan_reduce(np.nanmin, self.val_loss, 0, np.inf)
+        return self.best("val_loss")
 
     @property
     def best_index(self) -> int | None:
-        """None when no member ever had a finite validation accuracy (every one diverged at once)."""
-        if not np.isfinite(self.val_accuracy).any():
+        """The rate whose best `rank_by`, averaged over seeds, is best; None when no member ever had a
+        finite value (every one diverged at once)."""
+        if not np.isfinite(self.metrics[self.rank_by]).any():
             return None
-        return int(np.argmax(self.best_val_accuracy.mean(0)))
+        score = self.best(self.rank_by).mean(0)
+        return int(np.argmax(score) if self.mode == "max" else np.argmin(score))
 
     @property
     def best_lr(self) -> float | None:
-        """The rate with the highest best-validation accuracy, averaged over seeds (None: see best_index)."""
+        """The best rate by `rank_by` (see best_index; None there, None here)."""
         return None if self.best_index is None else float(self.lrs[self.best_index])
 
     @property
     def diverged(self) -> np.ndarray:
         return self.diverged_epoch >= 0
 
+    def _columns(self) -> list[str]:
+        """Metric names in file order: the losses, then validation metrics, then training metrics."""
+        rest = sorted(k for k in self.metrics if k not in ("loss", "val_loss"))
+        return ["loss", "val_loss"] + [k for k in rest if k.startswith("val_")] + [k for k in rest
+                                                                                  if not k.startswith("val_")]
+
     def to_json(self) -> dict[str, Any]:
+        label = lambda k: "train_loss" if k == "loss" else k  # noqa: E731 - the files' name for the loss
+        rank = self.best(self.rank_by)
         members = []
         for s, seed in enumerate(self.seeds):
             for j, lr in enumerate(self.lrs):
@@ -183,13 +223,14 @@ class SweepResult:
                     "stopped_epoch": int(self.stopped_epoch[s, j]) if self.stopped_epoch[s, j] >= 0 else None,
                     "best_val_accuracy": float(self.best_val_accuracy[s, j]),
                     "best_val_loss": _num(self.best_val_loss[s, j]),
-                    "train_loss": [_num(v) for v in self.train_loss[:, s, j]],
-                    "val_loss": [_num(v) for v in self.val_loss[:, s, j]],
-                    "val_accuracy": [_num(v) for v in self.val_accuracy[:, s, j]],
+                    f"best_{self.rank_by}": _num(rank[s, j]),
+                    **{label(k): [_num(v) for v in self.metrics[k][:, s, j]] for k in self._columns()},
                 })
+        best = self.best_index
         return {"lrs": [float(v) for v in self.lrs], "seeds": list(self.seeds), "epochs": self.epochs,
-                "best_lr": self.best_lr,
-                "best_val_accuracy": None if self.best_lr is None else float(self.best_val_accuracy.mean(0).max()),
+                "best_lr": self.best_lr, "rank_by": self.rank_by,
+                "best_score": None if best is None else float(rank.mean(0)[best]),
+                "best_val_accuracy": None if best is None else float(self.best_val_accuracy.mean(0).max()),
                 "mean_best_val_accuracy": [float(v) for v in self.best_val_accuracy.mean(0)],
                 "suggestions": self.suggestions, "wall_time_s": self.wall_time_s,
                 "compile_time_s": self.compile_time_s, "members": members}
@@ -199,12 +240,13 @@ class SweepResult:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "sweep.json").write_text(json.dumps(self.to_json(), indent=1))
-        rows = ["epoch,lr,seed,train_loss,val_loss,val_accuracy"]
+        columns = self._columns()
+        rows = [",".join(["epoch", "lr", "seed", "train_loss", *columns[1:]])]
         for e in range(self.train_loss.shape[0]):
             for s, seed in enumerate(self.seeds):
                 for j, lr in enumerate(self.lrs):
-                    rows.append(f"{e + 1},{lr:.6g},{seed},{self.train_loss[e, s, j]:.6g},"
-                                f"{self.val_loss[e, s, j]:.6g},{self.val_accuracy[e, s, j]:.6g}")
+                    values = ",".join(f"{self.metrics[k][e, s, j]:.6g}" for k in columns)
+                    rows.append(f"{e + 1},{lr:.6g},{seed},{values}")
         (workdir / "sweep.csv").write_text("\n".join(rows) + "\n")
         self.plot(workdir / "sweep.png")
 
@@ -222,13 +264,17 @@ def _num(v) -> float | None:
 def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, data, lrs: Sequence[float], *,
           seeds: Sequence[int] = (42,), epochs: int = 5, batch_size: int = 32, patience: int | None = None,
           min_delta: float = 0.0, eval_batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None,
-          on_epoch: Callable[[int, dict], None] | None = None, member_loop: str | None = None) -> SweepResult:
+          on_epoch: Callable[[int, dict], None] | None = None, member_loop: str | None = None,
+          loss_fn: LossFn = tasks.classification, dtype=None, rank_by: str | None = None) -> SweepResult:
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
     With `patience`, each member stops `patience` epochs after its best validation loss (an improvement
-    is a fall of more than `min_delta`) and keeps its best state. `on_epoch(epoch, metrics)` is called
-    on the host after each epoch (progress, logging). `member_loop` ('vmap' or 'map', default by
-    platform) is how each device goes through its members.
+    is a fall of more than `min_delta`) and keeps its best state (weights and non-parameter state,
+    e.g. batch statistics, of the same epoch). `loss_fn` and `dtype` as in `fit`; `rank_by` is the
+    validation metric that ranks the rates (default val_accuracy where the task reports accuracy,
+    else val_loss; highest wins for accuracy-like names, lowest otherwise). `on_epoch(epoch, metrics)`
+    is called on the host after each epoch (progress, logging). `member_loop` ('vmap' or 'map',
+    default by platform) is how each device goes through its members.
     """
     t_start = time.perf_counter()
     lrs = np.asarray(lrs, np.float64)
@@ -245,13 +291,14 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
         return np.concatenate([a, np.full((S, Lp - L), fill, a.dtype)], axis=1)
     monitors = (None if patience is None
                 else [[EarlyStopping(patience=patience, min_delta=min_delta) for _ in range(L)] for _ in range(S)])
-    history = {k: np.full((epochs, S, L), np.nan) for k in ("train_loss", "val_loss", "val_accuracy")}
+    history: dict[str, np.ndarray] = {}  # filled from the first epoch's metric names
     diverged_epoch = np.full((S, L), -1)
     stopped_epoch = np.full((S, L), -1)
     compile_time = 0.0
 
     with jax.set_mesh(mesh):
-        per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0) for seed in seeds]
+        per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0, loss_fn=loss_fn, dtype=dtype)
+                    for seed in seeds]
         states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (Lp,) + v.shape) for v in a]), *per_seed)
         member_lrs = np.concatenate([lrs, np.full(Lp - L, lrs[-1])]).astype(np.float32)
         states = states.with_lr(jnp.broadcast_to(jnp.asarray(member_lrs), (S, Lp)))
@@ -259,8 +306,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             return mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)
 
         states = place(states)
-        best_params = jax.tree.map(jnp.copy, states.params)
-        x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
+        best = jax.tree.map(jnp.copy, (states.params, states.rest))
+        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
         active, diverged = place(np.broadcast_to(real, (S, Lp))), place(np.zeros((S, Lp), bool))
         for epoch in range(1, epochs + 1):
@@ -268,21 +315,24 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             was_live = mesh_lib.to_host(active & ~diverged)[:, :L]
             if epoch == 1:
                 t0 = time.perf_counter()
-                program = sweep_epoch.lower(states, active, diverged, x, y, epoch_keys,
+                program = sweep_epoch.lower(states, active, diverged, train, epoch_keys,
                                             batch_size=batch_size, member_loop=member_loop).compile()
                 compile_time = time.perf_counter() - t0
-            states, diverged, train_m = program(states, active, diverged, x, y, epoch_keys)
-            val_m = sweep_evaluate(states, xv, yv, batch_size=eval_batch_size, member_loop=member_loop)
+            states, diverged, train_m = program(states, active, diverged, train, epoch_keys)
+            val_m = sweep_evaluate(states, valid, batch_size=eval_batch_size, member_loop=member_loop)
             train_m, val_m, div = jax.tree.map(lambda a: a[:, :L],  # one sync per epoch
                                                mesh_lib.to_host((train_m, val_m, diverged)))
             newly = div & (diverged_epoch < 0)
             diverged_epoch[newly] = epoch
             trained = was_live & ~newly
-            history["train_loss"][epoch - 1] = np.where(trained, train_m["loss"], np.nan)
-            history["val_loss"][epoch - 1] = np.where(was_live, val_m["loss"], np.nan)
-            # a state that overflowed in its last finite step has no meaningful accuracy (argmax of NaNs)
-            history["val_accuracy"][epoch - 1] = np.where(was_live & np.isfinite(val_m["loss"]),
-                                                          val_m["accuracy"], np.nan)
+            # a state that overflowed in its last finite step has no meaningful metrics (an argmax of NaNs
+            # scores some accuracy): validation values count only where the validation loss is finite
+            scored = was_live & np.isfinite(val_m["loss"])
+            values = {**{k: np.where(trained, v, np.nan) for k, v in train_m.items()},
+                      "val_loss": np.where(was_live, val_m["loss"], np.nan),
+                      **{f"val_{k}": np.where(scored, v, np.nan) for k, v in val_m.items() if k != "loss"}}
+            for k, v in values.items():
+                history.setdefault(k, np.full((epochs, S, L), np.nan))[epoch - 1] = v
             if monitors is not None:
                 improved = np.zeros((S, L), bool)
                 for s in range(S):
@@ -291,19 +341,23 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                             improved[s, j] = monitors[s][j].update(epoch, {"val_loss": val_m["loss"][s, j]})
                             if monitors[s][j].should_stop:
                                 stopped_epoch[s, j] = epoch
-                best_params = _keep_best(best_params, states.params, jnp.asarray(widen(improved, False)))
+                best = _keep_best(best, (states.params, states.rest), jnp.asarray(widen(improved, False)))
                 active = place(widen(stopped_epoch < 0, False))
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
             if not np.any(was_live & ~div & (stopped_epoch < 0)):
                 break
     if monitors is not None:
-        states = states.replace(params=best_params)
+        states = states.replace(params=best[0], rest=best[1])
     if Lp > L:
         states = jax.tree.map(lambda a: a[:, :L], states)
-    return SweepResult(lrs=lrs, seeds=seeds, **history, diverged_epoch=diverged_epoch,
+    rank_by = rank_by or ("val_accuracy" if "val_accuracy" in history else "val_loss")
+    if rank_by not in history:
+        raise ValueError(f"sweep: rank_by {rank_by!r} is not a validation metric of this task "
+                         f"(have {sorted(k for k in history if k.startswith('val_'))})")
+    return SweepResult(lrs=lrs, seeds=seeds, metrics=history, diverged_epoch=diverged_epoch,
                        stopped_epoch=stopped_epoch, epochs=epochs, wall_time_s=time.perf_counter() - t_start,
-                       compile_time_s=compile_time, states=states)
+                       compile_time_s=compile_time, states=states, rank_by=rank_by)
 
 
 def write_sweep_events(result: SweepResult, logdir: Path, hparams: dict | None = None) -> None:
@@ -316,8 +370,7 @@ def write_sweep_events(result: SweepResult, logdir: Path, hparams: dict | None =
             writer = tb.Writer(Path(logdir) / f"lr_{names[j]}_seed_{seed}", purge_step=0)
             try:
                 for e in range(result.train_loss.shape[0]):
-                    scalars = {"train_loss": result.train_loss[e, s, j], "val_loss": result.val_loss[e, s, j],
-                               "val_accuracy": result.val_accuracy[e, s, j]}
+                    scalars = {"train_loss" if k == "loss" else k: v[e, s, j] for k, v in result.metrics.items()}
                     writer.write_scalars(e + 1, {k: v for k, v in scalars.items() if np.isfinite(v)})
                 writer.write_hparams({**(hparams or {}), "lr": float(lr), "seed": int(seed)},
                                      {"best_val_accuracy": float(result.best_val_accuracy[s, j]),

@@ -26,14 +26,16 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps, tb
+from lrjax import steps, tasks, tb
 from lrjax.checkpoint import Checkpointer
+from lrjax.data import split_examples
 from lrjax.errors import ConfigError, TrainingDiverged
 from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory, TrainState
+from lrjax.tasks import LossFn
 
 # Settings that define a run: resuming a workdir with different values would mix two experiments.
-RUN_IDENTITY = ("dataset", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor")
+RUN_IDENTITY = ("dataset", "model", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor", "dtype")
 
 
 @dataclasses.dataclass
@@ -53,9 +55,12 @@ class FitResult:
     def model(self) -> nnx.Module:
         return self.state.model()
 
-    def evaluate(self, x, y, batch_size: int = 1000) -> dict[str, float]:
+    def evaluate(self, x, y=None, batch_size: int = 1000) -> dict[str, float]:
+        """The loss and the task's metrics (`accuracy` for the default) on (x, y) in eval mode; with
+        `y` None, `x` is the examples pytree the loss function receives."""
+        examples = jax.tree.map(jnp.asarray, x if y is None else (x, y))
         return {k: float(v) for k, v in jax.device_get(
-            steps.evaluate(self.state, jnp.asarray(x), jnp.asarray(y), batch_size=batch_size)).items()}
+            steps.evaluate(self.state, examples, batch_size=batch_size)).items()}
 
 
 class _StopSignals:
@@ -96,11 +101,18 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         workdir: str | Path | None = None, checkpoints: bool = True, tensorboard: bool = True,
         keep_latest: int = 2, eval_batch_size: int = 1000, config: dict | None = None,
         mesh: jax.sharding.Mesh | None = None, stop_after: int | None = None,
-        progress: Callable[[str], None] | None = print) -> FitResult:
+        progress: Callable[[str], None] | None = print, loss_fn: LossFn = tasks.classification,
+        dtype=None) -> FitResult:
     """Trains `model` (its weights are the starting point; the object itself is not modified).
 
     `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has
-    `x_train`, `y_train`, `x_valid`, `y_valid`. With a `workdir`, checkpoints go to
+    `x_train`, `y_train`, `x_valid`, `y_valid` (arrays of any dtype and shape, or example pytrees
+    with `y_*` None: see `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)`
+    (per-example arrays; default softmax cross-entropy with accuracy, see `lrjax.tasks`) defines the
+    task; history, TensorBoard and the early-stopping monitor name its metrics `<name>` and
+    `val_<name>`. `dtype` (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision. Training
+    steps run the model in train mode, evaluation in eval mode; the best weights kept and
+    checkpointed come with the same epoch's non-parameter state (batch statistics, RNG streams). With a `workdir`, checkpoints go to
     `workdir/checkpoints` (and an existing one is resumed) and TensorBoard events to
     `workdir/tensorboard/run_*/{train,validation}`. `stop_after` ends the run after that epoch as a
     preemption would (for tests and time-boxed jobs). Raises `TrainingDiverged` on a non-finite loss.
@@ -116,11 +128,11 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     # train_s: compiled epochs and validation (dispatch is asynchronous: they are timed together)
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
-    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr), mesh)
-    x, y, xv, yv = mesh_lib.replicate_data(data, mesh)
+    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype), mesh)
+    train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
     # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
     rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
-    best_params = state.params  # no copy needed: the epoch programs donate nothing
+    best = (state.params, state.rest)  # no copy needed: the epoch programs donate nothing
     history: list[dict[str, float]] = []
     start_epoch, run_name, resumed_from = 0, tb.new_run_name(), None
 
@@ -130,7 +142,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         ckpt = Checkpointer(workdir / "checkpoints", keep_latest=keep_latest, best_metric=early_stopping.monitor,
                             mode=early_stopping.mode)
         if ckpt.latest_step() is not None:
-            target = _tree(state, best_params, rng)
+            target = _tree(state, best, rng)
             try:
                 resumed_from, tree, meta = ckpt.restore(
                     target, check_meta=lambda m: _check_meta(m, config, ckpt.directory))
@@ -139,7 +151,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 raise
             state = state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
                                   step=tree["step"])
-            best_params, rng = tree["best_params"], tree["rng"]
+            best, rng = (tree["best_params"], tree["best_rest"]), tree["rng"]
             early_stopping.load_state_dict(meta["early_stopping"])
             history = list(meta["history"])
             start_epoch, run_name = int(meta["epoch"]), meta["run_name"]
@@ -165,8 +177,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     def dispatch(epoch: int, state: TrainState):
         """Starts `epoch` (asynchronously): (epoch, start time, its state, train and validation metrics)."""
         t = time.perf_counter()
-        new, train_m = compiled(state, x, y, steps.epoch_key(seed_key, epoch))
-        return epoch, t, new, train_m, compiled_eval(new, xv, yv)
+        new, train_m = compiled(state, train, steps.epoch_key(seed_key, epoch))
+        return epoch, t, new, train_m, compiled_eval(new, valid)
 
     # Epoch e+1 is dispatched as soon as epoch e's metrics decide that training goes on, before e's
     # TensorBoard writes, checkpoint and progress line, which then run on the host while the device
@@ -177,9 +189,11 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         with _StopSignals() as signals, jax.set_mesh(mesh):
             if go:
                 t0 = time.perf_counter()
-                compiled = steps.train_epoch.lower(state, x, y, steps.epoch_key(seed_key, start_epoch + 1),
+                compiled = steps.train_epoch.lower(state, train, steps.epoch_key(seed_key, start_epoch + 1),
                                                    batch_size=batch_size).compile()
-                compiled_eval = steps.evaluate.lower(state, xv, yv, batch_size=eval_batch_size).compile()
+                lowered_eval = steps.evaluate.lower(state, valid, batch_size=eval_batch_size)
+                _check_monitor(early_stopping.monitor, lowered_eval.out_info)
+                compiled_eval = lowered_eval.compile()
                 t1 = time.perf_counter()
                 timings["compile_s"] += t1 - t0
                 pending = dispatch(start_epoch + 1, state)
@@ -191,16 +205,15 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
                 t2 = time.perf_counter()
                 epoch_time = t2 - max(t0, free)  # not the previous epoch's outputs, written meanwhile
-                metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
-                           "val_loss": float(val_m["loss"]), "val_accuracy": float(val_m["accuracy"])}
-                if not _finite(*metrics.values()):
+                metrics = _epoch_metrics(train_m, val_m)
+                if not _finite(metrics["loss"], metrics["val_loss"]):
                     raise TrainingDiverged(
                         f"loss became non-finite in epoch {epoch} (train {metrics['loss']}, validation "
                         f"{metrics['val_loss']}) at lr {lr:g}; lower the learning rate"
                         + (f"; the best checkpoint so far is intact in {ckpt.directory}"
                            if ckpt is not None and ckpt.latest_step() is not None else ""))
                 if early_stopping.update(epoch, metrics):
-                    best_params = state.params
+                    best = (state.params, state.rest)
                 go, interrupted = may_run(epoch + 1)
                 received = _agreed_signal(signals.received)
                 if received and (go or interrupted):  # after the last epoch a signal leaves nothing to resume
@@ -216,16 +229,15 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": epoch_time}
                 history.append(record)
                 if writers is not None:
-                    writers.write_epoch(epoch, {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                                                "learning_rate": lr, "epoch_time_s": epoch_time},
-                                        {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"]})
+                    writers.write_epoch(epoch, {**train_m, "learning_rate": lr, "epoch_time_s": epoch_time},
+                                        {k[4:]: v for k, v in metrics.items() if k.startswith("val_")})
                 t4 = time.perf_counter()
                 if ckpt is not None:
                     # a snapshot: the save is asynchronous and `history` grows next epoch (a shared list
                     # let a checkpoint's meta pick up later epochs' records, duplicated after a resume)
                     meta = {"epoch": epoch, "early_stopping": early_stopping.state_dict(), "config": config,
                             "history": list(history), "run_name": run_name, "lr": lr, "seed": seed}
-                    ckpt.save(epoch, _tree(state, best_params, rng), meta, metrics)
+                    ckpt.save(epoch, _tree(state, best, rng), meta, metrics)
                 t5 = time.perf_counter()
                 timings["tensorboard_s"] += t4 - t3
                 timings["checkpoint_s"] += t5 - t4
@@ -242,7 +254,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             writers.close()
         timings["checkpoint_s"] += time.perf_counter() - t6
 
-    final = state.replace(params=best_params) if early_stopping.restore_best_weights else state
+    final = state.replace(params=best[0], rest=best[1]) if early_stopping.restore_best_weights else state
     best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == early_stopping.best_epoch), None)
     return FitResult(
         state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=best_val_loss,
@@ -264,10 +276,25 @@ def _agreed_signal(received: str | None) -> str | None:
     return signal.Signals(agreed).name if agreed else None
 
 
-def _tree(state: TrainState, best_params, rng) -> dict[str, Any]:
-    """What a checkpoint holds, as plain arrays (`rng`: the RNG key's raw uint32 data)."""
+def _tree(state: TrainState, best, rng) -> dict[str, Any]:
+    """What a checkpoint holds (`best`: the best epoch's (params, rest); `rng`: the RNG key's raw data)."""
     return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
-            "best_params": best_params, "rng": rng}
+            "best_params": best[0], "best_rest": best[1], "rng": rng}
+
+
+def _epoch_metrics(train: dict, val: dict) -> dict[str, float]:
+    """One epoch's record, Keras' order and names: loss, the task's metrics, then val_ of each."""
+    ordered = lambda m: {"loss": m["loss"], **{k: m[k] for k in sorted(m) if k != "loss"}}  # noqa: E731
+    return {**{k: float(v) for k, v in ordered(train).items()},
+            **{f"val_{k}": float(v) for k, v in ordered(val).items()}}
+
+
+def _check_monitor(monitor: str, val_metrics: dict) -> None:
+    """The early-stopping monitor must be one of the task's validation metrics (known before training)."""
+    names = ["loss", *sorted(k for k in val_metrics if k != "loss")]
+    if monitor not in {f"val_{k}" for k in names} | {k for k in names}:
+        raise ConfigError(f"early stopping monitors {monitor!r}, which the task does not report; choose one of "
+                          f"{', '.join(f'val_{k}' for k in names)} (--monitor)")
 
 
 META_KEYS = ("epoch", "early_stopping", "history", "run_name")
@@ -292,5 +319,8 @@ def _check_same_run(saved: dict, current: dict, where: Path) -> None:
 
 def _epoch_line(r: dict, epochs: int, es: EarlyStopping, epoch: int) -> str:
     mark = " *" if es.best_epoch == epoch else ""
-    return (f"epoch {r['epoch']:3d}/{epochs}  loss {r['loss']:.4f}  acc {r['accuracy']:.4f}  |  "
-            f"val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  |  {r['epoch_time_s']:.2f}s{mark}")
+    short = lambda k: k.replace("accuracy", "acc")  # noqa: E731
+    train = "  ".join(f"{short(k)} {v:.4f}" for k, v in r.items() if k not in ("epoch", "lr", "epoch_time_s")
+                      and not k.startswith("val_"))
+    val = "  ".join(f"{short(k)} {v:.4f}" for k, v in r.items() if k.startswith("val_"))
+    return f"epoch {r['epoch']:3d}/{epochs}  {train}  |  {val}  |  {r['epoch_time_s']:.2f}s{mark}"

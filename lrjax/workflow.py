@@ -20,9 +20,9 @@ import numpy as np
 from lrjax import mesh as mesh_lib
 from lrjax import optimizers, steps, tb
 from lrjax.config import Config
-from lrjax.data import Dataset, load_dataset, save_samples
+from lrjax.data import Dataset, load_dataset, save_samples, split_examples
 from lrjax.errors import LrjaxError
-from lrjax.models import mlp
+from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
 from lrjax.train import FitResult, fit
@@ -44,7 +44,9 @@ def load(cfg: Config) -> Dataset:
 
 
 def model_for(cfg: Config, data: Dataset, seed: int | None = None):
-    return mlp(data.in_features, cfg.hidden_sizes, data.num_classes, seed=cfg.seed if seed is None else seed)
+    """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
+    return build_model(cfg.model, data.x_train.shape[1:], data.num_classes, cfg.seed if seed is None else seed,
+                       hidden_sizes=cfg.hidden_sizes)
 
 
 class _Progress:
@@ -83,7 +85,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
             skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
             # seed s of several starts from model_for(seed + s); one seed is the model itself
-            init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh)
+            init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
+            dtype=cfg.dtype)
     finally:
         bar.close()
     if jax.process_index() == 0:
@@ -145,13 +148,12 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
-        progress=print if cfg.progress else None)
+        progress=print if cfg.progress else None, dtype=cfg.dtype)
     if result.interrupted:
         raise Interrupted(result)
     t = time.perf_counter()
     with jax.set_mesh(mesh):
-        test = result.evaluate(mesh_lib.replicate(data.x_test, mesh), mesh_lib.replicate(data.y_test, mesh),
-                               cfg.eval_batch_size)
+        test = result.evaluate(mesh_lib.replicate(split_examples(data, "test"), mesh), None, cfg.eval_batch_size)
     timings = result.timings
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
@@ -159,10 +161,10 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     wall = time.perf_counter() - t0
     phases["other"] = wall - sum(phases.values())  # model init, training set-up, summaries
     metrics = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": result.best_epoch,
+        **{f"test_{k}": v for k, v in test.items()}, "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
-        "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
+        "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset, "model": cfg.model,
         "wall_time_s": wall, "phases_s": phases, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
         "history": result.history,
@@ -277,6 +279,7 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
                   f"{grid[best]:.3g}  |  live members {int(np.isfinite(acc).sum())}/{acc.size}", flush=True)
 
     result = sweep(lambda s: model_for(cfg, data, s), optimizers.get(cfg.optimizer), data, grid, seeds=seeds,
+                   dtype=cfg.dtype,
                    epochs=cfg.epochs, batch_size=cfg.batch_size,
                    patience=cfg.patience if cfg.patience < cfg.epochs else None, min_delta=cfg.min_delta,
                    eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape, members=len(grid)),

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from conftest import synthetic  # noqa: E402
 from lrjax import mesh as mesh_lib  # noqa: E402
@@ -22,6 +23,19 @@ from lrjax.monitors import EarlyStopping  # noqa: E402
 from lrjax.range_test import find_lr  # noqa: E402
 from lrjax.sweeps import sweep  # noqa: E402
 from lrjax.train import fit  # noqa: E402
+
+
+class StatefulNet(nnx.Module):
+    """BatchNorm statistics and a Dropout RNG stream: model state that must checkpoint and resume."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(36, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.out = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jax.nn.relu(self.bn(self.dense(x.reshape(x.shape[0], -1))))))
 
 
 def main():
@@ -44,6 +58,12 @@ def main():
         r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=5, batch_size=16, seed=3,
                 early_stopping=SignalAt2(patience=5), workdir=workdir, progress=None)
         out.update(interrupted=r.interrupted, epochs_run=r.epochs_run)
+    elif job == "fit_state":  # fit_state:K stops after epoch K (a preemption); fit_state:0 runs through
+        r = fit(StatefulNet(nnx.Rngs(3)), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3,
+                early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None, stop_after=count or None)
+        out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
+        out["test"] = r.evaluate(data.x_test, data.y_test)
+        out["resumed_from"] = r.resumed_from
     elif job == "fit":
         r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3,
                 early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)

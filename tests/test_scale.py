@@ -88,6 +88,19 @@ def test_two_processes_agree_with_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_model_state_resumes_across_two_processes(tmp_path):
+    """BatchNorm statistics and a Dropout stream's key and count checkpoint from 2 processes and resume
+    there: interrupted after epoch 2 and resumed, the run equals an uninterrupted one."""
+    run_two_processes(tmp_path / "mp", job="fit_state:2")
+    outs = run_two_processes(tmp_path / "mp", job="fit_state:0")
+    assert "resuming" in outs[0][1] and "from epoch 2" in outs[0][1]
+    resumed = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert resumed["resumed_from"] == 2 and len(resumed["history"]) == 3
+    single = run_worker(["fit_state:0", tmp_path / "sp"], devices=2)
+    assert_same_training(single, resumed)
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_every_process_after_the_same_epoch(tmp_path):
     # without agreement the signalled process stops after epoch 2 and the other waits for it forever
     outs = run_two_processes(tmp_path / "sig", job="fit_signal", timeout=120)

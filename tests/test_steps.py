@@ -28,8 +28,9 @@ def _flat(params):
 
 
 def _batch(x, y, w=None):
+    """(batch, weights): the (x, y) pair the default loss receives, and per-example weights."""
     w = np.ones(len(y), np.float32) if w is None else np.asarray(w, np.float32)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.asarray(w)
+    return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)), jnp.asarray(w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,9 +92,9 @@ def test_sgd_step_decreases_loss_and_is_deterministic(tiny_data):
     x, y = tiny_data.x_train[:32], tiny_data.y_train[:32]
     batch = _batch(x, y)
     states = [steps.init_state(mlp(64, (32,), 4, seed=0), optax.sgd, 0.1) for _ in range(2)]
-    new_a, metrics_a = train_step(states[0], batch)
-    new_b, metrics_b = train_step(states[1], batch)
-    _, after = train_step(new_a, batch)  # metrics are of the params before this step
+    new_a, metrics_a = train_step(states[0], *batch)
+    new_b, metrics_b = train_step(states[1], *batch)
+    _, after = train_step(new_a, *batch)  # metrics are of the params before this step
     assert float(after["loss"]) < float(metrics_a["loss"])
     assert int(new_a.step) == 1
     np.testing.assert_allclose(float(metrics_a["lr"]), 0.1, rtol=1e-6)
@@ -102,7 +103,7 @@ def test_sgd_step_decreases_loss_and_is_deterministic(tiny_data):
         np.testing.assert_array_equal(pa, pb)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     # A different seed starts (and so ends) elsewhere.
-    other, _ = train_step(steps.init_state(mlp(64, (32,), 4, seed=1), optax.sgd, 0.1), batch)
+    other, _ = train_step(steps.init_state(mlp(64, (32,), 4, seed=1), optax.sgd, 0.1), *batch)
     assert not np.array_equal(_leaf(new_a.params, "out", "kernel"), _leaf(other.params, "out", "kernel"))
 
 
@@ -151,12 +152,12 @@ def test_loss_and_update_match_hand_computation():
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(X))), logits, rtol=1e-6, atol=1e-6)
     lr = 0.5
     state = steps.init_state(model, optax.sgd, lr)
-    new, metrics = train_step(state, _batch(X, Y))
+    new, metrics = train_step(state, *_batch(X, Y))
     np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["accuracy"]), accuracy, rtol=1e-6)
-    sums = eval_step(state, _batch(X, Y))
-    np.testing.assert_allclose(float(sums["loss_sum"] / sums["count"]), losses.mean(), rtol=1e-6)
-    assert float(sums["count"]) == 4 and float(sums["correct"]) == accuracy * 4
+    sums = eval_step(state, *_batch(X, Y))
+    np.testing.assert_allclose(float(sums["loss"] / sums["count"]), losses.mean(), rtol=1e-6)
+    assert float(sums["count"]) == 4 and float(sums["accuracy"]) == accuracy * 4
     # Plain SGD: params - lr * grad, with the gradient worked out by hand.
     p = new.params
     np.testing.assert_allclose(_leaf(p, "hidden", 0, "kernel"), W1 - lr * grads["W1"], rtol=1e-5, atol=1e-6)
@@ -167,20 +168,20 @@ def test_loss_and_update_match_hand_computation():
 
 def test_weight_zero_rows_change_nothing():
     state = steps.init_state(_hand_model(), optax.sgd, 0.5)
-    plain, m_plain = train_step(state, _batch(X, Y))
+    plain, m_plain = train_step(state, *_batch(X, Y))
     # Three padding rows with wild values and labels; weight 0.
     xp = np.concatenate([X, [[100.0, -50.0], [7.0, 7.0], [-3.0, 9.0]]]).astype(np.float32)
     yp = np.concatenate([Y, [1, 0, 1]]).astype(np.int32)
-    padded, m_padded = train_step(state, _batch(xp, yp, [1, 1, 1, 1, 0, 0, 0]))
+    padded, m_padded = train_step(state, *_batch(xp, yp, [1, 1, 1, 1, 0, 0, 0]))
     np.testing.assert_allclose(float(m_padded["loss"]), float(m_plain["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m_padded["accuracy"]), float(m_plain["accuracy"]), rtol=1e-6)
     for a, b in zip(_flat(padded.params), _flat(plain.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    s_plain, s_padded = eval_step(state, _batch(X, Y)), eval_step(state, _batch(xp, yp, [1] * 4 + [0] * 3))
-    for k in ("loss_sum", "correct", "count"):
+    s_plain, s_padded = eval_step(state, *_batch(X, Y)), eval_step(state, *_batch(xp, yp, [1] * 4 + [0] * 3))
+    for k in ("loss", "accuracy", "count"):
         np.testing.assert_allclose(float(s_padded[k]), float(s_plain[k]), rtol=1e-6)
     # While weight 1 on those rows does change the step (the check above is not vacuous).
-    moved, _ = train_step(state, _batch(xp, yp))
+    moved, _ = train_step(state, *_batch(xp, yp))
     assert not np.allclose(_leaf(moved.params, "out", "kernel"), _leaf(plain.params, "out", "kernel"))
 
 
@@ -246,14 +247,14 @@ def test_train_epoch_improves_accuracy(tiny_data):
     d = tiny_data
     model = MLP(d.in_features, (32,), d.num_classes, rngs=nnx.Rngs(0))
     state = steps.init_state(model, optax.sgd, 0.1)
-    x, y = jnp.asarray(d.x_train), jnp.asarray(d.y_train)
-    xv, yv = jnp.asarray(d.x_valid), jnp.asarray(d.y_valid)
-    before = steps.evaluate(state, xv, yv, batch_size=64)
+    train = jnp.asarray(d.x_train), jnp.asarray(d.y_train)
+    valid = jnp.asarray(d.x_valid), jnp.asarray(d.y_valid)
+    before = steps.evaluate(state, valid, batch_size=64)
     losses = []
     for epoch in range(5):
-        state, m = steps.train_epoch(state, x, y, steps.epoch_key(jax.random.key(0), epoch), batch_size=32)
+        state, m = steps.train_epoch(state, train, steps.epoch_key(jax.random.key(0), epoch), batch_size=32)
         losses.append(float(m["loss"]))
-    after = steps.evaluate(state, xv, yv, batch_size=64)
+    after = steps.evaluate(state, valid, batch_size=64)
     assert int(state.step) == 5 * steps.steps_per_epoch(len(d.x_train), 32)
     assert losses[-1] < losses[0]
     assert float(after["loss"]) < float(before["loss"])
@@ -269,6 +270,6 @@ def test_evaluate_matches_direct_computation(tiny_data, batch_size):
     logits = np.asarray(state.model()(jnp.asarray(x)), np.float64)
     m = logits.max(1, keepdims=True)
     losses = m[:, 0] + np.log(np.exp(logits - m).sum(1)) - logits[np.arange(len(y)), y]
-    got = steps.evaluate(state, jnp.asarray(x), jnp.asarray(y), batch_size=batch_size)
+    got = steps.evaluate(state, (jnp.asarray(x), jnp.asarray(y)), batch_size=batch_size)
     np.testing.assert_allclose(float(got["loss"]), losses.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(got["accuracy"]), np.mean(logits.argmax(1) == y), rtol=1e-6)

@@ -82,7 +82,7 @@ def latest_checkpoint(workdir: Path, like):
 def like_tree(result):
     s = result.state
     return {"params": s.params, "rest": s.rest, "opt_state": s.opt_state, "step": s.step, "best_params": s.params,
-            "rng": jax.random.key_data(jax.random.key(0))}
+            "best_rest": s.rest, "rng": jax.random.key_data(jax.random.key(0))}
 
 
 # ---------------------------------------------------------------------------------------------

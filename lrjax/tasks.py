@@ -1,0 +1,34 @@
+"""Loss functions: what a model is trained to do. Nothing else of lrjax is imported here.
+
+A loss function has the signature `loss_fn(model, batch) -> (losses, metrics)`:
+  - `model` is the NNX module in the right mode (train mode in training steps, eval mode, with
+    BatchNorm's running averages and no dropout, in every evaluation);
+  - `batch` is what the data yields: an `(x, y)` pair for array data (`x_train`, `y_train`), or
+    the example pytree itself (e.g. TFDS's `{"image", "label"}` dict) where `y_train` is None;
+  - `losses` and every value of the `metrics` dict are per-example arrays of shape [batch].
+lrjax applies the weights of padded rows and averages exactly, so a metric is any per-example
+quantity whose mean over examples is meaningful (accuracy, absolute error, ...). Metrics are
+reported as `<name>` (training) and `val_<name>` (validation).
+
+Under mixed precision (`dtype=bfloat16`) the model's outputs reach the loss in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def classification(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Softmax cross-entropy on integer labels, with accuracy: lrjax's default task."""
+    x, y = batch
+    logits = model(x).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32)}
+
