@@ -7,7 +7,7 @@ Public API (re-exported here; each lives in the module named for what it holds):
 (call it first in a script: on a CPU, range-test seeds and sweep members then run on every core).
 """
 
-from lrjax import suggest, tasks
+from lrjax import callbacks, suggest, tasks
 from lrjax.config import Config
 from lrjax.data import Dataset, load_dataset
 from lrjax.errors import CheckpointError, ConfigError, DataError, LrjaxError, TrainingDiverged
@@ -22,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CNN", "CheckpointError", "Config", "ConfigError", "DataError", "Dataset", "EarlyStopping",
            "FitResult", "LrjaxError", "MLP", "RangeTestResult", "TrainingDiverged", "cnn", "find_lr", "fit",
-           "load_dataset", "mlp", "register_model", "suggest", "sweep", "SweepResult", "tasks", "use_cpu_cores"]
+           "load_dataset", "mlp", "register_model", "suggest", "sweep", "SweepResult", "callbacks", "tasks", "use_cpu_cores"]

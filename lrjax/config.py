@@ -74,6 +74,20 @@ class Config:
     restore_best: bool = _f(True, "end with the best epoch's weights (Keras restore_best_weights)",
                             ("train", "run"))
     keep_latest: int = _f(2, "latest checkpoints kept (the best one is always kept too)", ("train", "run"))
+    schedule: str = _f("constant", "learning-rate schedule (optax): constant, onecycle, cosine, warmup_cosine "
+                       "or plateau (reduce on plateau of the training loss); its peak is --lr, or in `lrjax run` "
+                       "the range test's rate by the rule in the README", ("train", "run"))
+    eval_every_steps: int | None = _f(None, "evaluate every this many steps instead of every epoch: each "
+                                      "evaluation is one history row and one unit of early-stopping patience",
+                                      ("train", "run"))
+    checkpoint_every_steps: int | None = _f(None, "also checkpoint every this many steps (Orbax step numbers "
+                                            "are then global steps); a signal stops after the current chunk "
+                                            "of steps", ("train", "run"))
+    log_every_steps: int | None = _f(None, "write per-step batch_loss and batch_learning_rate to "
+                                     "TensorBoard's train run every this many steps", ("train", "run"))
+    weight_decay: float = _f(0.0, "weight decay (adamw's own; else L2 added to the gradient)", TRAIN)
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (optax.MultiSteps); the range test "
+                               "raises the rate once per optimizer step", ALL)
     eval_batch_size: int = _f(1000, "batch size of the compiled evaluation", TRAIN)
     # --- sweep ---
     lrs: tuple[float, ...] = _f((1e-3, 1.0), "sweep: lo,hi range of a log grid, or an explicit list "
@@ -97,6 +111,17 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"--grad-accum-steps must be >= 1, got {self.grad_accum_steps}")
+        from lrjax.schedules import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("patience", "eval_every", "skip_start", "skip_end", "min_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")

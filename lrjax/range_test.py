@@ -294,14 +294,18 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         examples = mesh_lib.replicate(split_examples(data, "train"), mesh)
         t_start = time.perf_counter()
         n = steps.num_examples(examples)
+        # Under gradient accumulation (optimizers.Recipe) the rate rises once per optimizer step of k
+        # micro-batches, and the curve records each optimizer step's mean loss over its micro-batches.
+        k = getattr(optimizer, "grad_accum_steps", 1)
         if num_steps is None:
-            num_steps = steps.steps_per_epoch(n, batch_size)
+            num_steps = steps.steps_per_epoch(n, batch_size) // k
             if num_steps < 2:
                 raise ValueError(f"one epoch of {n} examples at batch size {batch_size} is a single step; the "
                                  "range test needs num_steps >= 2 (--num-steps)")
         if end_lr is not None:
             factor = None
         lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
+        num_steps, lrs = num_steps * k, np.repeat(lrs, k)  # micro-steps from here to the curve
 
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
         # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
@@ -358,6 +362,11 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
         first_div = [int(d) for d in diverged if d >= 0]
         diverged_step = min(first_div) if first_div else None
+        if k > 1:  # back to optimizer steps: whole groups of k micro-batches, their mean loss
+            length, num_steps, lrs = length // k, num_steps // k, lrs[::k]
+            diverged_step = None if diverged_step is None else diverged_step // k
+            per_seed = per_seed[:, :length * k].reshape(num_seeds, length, k).mean(-1)
+            val_losses = val_losses[:, :length * k:k]
         per_seed = per_seed[:, :length]
         losses = per_seed.mean(0)
         smoothed = suggest.smooth(losses, beta)

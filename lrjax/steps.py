@@ -54,6 +54,7 @@ class TrainState(struct.PyTreeNode):
     optimizer: OptimizerFactory = struct.field(pytree_node=False)
     loss_fn: LossFn = struct.field(pytree_node=False)
     dtype: Any = struct.field(pytree_node=False, default=None)  # compute dtype; None: the parameters'
+    schedule: Any = struct.field(pytree_node=False, default=None)  # step -> rate (lrjax.schedules), or None
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -61,7 +62,9 @@ class TrainState(struct.PyTreeNode):
 
     @property
     def lr(self) -> jax.Array:
-        return self.opt_state.hyperparams["learning_rate"]
+        """The rate of the next update: the injected rate times a plateau reduction's scale, if any."""
+        scale = optax.tree_utils.tree_get(self.opt_state, "scale", 1.0)
+        return optax.tree_utils.tree_get(self.opt_state, "learning_rate") * scale
 
     def with_lr(self, lr) -> "TrainState":
         return self.replace(opt_state=optax.tree_utils.tree_set(self.opt_state, learning_rate=lr))
@@ -86,11 +89,12 @@ def check_optimizer(optimizer) -> None:
 
 
 def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: float = 1e-3, *,
-               loss_fn: LossFn = tasks.classification, dtype=None) -> TrainState:
+               loss_fn: LossFn = tasks.classification, dtype=None, schedule=None) -> TrainState:
     """Splits `model` once and builds the optimizer state; the model object itself is not touched later.
 
     `dtype` (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision: parameters and optimizer
-    state stay as they are (float32), each step computes with a copy cast to `dtype`.
+    state stay as they are (float32), each step computes with a copy cast to `dtype`. `schedule`
+    (step -> rate, see `lrjax.schedules`) sets the rate before every training step.
     """
     check_optimizer(optimizer)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -103,17 +107,17 @@ def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: f
     eval_def = nnx.graphdef(view)
     dtype = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
     return _init_state(params, rest, lr, graphdef=train_def, eval_graphdef=eval_def, optimizer=optimizer,
-                       loss_fn=loss_fn, dtype=dtype)
+                       loss_fn=loss_fn, dtype=dtype, schedule=schedule)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "eval_graphdef", "optimizer", "loss_fn", "dtype"),
+@partial(jax.jit, static_argnames=("graphdef", "eval_graphdef", "optimizer", "loss_fn", "dtype", "schedule"),
          compiler_options=ONE_SHOT)
-def _init_state(params, rest, lr, *, graphdef, eval_graphdef, optimizer, loss_fn, dtype) -> TrainState:
+def _init_state(params, rest, lr, *, graphdef, eval_graphdef, optimizer, loss_fn, dtype, schedule) -> TrainState:
     # One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the
     # state, so later donation never touches the model's arrays.
     return TrainState(params=params, rest=rest, opt_state=make_tx(optimizer, lr).init(params),
                       step=jnp.zeros([], jnp.int32), graphdef=graphdef, eval_graphdef=eval_graphdef,
-                      optimizer=optimizer, loss_fn=loss_fn, dtype=dtype)
+                      optimizer=optimizer, loss_fn=loss_fn, dtype=dtype, schedule=schedule)
 
 
 class _Precision:
@@ -165,6 +169,8 @@ def train_step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, di
     """One optimizer step on `batch` (train mode); metrics are the weighted means of the loss and the
     task's metrics *before* the update, and the learning rate the step used (the record is the truth).
     `weights` (shape [batch]) are 0 for padding rows."""
+    if state.schedule is not None:
+        state = state.with_lr(state.schedule(state.step))
 
     def objective(params):
         losses, metrics, rest = _apply(state, state.graphdef, params, batch)
@@ -174,7 +180,8 @@ def train_step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, di
         return means["loss"], (means, rest)
 
     (_, (means, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    # `value`: the loss, for a plateau reduction in the optimizer (lrjax.optimizers.Recipe); others ignore it
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=means["loss"])
     params = optax.apply_updates(state.params, updates)
     new = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
     return new, {**means, "lr": state.lr}
@@ -290,3 +297,38 @@ def evaluate_arrays(state: TrainState, examples, batch_size: int) -> dict[str, j
 
 
 evaluate = jax.jit(evaluate_arrays, static_argnames=("batch_size",))
+
+
+@partial(jax.jit, static_argnames=("n", "batch_size", "pad"))
+def epoch_order(key, n: int, *, batch_size: int, pad: int):
+    """`epoch_indices` of one epoch with its first `pad` rows repeated at the end, so a chunk of
+    `pad` steps may start anywhere in the epoch (its steps past the epoch's end are skipped)."""
+    idx, w = epoch_indices(key, n, batch_size)
+    return jnp.concatenate([idx, idx[:pad]]), jnp.concatenate([w, w[:pad]])
+
+
+# Not donated: the host keeps references to the state between chunks (async checkpoint, best weights).
+@partial(jax.jit, static_argnames=("length", "masked"))
+def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: int, masked: bool):
+    """Training steps [start, start + count) of an epoch whose batch order is (idx, w), as one
+    program of `length` steps: (state, per-step metrics with each step's example `count`).
+
+    `start` and `count` are traced, so every chunk of an epoch, and of every epoch, runs one
+    program; with `masked` the steps from `count` on are skipped (lax.cond), otherwise all
+    `length` steps run (a chunk that is a whole epoch)."""
+    rows = [jax.lax.dynamic_slice_in_dim(a, start, length) for a in (idx, w)]
+
+    def body(state, inputs):
+        i, wi, k = inputs
+
+        def run(state):
+            new, m = train_step(state, *gather_batch(examples, i, wi))
+            return new, {**m, "count": jnp.sum(wi)}
+
+        if not masked:
+            return run(state)
+        shapes = jax.eval_shape(run, state)[1]
+        return jax.lax.cond(k < count, run, lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                                         shapes)), state)
+
+    return jax.lax.scan(body, state, (*rows, jnp.arange(length)))

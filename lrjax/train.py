@@ -1,46 +1,40 @@
-"""The host training loop: compiled epochs with early stopping, Orbax checkpoints and TensorBoard.
+"""`fit`: a model trained by the chunked step loop (`lrjax.loop`) with Keras-style callbacks.
 
-Each epoch is one compiled program (`steps.train_epoch`) followed by a compiled evaluation of the
-validation set; the host syncs once per epoch. Epoch e's metrics decide at once (early stopping,
-best weights, signals) whether epoch e+1 starts; its side effects (TensorBoard, checkpoint,
-printing) then run on the host while the device computes e+1. The data order of epoch e derives
-from (seed, e) only, so a run resumed from its checkpoint ends bit-identical (on CPU) to an
-uninterrupted one.
+fit sets the run up (devices, data, compiled programs, the callbacks that its keywords ask for),
+resumes it from its newest checkpoint, runs the loop and returns a `FitResult`. Early stopping,
+checkpoints, TensorBoard and the progress line are callbacks (`lrjax.callbacks`). The data order
+of epoch e derives from (seed, e) only, and a checkpoint holds the position inside an epoch, so a
+run resumed from its checkpoint ends bit-identical (on CPU) to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lrjax import loop, schedules, steps, tasks
 from lrjax import mesh as mesh_lib
-from lrjax import steps, tasks, tb
-from lrjax.checkpoint import Checkpointer
+from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.data import split_examples
 from lrjax.errors import ConfigError, TrainingDiverged
-from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
 
 # Settings that define a run: resuming a workdir with different values would mix two experiments.
-RUN_IDENTITY = ("dataset", "model", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor", "dtype")
+RUN_IDENTITY = ("dataset", "model", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor", "dtype",
+                "schedule", "weight_decay", "grad_accum_steps", "eval_every_steps", "checkpoint_every_steps")
 
 
 @dataclasses.dataclass
 class FitResult:
-    state: TrainState  # best epoch's weights when restore_best_weights, else the last epoch's
+    state: TrainState  # best evaluation's weights and state when restore_best_weights, else the last
     history: list[dict[str, float]]
     best_epoch: int | None
     best_val_loss: float | None
@@ -63,238 +57,144 @@ class FitResult:
             steps.evaluate(self.state, examples, batch_size=batch_size)).items()}
 
 
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked between epochs (a second SIGINT interrupts at once)."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        _log(f"lrjax: {self.received} received: finishing the current epoch, then saving a checkpoint")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
 def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epochs: int = 100,
         batch_size: int = 32, seed: int = 42, early_stopping: EarlyStopping | None = None,
         workdir: str | Path | None = None, checkpoints: bool = True, tensorboard: bool = True,
         keep_latest: int = 2, eval_batch_size: int = 1000, config: dict | None = None,
         mesh: jax.sharding.Mesh | None = None, stop_after: int | None = None,
         progress: Callable[[str], None] | None = print, loss_fn: LossFn = tasks.classification,
-        dtype=None) -> FitResult:
+        dtype=None, callbacks: list[Callback] = (), schedule: str = "constant",
+        eval_every_steps: int | None = None, checkpoint_every_steps: int | None = None,
+        log_every_steps: int | None = None) -> FitResult:
     """Trains `model` (its weights are the starting point; the object itself is not modified).
 
-    `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has
-    `x_train`, `y_train`, `x_valid`, `y_valid` (arrays of any dtype and shape, or example pytrees
-    with `y_*` None: see `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)`
-    (per-example arrays; default softmax cross-entropy with accuracy, see `lrjax.tasks`) defines the
-    task; history, TensorBoard and the early-stopping monitor name its metrics `<name>` and
-    `val_<name>`. `dtype` (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision. Training
-    steps run the model in train mode, evaluation in eval mode; the best weights kept and
-    checkpointed come with the same epoch's non-parameter state (batch statistics, RNG streams). With a `workdir`, checkpoints go to
-    `workdir/checkpoints` (and an existing one is resumed) and TensorBoard events to
-    `workdir/tensorboard/run_*/{train,validation}`. `stop_after` ends the run after that epoch as a
-    preemption would (for tests and time-boxed jobs). Raises `TrainingDiverged` on a non-finite loss.
+    `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, `lrjax.optimizers.Recipe`
+    for weight decay, accumulation and plateau reduction, ...). `data` has `x_train`, `y_train`,
+    `x_valid`, `y_valid` (arrays of any dtype and shape, or example pytrees with `y_*` None: see
+    `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)` (per-example arrays;
+    default softmax cross-entropy with accuracy, see `lrjax.tasks`) defines the task; history,
+    TensorBoard and the early-stopping monitor name its metrics `<name>` and `val_<name>`. `dtype`
+    (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision. Training steps run the model in
+    train mode, evaluation in eval mode; the best weights kept and checkpointed come with the same
+    evaluation's non-parameter state (batch statistics, RNG streams).
+
+    `callbacks` are `lrjax.callbacks.Callback`s; `early_stopping` and `progress` (a function taking
+    a line; None: silent) build the matching built-ins, and with a `workdir` so do `checkpoints`
+    (`workdir/checkpoints`, resumed when present) and `tensorboard` (`workdir/tensorboard/run_*`).
+    `schedule` (`lrjax.schedules.SCHEDULES`) peaks at `lr`. Evaluation is per epoch, or every
+    `eval_every_steps` steps (each one history row and one unit of patience); checkpoints at each
+    evaluation and every `checkpoint_every_steps` steps (Orbax steps are then global steps);
+    `log_every_steps` writes per-step `batch_loss`/`batch_learning_rate` to TensorBoard. SIGTERM
+    and SIGINT stop the run after the current chunk of steps, with a checkpoint. `stop_after` ends
+    the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
+    `TrainingDiverged` on a non-finite loss.
     """
     t_start = time.perf_counter()
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"stop_after (--stop-after) must be an epoch >= 1, got {stop_after}")
+    for name, value in (("stop_after (--stop-after)", stop_after), ("eval_every_steps", eval_every_steps),
+                        ("checkpoint_every_steps", checkpoint_every_steps), ("log_every_steps", log_every_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     mesh_lib.check_batch_size(batch_size, mesh)
     # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
-    config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor}
-    # train_s: compiled epochs and validation (dispatch is asynchronous: they are timed together)
+    config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor,
+              "schedule": schedule, "eval_every_steps": eval_every_steps,
+              "checkpoint_every_steps": checkpoint_every_steps}
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
-    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype), mesh)
     train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
+    n = steps.num_examples(train)
+    spe = steps.steps_per_epoch(n, batch_size)
+    accum = getattr(optimizer, "grad_accum_steps", 1)
+    sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
+    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype,
+                                                schedule=sched), mesh)
     # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
     rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
-    best = (state.params, state.rest)  # no copy needed: the epoch programs donate nothing
-    history: list[dict[str, float]] = []
-    start_epoch, run_name, resumed_from = 0, tb.new_run_name(), None
-
+    tr = loop.Trainer(state, epochs=epochs, steps_per_epoch=spe, eval_every_steps=eval_every_steps,
+                      checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after, rng=rng,
+                      meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
+    tr.early_stopping = early_stopping
+    cbs = [early_stopping, *callbacks]
     workdir = Path(workdir) if workdir is not None else None
-    ckpt = None
-    if workdir is not None and checkpoints:
-        ckpt = Checkpointer(workdir / "checkpoints", keep_latest=keep_latest, best_metric=early_stopping.monitor,
-                            mode=early_stopping.mode)
-        if ckpt.latest_step() is not None:
-            target = _tree(state, best, rng)
-            try:
-                resumed_from, tree, meta = ckpt.restore(
-                    target, check_meta=lambda m: _check_meta(m, config, ckpt.directory))
-            except BaseException:
-                ckpt.close()
-                raise
-            state = state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
-                                  step=tree["step"])
-            best, rng = (tree["best_params"], tree["best_rest"]), tree["rng"]
-            early_stopping.load_state_dict(meta["early_stopping"])
-            history = list(meta["history"])
-            start_epoch, run_name = int(meta["epoch"]), meta["run_name"]
-            _log(f"lrjax: resuming {workdir} from epoch {start_epoch} (checkpoint {resumed_from})")
-
-    writers = None
-    if workdir is not None and tensorboard:
-        writers = tb.RunWriters(workdir / "tensorboard" / run_name,
-                                purge_step=start_epoch + 1 if resumed_from is not None else None)
-        if resumed_from is None:
-            writers.train.write_text("hparams", tb.hparams_markdown({**config, "lr": lr, "epochs": epochs}))
-
-    seed_key = jax.random.wrap_key_data(rng)
-
-    def may_run(epoch: int) -> tuple[bool, str | None]:
-        """Whether `epoch` trains; if not, whether that interrupts the run ('stop-after')."""
-        if epoch > epochs or early_stopping.should_stop:  # also when resuming a run that had stopped
-            return False, None
-        if stop_after is not None and epoch > stop_after:
-            return False, "stop-after"
-        return True, None
-
-    def dispatch(epoch: int, state: TrainState):
-        """Starts `epoch` (asynchronously): (epoch, start time, its state, train and validation metrics)."""
-        t = time.perf_counter()
-        new, train_m = compiled(state, train, steps.epoch_key(seed_key, epoch))
-        return epoch, t, new, train_m, compiled_eval(new, valid)
-
-    # Epoch e+1 is dispatched as soon as epoch e's metrics decide that training goes on, before e's
-    # TensorBoard writes, checkpoint and progress line, which then run on the host while the device
-    # computes (they were a gap between epochs). Nothing is dispatched that might not be kept.
-    go, interrupted = may_run(start_epoch + 1)
-    pending, failed = None, None
+    ckpt = next((cb for cb in cbs if isinstance(cb, Checkpoint)), None)
+    if ckpt is None and workdir is not None and checkpoints:
+        ckpt = Checkpoint(workdir / "checkpoints", keep_latest=keep_latest, by_step=tr.by_step)
+        cbs.append(ckpt)
+    resumed_from = None
     try:
-        with _StopSignals() as signals, jax.set_mesh(mesh):
-            if go:
+        if ckpt is not None:
+            manager = ckpt.open(early_stopping.monitor, early_stopping.mode)
+            if manager.latest_step() is not None:
+                target, _ = tr.snapshot()
+                resumed_from, tree, meta = manager.restore(
+                    target, check_meta=lambda m: _check_meta(m, config, manager.directory))
+                tr.restore(tree, meta)
+                tr.meta["run_name"] = meta["run_name"]
+                loop.log(f"lrjax: resuming {workdir} from epoch {tr.epoch}"
+                         + (f", step {tr.step}" if tr.by_step else "") + f" (checkpoint {resumed_from})")
+        from lrjax import tb
+
+        tr.meta["run_name"] = tr.meta["run_name"] or tb.new_run_name()
+        board = None
+        if workdir is not None and tensorboard:
+            board = TensorBoard(workdir / "tensorboard" / tr.meta["run_name"], log_every_steps,
+                                hparams={**config, "epochs": epochs})
+            cbs.append(board)
+        if progress is not None:
+            cbs.append(Progress(progress))
+        for cb in cbs:
+            cb.set_trainer(tr)
+        tr.callbacks = cbs
+
+        seed_key = jax.random.wrap_key_data(tr.rng)
+        # One program for every chunk: a whole epoch, or the longest gap between step cadences.
+        length = min(tr.cadences())
+        masked = length != spe
+        with jax.set_mesh(mesh):
+            def compile_programs():
                 t0 = time.perf_counter()
-                compiled = steps.train_epoch.lower(state, train, steps.epoch_key(seed_key, start_epoch + 1),
-                                                   batch_size=batch_size).compile()
-                lowered_eval = steps.evaluate.lower(state, valid, batch_size=eval_batch_size)
+                order = steps.epoch_order(steps.epoch_key(seed_key, tr.epoch + 1), n, batch_size=batch_size,
+                                          pad=length)
+                program = steps.train_chunk.lower(tr.state, train, *order, np.int32(0), np.int32(length),
+                                                  length=length, masked=masked).compile()
+                lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
                 _check_monitor(early_stopping.monitor, lowered_eval.out_info)
-                compiled_eval = lowered_eval.compile()
-                t1 = time.perf_counter()
-                timings["compile_s"] += t1 - t0
-                pending = dispatch(start_epoch + 1, state)
-                timings["train_s"] += time.perf_counter() - t1
-            free = time.perf_counter()  # when the host was last free to wait for an epoch
-            while pending is not None:
-                t1 = time.perf_counter()
-                epoch, t0, state, train_m, val_m = pending
-                train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
-                t2 = time.perf_counter()
-                epoch_time = t2 - max(t0, free)  # not the previous epoch's outputs, written meanwhile
-                metrics = _epoch_metrics(train_m, val_m)
-                if not _finite(metrics["loss"], metrics["val_loss"]):
-                    raise TrainingDiverged(
-                        f"loss became non-finite in epoch {epoch} (train {metrics['loss']}, validation "
-                        f"{metrics['val_loss']}) at lr {lr:g}; lower the learning rate"
-                        + (f"; the best checkpoint so far is intact in {ckpt.directory}"
-                           if ckpt is not None and ckpt.latest_step() is not None else ""))
-                if early_stopping.update(epoch, metrics):
-                    best = (state.params, state.rest)
-                go, interrupted = may_run(epoch + 1)
-                received = _agreed_signal(signals.received)
-                if received and (go or interrupted):  # after the last epoch a signal leaves nothing to resume
-                    go, interrupted = False, received
-                pending = None
-                if go:
-                    try:
-                        pending = dispatch(epoch + 1, state)
-                    except BaseException as e:  # noqa: BLE001 - this epoch is complete: its outputs first
-                        failed = e
-                t3 = time.perf_counter()
-                timings["train_s"] += t3 - t1
-                record = {"epoch": epoch, **metrics, "lr": float(lr), "epoch_time_s": epoch_time}
-                history.append(record)
-                if writers is not None:
-                    writers.write_epoch(epoch, {**train_m, "learning_rate": lr, "epoch_time_s": epoch_time},
-                                        {k[4:]: v for k, v in metrics.items() if k.startswith("val_")})
-                t4 = time.perf_counter()
-                if ckpt is not None:
-                    # a snapshot: the save is asynchronous and `history` grows next epoch (a shared list
-                    # let a checkpoint's meta pick up later epochs' records, duplicated after a resume)
-                    meta = {"epoch": epoch, "early_stopping": early_stopping.state_dict(), "config": config,
-                            "history": list(history), "run_name": run_name, "lr": lr, "seed": seed}
-                    ckpt.save(epoch, _tree(state, best, rng), meta, metrics)
-                t5 = time.perf_counter()
-                timings["tensorboard_s"] += t4 - t3
-                timings["checkpoint_s"] += t5 - t4
-                if progress is not None and jax.process_index() == 0:
-                    progress(_epoch_line(record, epochs, early_stopping, epoch))
-                if failed is not None:
-                    raise failed
-                free = time.perf_counter()
+                evaluate = lowered_eval.compile()
+                timings["compile_s"] += time.perf_counter() - t0
+                return program, evaluate
+
+            try:
+                interrupted = loop.run(tr, cbs, compile_programs=compile_programs, examples=train, valid=valid,
+                                       seed_key=seed_key, n=n, batch_size=batch_size, chunk_length=length,
+                                       timings=timings)
+            except TrainingDiverged as e:
+                where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
+                raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}"
+                                                 if where else "")) from None
     finally:
         t6 = time.perf_counter()
         if ckpt is not None:
-            ckpt.close()  # finishes the asynchronous save, on every exit path
-        if writers is not None:
-            writers.close()
-        timings["checkpoint_s"] += time.perf_counter() - t6
+            ckpt.close()
+        for cb in cbs:
+            if isinstance(cb, TensorBoard):
+                cb.close()
+        timings["checkpoint_s"] += (ckpt.seconds if ckpt is not None else 0.0) + time.perf_counter() - t6
+        timings["tensorboard_s"] += sum(cb.seconds for cb in cbs if isinstance(cb, TensorBoard))
 
-    final = state.replace(params=best[0], rest=best[1]) if early_stopping.restore_best_weights else state
+    state = tr.state
+    final = state.replace(params=tr.best[0], rest=tr.best[1]) if early_stopping.restore_best_weights else state
+    history = tr.history
     best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == early_stopping.best_epoch), None)
+    if tr.by_step:
+        best_val_loss = next((h["val_loss"] for h in history if h[early_stopping.monitor] == early_stopping.best),
+                             best_val_loss)
     return FitResult(
         state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=best_val_loss,
         epochs_run=len(history), stopped_early=early_stopping.should_stop, interrupted=interrupted,
-        run_dir=writers.run_dir if writers else None, resumed_from=resumed_from,
+        run_dir=board.run_dir if board else None, resumed_from=resumed_from,
         wall_time_s=time.perf_counter() - t_start, timings=timings)
-
-
-def _agreed_signal(received: str | None) -> str | None:
-    """The stop signal as every process of a job sees it (any process's). A preemption signal reaches
-    the processes at different moments; one that stopped alone would leave the others waiting for it
-    in the next epoch's collectives."""
-    if jax.process_count() == 1:
-        return received
-    from jax.experimental import multihost_utils
-
-    code = np.int32(signal.Signals[received].value if received else 0)
-    agreed = int(np.max(multihost_utils.process_allgather(code)))
-    return signal.Signals(agreed).name if agreed else None
-
-
-def _tree(state: TrainState, best, rng) -> dict[str, Any]:
-    """What a checkpoint holds (`best`: the best epoch's (params, rest); `rng`: the RNG key's raw data)."""
-    return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
-            "best_params": best[0], "best_rest": best[1], "rng": rng}
-
-
-def _epoch_metrics(train: dict, val: dict) -> dict[str, float]:
-    """One epoch's record, Keras' order and names: loss, the task's metrics, then val_ of each."""
-    ordered = lambda m: {"loss": m["loss"], **{k: m[k] for k in sorted(m) if k != "loss"}}  # noqa: E731
-    return {**{k: float(v) for k, v in ordered(train).items()},
-            **{f"val_{k}": float(v) for k, v in ordered(val).items()}}
-
-
-def _check_monitor(monitor: str, val_metrics: dict) -> None:
-    """The early-stopping monitor must be one of the task's validation metrics (known before training)."""
-    names = ["loss", *sorted(k for k in val_metrics if k != "loss")]
-    if monitor not in {f"val_{k}" for k in names} | {k for k in names}:
-        raise ConfigError(f"early stopping monitors {monitor!r}, which the task does not report; choose one of "
-                          f"{', '.join(f'val_{k}' for k in names)} (--monitor)")
 
 
 META_KEYS = ("epoch", "early_stopping", "history", "run_name")
@@ -306,10 +206,10 @@ def _check_meta(meta: dict, config: dict, where: Path) -> None:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise KeyError(f"meta lacks {missing}")
-    _check_same_run(meta.get("config", {}), config, where)
+    check_same_run(meta.get("config", {}), config, where)
 
 
-def _check_same_run(saved: dict, current: dict, where: Path) -> None:
+def check_same_run(saved: dict, current: dict, where: Path) -> None:
     diff = {k: (saved.get(k), current.get(k)) for k in RUN_IDENTITY
             if k in saved and k in current and saved.get(k) != current.get(k)}
     if diff:
@@ -317,10 +217,11 @@ def _check_same_run(saved: dict, current: dict, where: Path) -> None:
         raise ConfigError(f"{where} holds a run with {said}: use another --workdir to start a new run")
 
 
-def _epoch_line(r: dict, epochs: int, es: EarlyStopping, epoch: int) -> str:
-    mark = " *" if es.best_epoch == epoch else ""
-    short = lambda k: k.replace("accuracy", "acc")  # noqa: E731
-    train = "  ".join(f"{short(k)} {v:.4f}" for k, v in r.items() if k not in ("epoch", "lr", "epoch_time_s")
-                      and not k.startswith("val_"))
-    val = "  ".join(f"{short(k)} {v:.4f}" for k, v in r.items() if k.startswith("val_"))
-    return f"epoch {r['epoch']:3d}/{epochs}  {train}  |  {val}  |  {r['epoch_time_s']:.2f}s{mark}"
+
+
+def _check_monitor(monitor: str, val_metrics: dict) -> None:
+    """The early-stopping monitor must be one of the task's validation metrics (known before training)."""
+    names = ["loss", *sorted(k for k in val_metrics if k != "loss")]
+    if monitor not in {f"val_{k}" for k in names}:
+        raise ConfigError(f"early stopping monitors {monitor!r}, which the task does not report; choose one of "
+                          f"{', '.join(f'val_{k}' for k in names)} (--monitor)")

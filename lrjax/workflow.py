@@ -43,6 +43,25 @@ def load(cfg: Config) -> Dataset:
     return data
 
 
+# `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
+# chosen by experiments/schedule_quality.py (README, Schedules).
+SCHEDULE_PEAK = {"constant": 1.0, "plateau": 1.0, "onecycle": 1.0, "cosine": 1.0, "warmup_cosine": 1.0}
+
+
+def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
+    """--optimizer with --weight-decay, --grad-accum-steps and, for training (`steps_per_epoch`
+    given), --schedule plateau folded in (a plain optax factory when none of them is asked for, so
+    programs compiled for it are shared)."""
+    base = optimizers.get(cfg.optimizer)
+    plateau = None
+    if cfg.schedule == "plateau" and steps_per_epoch:
+        # Keras' ReduceLROnPlateau(factor=0.2, patience=3), on the training loss averaged over each epoch
+        plateau = (3, 0.2, steps_per_epoch)
+    if not cfg.weight_decay and cfg.grad_accum_steps == 1 and plateau is None:
+        return base
+    return optimizers.Recipe(base, cfg.weight_decay, cfg.grad_accum_steps, plateau)
+
+
 def model_for(cfg: Config, data: Dataset, seed: int | None = None):
     """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
     return build_model(cfg.model, data.x_train.shape[1:], data.num_classes, cfg.seed if seed is None else seed,
@@ -79,7 +98,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
-            model_for(cfg, data), optimizers.get(cfg.optimizer), data, batch_size=cfg.batch_size,
+            model_for(cfg, data), optimizer_for(cfg), data, batch_size=cfg.batch_size,
             start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
             diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
             eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
@@ -144,11 +163,13 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
                        restore_best_weights=cfg.restore_best)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
     result: FitResult = fit(
-        model_for(cfg, data), optimizers.get(cfg.optimizer), data, lr=lr, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
+        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(len(data.x_train), cfg.batch_size)), data,
+        lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
-        progress=print if cfg.progress else None, dtype=cfg.dtype)
+        progress=print if cfg.progress else None, dtype=cfg.dtype, schedule=cfg.schedule,
+        eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
+        log_every_steps=cfg.log_every_steps)
     if result.interrupted:
         raise Interrupted(result)
     t = time.perf_counter()
@@ -187,7 +208,7 @@ def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
     if not directory.is_dir():
         return None
     from lrjax.checkpoint import Checkpointer
-    from lrjax.train import _check_same_run
+    from lrjax.train import check_same_run
 
     ckpt = Checkpointer(directory)
     try:
@@ -196,7 +217,7 @@ def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
         ckpt.close()
     if meta is None or "lr" not in meta:
         return None  # nothing readable: training decides (it moves unreadable checkpoints aside)
-    _check_same_run(meta.get("config", {}), {**cfg.to_dict(), "lr": meta["lr"]}, directory)
+    check_same_run(meta.get("config", {}), {**cfg.to_dict(), "lr": meta["lr"]}, directory)
     return meta
 
 
@@ -238,7 +259,9 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     else:
         t = time.perf_counter()
         result = find_lr_job(cfg, data)
-        lr, method = result.suggestion, result.method
+        lr, method = result.suggestion * SCHEDULE_PEAK[cfg.schedule], result.method
+        if cfg.schedule != "constant":
+            _say(cfg, f"schedule {cfg.schedule}: peak lr {lr:.4g} ({SCHEDULE_PEAK[cfg.schedule]:g} x the suggestion)")
         phases.update(range_test_compile=result.compile_time_s,
                       range_test=result.wall_time_s - result.compile_time_s,
                       # the model's initialisation, lr_find.{json,csv,png} and the TensorBoard curve

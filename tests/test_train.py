@@ -465,12 +465,12 @@ def test_run_end_to_end_on_real_data(tmp_path, real_data_dir):
 
 def test_epochs_and_new_rates_reuse_one_compiled_epoch(data, compiles):
     run(data, epochs=3)
-    first = compiles.count("train_epoch")
+    first = compiles.count("train_chunk")
     assert first <= 1  # 0 when an earlier test already compiled this shape
     run(data, epochs=4, lr=LR / 3)  # another rate and more epochs: the same program
-    assert compiles.count("train_epoch") == first
+    assert compiles.count("train_chunk") == first
     run(data, epochs=1, batch_size=24)  # a batch shape no other test uses: a new program, counted
-    assert compiles.count("train_epoch") == first + 1
+    assert compiles.count("train_chunk") == first + 1
 
 
 @pytest.mark.parametrize("epochs, patience, stops", [(4, 10, False), (40, 2, True)])  # limit; early stop
