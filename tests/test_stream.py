@@ -3,6 +3,7 @@ the resident-or-stream decision), on tiny generated data and a tiny TFDS ArrayRe
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -280,9 +281,11 @@ def test_damage_inside_a_shard_is_a_data_error_when_read(tiny_tfds, tmp_path):
         collect(Stream(sp.train, 20, epochs=1, workers=0))
 
 
-def test_an_unprepared_dataset_is_a_data_error(tmp_path):
+def test_an_unprepared_or_unknown_dataset_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not prepared as array_record"):
         tfds_splits("mnist", tmp_path / "nothing")
+    with pytest.raises(DataError, match="unknown TFDS dataset 'no_such_set_xyz'"):
+        tfds_splits("no_such_set_xyz", tmp_path / "nothing")
 
 
 def test_a_source_shorter_than_one_batch_is_a_data_error(splits):
@@ -299,16 +302,22 @@ def test_examples_of_inconsistent_shape_are_a_data_error(tiny_tfds, monkeypatch)
         array_splits(numbered(6), np.arange(6), numbered(3, size=5), np.arange(3), valid_size=1)
     # A record whose PNG holds another size than the dataset's features declare.
     from PIL import Image
-    import io
+    from tensorflow_datasets.proto import tf_example_pb2
 
     sp = tfds_splits("mnist", tiny_tfds / "tfds", valid_size=20)
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((27, 28), np.uint8)).save(buffer, format="PNG")
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((27, 28), np.uint8)).save(png, format="PNG")
+    odd = tf_example_pb2.Example()
+    odd.features.feature["image"].bytes_list.value.append(png.getvalue())
+    odd.features.feature["label"].int64_list.value.append(3)
     source = sp.train.examples.source
     real = source.__getitems__
     monkeypatch.setattr(source, "__getitems__", lambda keys: [
-        {**r, "image": buffer.getvalue()} if k == keys[3] else r for k, r in zip(keys, real(keys))])
+        odd.SerializeToString() if k == keys[3] else r for k, r in zip(keys, real(keys))])
     with pytest.raises(DataError, match=r"record \d+: image of shape \(27, 28\) \(uint8\), the others are \(28, 28, 1\)"):
+        sp.train.read(np.arange(8))
+    monkeypatch.setattr(source, "__getitems__", lambda keys: [b"not an example"] * len(keys))
+    with pytest.raises(DataError, match="not an example with an encoded image and a label"):
         sp.train.read(np.arange(8))
 
 
@@ -341,3 +350,48 @@ def test_default_budget_and_resident_size(splits):
     assert 0 < budget <= stream.host_memory() / 2
     # 140 examples of 6x6x1 float32 pixels and an int32 label.
     assert stream.resident_nbytes(splits) == 140 * (36 * 4 + 4)
+
+
+def test_an_endless_eval_stream_serves_one_pass_per_epoch_call(splits):
+    valid = eval_stream(splits.valid, 4, chunk_steps=2, epochs=None, workers=0)
+    def one_pass():
+        chunks = list(valid.epoch())
+        x = np.concatenate([ids(c["x"])[c["active"]].reshape(-1) for c in chunks])
+        w = np.concatenate([c["w"][c["active"]].reshape(-1) for c in chunks])
+        return x[w == 1].tolist()
+
+    assert one_pass() == one_pass() == one_pass() == list(range(10))
+    next(valid)
+    with pytest.raises(ValueError, match="at an epoch's start"):
+        next(valid.epoch())
+
+
+def bad_label_transform(example, rng):
+    """Module-level (picklable by reference too); fails on the 7th training example it sees."""
+    if example["label"] == 6:
+        raise DataError("example with label 6 rejected")
+    return example
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_chunks_and_resume_across_worker_counts(splits):
+    # ~10 s: spawning worker processes (each imports jax and grain) dominates.
+    kw = dict(chunk_steps=2, seed=3, epochs=2)
+    whole = collect(Stream(splits.train, 16, workers=0, **kw))
+    with Stream(splits.train, 16, workers=1, **kw) as s:
+        got = [next(s) for _ in range(3)]
+        saved = s.state()
+    for i, chunk in enumerate(got):
+        np.testing.assert_array_equal(chunk["x"], whole["x"][i])
+    with Stream(splits.train, 16, workers=0, **kw) as resumed:  # a state saved with a worker, read without
+        resumed.restore(json.loads(json.dumps(saved)))
+        np.testing.assert_array_equal(collect(resumed)["x"], whole["x"][3:])
+    plain = Stream(splits.train, 16, workers=0, **kw)
+    for _ in range(5):
+        next(plain)
+    with Stream(splits.train, 16, workers=1, **kw) as resumed:  # and the other way round
+        resumed.restore(plain.state())
+        np.testing.assert_array_equal(collect(resumed)["w"], whole["w"][5:])
+    with pytest.raises(DataError, match="label 6 rejected"):
+        with Stream(splits.train, 16, workers=1, transform=bad_label_transform, **kw) as failing:
+            collect(failing)
