@@ -10,7 +10,8 @@ pipeline  examples/s of one training epoch (55,000 examples, shuffled, chunks of
           largest worker's) are its own. Examples/s count from the first chunk on; start-up apart.
 overlap   one epoch of an MLP's chunk program (a scan of SGD steps over the chunk) fed by the stream:
           staging each chunk after the previous one finished (serial), staging chunk i+1 right after
-          dispatching chunk i (dispatch-ahead), and DevicePrefetch's background thread.
+          dispatching chunk i (dispatch-ahead), and DevicePrefetch's background thread; each variant
+          times an epoch's worth of chunks after 3 untimed ones (worker start-up, filled buffers).
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def prepare(data_dir: Path, work: Path) -> tuple[Path, Path]:
 
 
 def open_splits(source: str, work: Path):
-    from lrjax import stream
+    from lrjax import sources
 
     if source == "tfds":
-        return stream.tfds_splits("fashion_mnist", work / "tfds")
+        return sources.tfds_splits("fashion_mnist", work / "tfds")
     load = lambda name: np.load(work / f"{name}.npy", mmap_mode="r")  # noqa: E731
-    return stream.array_splits(load("train_images"), load("train_labels"), load("test_images"),
+    return sources.array_splits(load("train_images"), load("train_labels"), load("test_images"),
                                load("test_labels"), name="memmap")
 
 
@@ -126,7 +127,7 @@ def bench_overlap(work: Path, batch: int, workers: int, source: str, repeats: in
 
     splits = open_splits(source, work)
     k = max(1, EXAMPLES_PER_CHUNK // batch)
-    mesh = jax.make_mesh((1,), ("data",))
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))  # as lrjax.mesh
     sharding = stream.chunk_sharding(mesh)
     rng = np.random.default_rng(0)
     params = {"w1": jnp.asarray(rng.normal(0, 0.05, (784, 128)), jnp.float32), "b1": jnp.zeros(128),
@@ -145,49 +146,58 @@ def bench_overlap(work: Path, batch: int, workers: int, source: str, repeats: in
             return jax.tree.map(lambda a, ga: a - 0.01 * ga * active, p, g), None
         return jax.lax.scan(body, p, (chunk["x"], chunk["y"], chunk["w"], chunk["active"]))[0]
 
-    def make():
-        return stream.Stream(splits.train, batch, chunk_steps=k, seed=0, epochs=1, workers=workers)
-
-    def serial():
+    def serial(chunks, n):
         p = params
-        for chunk in make():
-            p = run_chunk(p, stream.to_device(chunk, sharding))
+        for _ in range(n):
+            p = run_chunk(p, stream.to_device(next(chunks), sharding))
             jax.block_until_ready(p)  # host work between chunks (metrics, callbacks) waits for the result
         return p
 
-    def dispatch_ahead():
-        p, chunks = params, make()
-        staged = stream.to_device(next(chunks), sharding)
-        for chunk in chunks:
+    def dispatch_ahead(chunks, n):
+        p, staged = params, stream.to_device(next(chunks), sharding)
+        for i in range(n):
             p = run_chunk(p, staged)
-            staged = stream.to_device(chunk, sharding)  # while the device computes
-            jax.block_until_ready(p)
-        return jax.block_until_ready(run_chunk(p, staged))
-
-    def threaded():
-        p = params
-        for staged in stream.DevicePrefetch(make(), sharding, size=2):
-            p = run_chunk(p, staged)
+            if i + 1 < n:
+                staged = stream.to_device(next(chunks), sharding)  # while the device computes
             jax.block_until_ready(p)
         return p
 
-    def compute_only():  # the same program on chunks already on the device: the floor
+    def threaded(prefetch, n):
         p = params
-        for staged in resident:
-            p = run_chunk(p, staged)
+        for _ in range(n):
+            p = run_chunk(p, next(prefetch))
             jax.block_until_ready(p)
         return p
 
-    resident = [stream.to_device(c, sharding) for c in make()]
+    def compute_only(_, n):  # the same program on chunks already on the device: the floor
+        p = params
+        for i in range(n):
+            p = run_chunk(p, resident[i % len(resident)])
+            jax.block_until_ready(p)
+        return p
+
+    def make():
+        return stream.Stream(splits.train, batch, chunk_steps=k, seed=0, workers=workers)  # endless
+
+    first = make()
+    resident = [stream.to_device(c, sharding) for c in first.epoch()]
+    first.close()
     jax.block_until_ready(run_chunk(params, resident[0]))  # compile outside the timings
-    variants = {"compute only (chunks already on device)": compute_only, "serial": serial,
-                "dispatch-ahead": dispatch_ahead, "DevicePrefetch thread": threaded}
+    variants = {"compute only (chunks already on device)": (compute_only, lambda: None),
+                "serial": (serial, make), "dispatch-ahead": (dispatch_ahead, make),
+                "DevicePrefetch thread": (threaded, lambda: stream.DevicePrefetch(make(), sharding, size=2))}
+    n = first.plan.chunks_per_epoch
+    warm = 3  # untimed: worker start-up and whatever the buffers filled meanwhile
     times = {name: [] for name in variants}
     for _ in range(repeats):  # interleaved, so drifting machine load hits every variant alike
-        for name, fn in variants.items():
+        for name, (fn, open_chunks) in variants.items():
+            chunks = open_chunks()
+            fn(chunks, warm)
             t = time.perf_counter()
-            fn()
+            fn(chunks, n)
             times[name].append(time.perf_counter() - t)
+            if chunks is not None:
+                chunks.close()
     rows = []
     for name, ts in times.items():
         med = float(np.median(ts))

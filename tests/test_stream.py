@@ -1,5 +1,6 @@
-"""Tests of lrjax.stream: the Grain input pipeline (splits, epochs, padding, resume, sharding, errors,
-the resident-or-stream decision), on tiny generated data and a tiny TFDS ArrayRecord preparation."""
+"""Tests of the streamed input path: lrjax.sources (splits as the resident path's, bad files),
+lrjax.stream (the Grain pipeline: epochs, padding, resume, sharding, device staging) and lrjax.memory
+(the resident-or-stream decision), on tiny generated data and a tiny TFDS ArrayRecord preparation."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from lrjax import stream
+from lrjax import memory, sources, stream
 from lrjax.data import from_arrays
 from lrjax.errors import CheckpointError, ConfigError, DataError
 from lrjax.idx import FILES, read_idx_folder, write_idx_gz
-from lrjax.stream import Stream, array_splits, choose_input, eval_stream, parse_size, tfds_splits
+from lrjax.memory import choose_input, parse_size
+from lrjax.sources import array_splits, tfds_splits
+from lrjax.stream import Stream, eval_stream
 
 
 def numbered(n: int, size: int = 6) -> np.ndarray:
@@ -84,12 +87,21 @@ def test_array_splits_match_from_arrays(splits):
         np.testing.assert_array_equal(y, getattr(ref, f"y_{name}"))
 
 
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_to_float_runs_on_a_sharded_chunk_in_a_compiled_scan(splits, axis_type):
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    chunk = next(Stream(splits.train, 16, chunk_steps=3, epochs=1, workers=0))
+    staged = stream.to_device(chunk, stream.chunk_sharding(mesh))
+    scan = jax.jit(lambda x: jax.lax.scan(lambda c, xi: (c, stream.to_float(xi)), 0, x)[1])
+    np.testing.assert_array_equal(np.asarray(scan(staged["x"])), chunk["x"].astype(np.float32) / np.float32(255))
+
+
 def test_a_memmap_travels_to_workers_as_its_file_name(tmp_path):
     images = numbered(3000, size=28)
     path = tmp_path / "images.npy"
     np.save(path, images)
     mm = np.load(path, mmap_mode="r")
-    examples = stream.ArrayExamples(mm, np.arange(3000))
+    examples = sources.ArrayExamples(mm, np.arange(3000))
     blob = pickle.dumps(examples)
     assert len(blob) < 30_000 < images.nbytes  # the labels (24 kB), not the 2.4 MB of pixels
     again = pickle.loads(blob)
@@ -346,10 +358,10 @@ def test_choose_input():
 
 
 def test_default_budget_and_resident_size(splits):
-    budget = stream.default_budget()
-    assert 0 < budget <= stream.host_memory() / 2
+    budget = memory.default_budget()
+    assert 0 < budget <= memory.host_memory() / 2
     # 140 examples of 6x6x1 float32 pixels and an int32 label.
-    assert stream.resident_nbytes(splits) == 140 * (36 * 4 + 4)
+    assert memory.resident_nbytes(splits) == 140 * (36 * 4 + 4)
 
 
 def test_an_endless_eval_stream_serves_one_pass_per_epoch_call(splits):
@@ -395,3 +407,8 @@ def test_worker_processes_give_the_same_chunks_and_resume_across_worker_counts(s
     with pytest.raises(DataError, match="label 6 rejected"):
         with Stream(splits.train, 16, workers=1, transform=bad_label_transform, **kw) as failing:
             collect(failing)
+
+
+def test_default_workers(splits, tiny_tfds):
+    assert stream.default_workers(splits.train) == 0  # arrays: one numpy gather a batch, no processes
+    assert 1 <= stream.default_workers(tfds_splits("mnist", tiny_tfds / "tfds", valid_size=20).train) <= 4
