@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grain
@@ -35,10 +39,14 @@ def ids(x: np.ndarray) -> np.ndarray:
     return x[..., 0, 0, 0].astype(np.int64) + 256 * x[..., 0, 1, 0].astype(np.int64)
 
 
-@pytest.fixture
-def splits():
+def make_splits():
     """110 train examples (10 held out for validation: 100 left) and 30 test ones, numbered."""
     return array_splits(numbered(110), np.arange(110) % 7, numbered(30), np.arange(30) % 7, valid_size=10)
+
+
+@pytest.fixture
+def splits():
+    return make_splits()
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +235,33 @@ def test_two_shards_cover_each_global_batch_exactly_once(splits):
         np.testing.assert_array_equal(parts[1][key], whole[key])
     with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
         Stream(splits.train, 32, shard=grain.sharding.ShardOptions(0, 3))
+
+
+@pytest.mark.slow
+def test_two_processes_assemble_the_global_batches_of_one(tmp_path):
+    # ~10 s: two JAX processes on the loopback interface (as tests/test_scale.py), each streaming its rows.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "XLA_FLAGS": ""}
+    worker = Path(__file__).with_name("stream_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), f"127.0.0.1:{port}", "2", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert result["processes"] == 2 and set(result["local_rows"]) == {16}  # each read half of each batch
+    single = list(Stream(make_splits().train, 32, chunk_steps=3, seed=2, epochs=1, workers=0))
+    assert len(result["chunks"]) == len(single)
+    for got, want in zip(result["chunks"], single):
+        assert got["ids"] == ids(want["x"]).tolist()
+        for key in ("y", "w", "active", "steps"):
+            assert got[key] == want[key].tolist()
 
 
 def test_to_device_and_device_prefetch_give_the_chunks_and_the_consumed_state(splits):
