@@ -43,13 +43,21 @@ class ArrayExamples:
 
     def __reduce__(self):
         def mapped(a):
-            return (_open_memmap, (a.filename, a.dtype.str, a.shape, a.offset)) if _is_memmap(a) else a
+            offset = _file_offset(a)
+            return a if offset is None else (_open_memmap, (a.filename, a.dtype.str, a.shape, offset))
 
         return _array_examples, (mapped(self.images), mapped(self.labels), self.name)
 
 
-def _is_memmap(a) -> bool:
-    return isinstance(a, np.memmap) and a.filename is not None and a.flags.c_contiguous
+def _file_offset(a) -> int | None:
+    """Where a contiguous memmap (or a view of one) starts in its file; None for anything else."""
+    if not isinstance(a, np.memmap) or a.filename is None or not a.flags.c_contiguous:
+        return None
+    root = a
+    while isinstance(root.base, np.memmap):
+        root = root.base
+    # A view inherits its parent's `offset` attribute unchanged, so it is measured from the root.
+    return root.offset + (a.ctypes.data - root.ctypes.data)
 
 
 def _open_memmap(filename, dtype, shape, offset):

@@ -348,9 +348,10 @@ def _check_process_rows(sharding, shape) -> None:
 
 
 class DevicePrefetch:
-    """Chunks staged onto the devices `size` ahead by a background thread, so that reading, stacking
-    and copying chunk i+1 overlaps the computation of chunk i. `state()` is the stream's state after
-    the last chunk returned, not after the ones staged ahead."""
+    """Chunks staged onto the devices `size` ahead by a background thread, so that reading and copying
+    chunk i+1 can overlap the computation of chunk i (on a 2-core CPU it does not: XLA's program keeps
+    both cores busy; see docs/input_pipelines.md). `state()` is the stream's position after the last
+    chunk returned, not after the ones staged ahead; `close()` leaves the stream there too."""
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding, size: int = 2):
         self.stream, self.sharding, self.size = stream, sharding, size
@@ -360,20 +361,22 @@ class DevicePrefetch:
         self._state = None
 
     def _run(self, q: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:  # gives up once the consumer has asked the thread to stop
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         try:
             for chunk in self.stream:
-                item = (to_device(chunk, self.sharding), self.stream.state())
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put((to_device(chunk, self.sharding), self.stream.state())):
                     return
-            q.put(StopIteration())
+            put(StopIteration())
         except BaseException as e:  # handed to the consumer, which raises it
-            q.put(e)
+            put(e)
 
     def __iter__(self):
         return self
@@ -408,7 +411,15 @@ class DevicePrefetch:
             self._stop.set()
             self._thread.join()
             self._thread = None
+            if self._state is not None:  # the thread read ahead: back to what the consumer has seen
+                self.stream.restore(self._state)
 
     def close(self) -> None:
         self._join()
         self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
