@@ -122,6 +122,15 @@ def _to_arrays(name: str, split: str, source) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def record_keys(name: str, split: str, source) -> np.ndarray:
+    """Record key (position in the TFDS source) of each example, in the order `load_tfds_arrays`
+    returns them: what a streamed reader needs to see the same examples in each split."""
+    n = len(source)
+    if name in IDX_DATASETS and not source.dataset_info.disable_shuffling:
+        return np.argsort(_idx_order(split, n)).astype(np.int64)
+    return np.arange(n, dtype=np.int64)
+
+
 def _decode(image) -> np.ndarray:
     if isinstance(image, np.ndarray):  # already decoded (tfds.testing.mock_data)
         return image
