@@ -345,21 +345,27 @@ def bench_io(data, a):
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-"))
     epoch_means: dict = {False: [], True: []}
 
-    def fit(epochs, io):
+    epoch_means["steps"] = []
+
+    def fit(epochs, io):  # io: False, True (the built-in callbacks), or "steps" (also --checkpoint-every-steps 300)
         if io:
             shutil.rmtree(tmp / "wd", ignore_errors=True)
         ends = []
         lrjax.fit(mlp(data.in_features, seed=42), optax.sgd, data, lr=0.01, epochs=epochs,
-                  workdir=tmp / "wd" if io else None, progress=lambda line: ends.append(time.perf_counter()))
+                  workdir=tmp / "wd" if io else None, progress=lambda line: ends.append(time.perf_counter()),
+                  checkpoint_every_steps=300 if io == "steps" else None)
         if epochs > 1:
             epoch_means[io].append(float(np.mean(np.diff(ends))))
 
     try:  # interleaved rounds: a few-percent effect needs the VM's drift cancelled
-        m = interleaved("io", {(e, io): (lambda e=e, io=io: fit(e, io)) for e in (short, long_)
-                               for io in (False, True)}, a.repeats, show=False)
+        variants = {(e, io): (lambda e=e, io=io: fit(e, io)) for e in (short, long_) for io in (False, True)}
+        variants[long_, "steps"] = lambda: fit(long_, "steps")
+        m = interleaved("io", variants, a.repeats, show=False)
         row("io", f"fit {long_} epochs, no checkpoints/TensorBoard", m[long_, False])
         row("io", f"fit {long_} epochs, Orbax async + TensorBoard", m[long_, True], m[long_, False],
             f"overhead {100 * (m[long_, True] / m[long_, False] - 1):+.1f}%")
+        row("io", f"fit {long_} epochs, the same + --checkpoint-every-steps 300", m[long_, "steps"], m[long_, False],
+            f"overhead {100 * (m[long_, 'steps'] / m[long_, False] - 1):+.1f}%")
         ratios = [b / p for p, b in zip(epoch_means[False][1:], epoch_means[True][1:])]  # without warm-up
         plain = statistics.median(epoch_means[False][1:])
         row("io", "epoch to epoch inside the fits, with vs without", plain * statistics.median(ratios), plain,
