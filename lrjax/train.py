@@ -27,7 +27,6 @@ from flax import nnx
 
 from lrjax import mesh as mesh_lib
 from lrjax import steps, tb
-from lrjax.checkpoint import Checkpointer
 from lrjax.errors import ConfigError, TrainingDiverged
 from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory, TrainState
@@ -127,6 +126,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     workdir = Path(workdir) if workdir is not None else None
     ckpt = None
     if workdir is not None and checkpoints:
+        from lrjax.checkpoint import Checkpointer  # Orbax (and TensorStore) only for a run that checkpoints
+
         ckpt = Checkpointer(workdir / "checkpoints", keep_latest=keep_latest, best_metric=early_stopping.monitor,
                             mode=early_stopping.mode)
         if ckpt.latest_step() is not None:
