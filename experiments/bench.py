@@ -537,8 +537,8 @@ def main():
         print(f"lrjax bench, process: python {platform.python_version()}, {cpu_name()} x{os.cpu_count()}, "
               f"repeats {a.repeats} (+1 warm-up round)")
         bench_process(a.data_dir, a)
+        write_json(a.json, None)
         if sections == ["process"]:
-            write_json(a.json, None)
             return 0
     lrjax.use_cpu_cores()  # before JAX starts, as the CLI does: each CPU core a device for members
     a.seeds = [int(k) for k in a.seeds.split(",")]
@@ -555,6 +555,7 @@ def main():
                      ("sweep", bench_sweep), ("io", bench_io)):
         if name in sections:
             fn(data, a)
+            write_json(a.json, dev)  # after each section: a run cut short keeps what it measured
     if "run" in sections and a.data_dir:
         bench_run(a.data_dir, a)
     write_json(a.json, dev)
