@@ -457,9 +457,13 @@ def run_process(argv: list[str], workdir: Path | None, cache_dir: Path) -> float
     first: a workdir with checkpoints would resume instead of train)."""
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
-    env = {**os.environ, "LRJAX_CACHE_DIR": str(cache_dir)}
+    # the lrjax this process imported, whatever the current folder holds (`python -c` looks there first)
+    root = str(Path(lrjax.__file__).resolve().parents[1])
+    env = {**os.environ, "LRJAX_CACHE_DIR": str(cache_dir),
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cache_dir)
     seconds = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[3:] or argv)} exited {out.returncode}: {out.stderr[-2000:]}")
