@@ -13,9 +13,9 @@ import os
 import time
 
 
-def process_age_s(at: float | None = None) -> float | None:
-    """Seconds from this process's start to `at`, a `time.perf_counter()` value (default: now);
-    None where the OS does not tell (resolution: a clock tick, usually 10 ms)."""
+def process_age_s() -> float | None:
+    """Seconds from this process's start to now; None where the OS does not tell (resolution: a
+    clock tick, usually 10 ms)."""
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()
@@ -23,7 +23,6 @@ def process_age_s(at: float | None = None) -> float | None:
         # parenthesised command name, which may itself hold spaces
         start_ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
         now = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock starttime is measured on
-        age = now - start_ticks / os.sysconf("SC_CLK_TCK")
+        return now - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return age - (time.perf_counter() - at) if at is not None else age

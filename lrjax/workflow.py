@@ -28,7 +28,8 @@ from lrjax.range_test import RangeTestResult, find_lr
 from lrjax.timing import process_age_s
 from lrjax.train import FitResult, fit
 
-_IMPORTED = time.perf_counter()  # lrjax and what it needs are loaded: the process's start-up ends here
+# lrjax and what it needs are loaded: the process's start-up ends here (one value for every job)
+_STARTUP_S = process_age_s()
 
 
 def _say(cfg: Config, msg: str) -> None:
@@ -102,7 +103,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
                       range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
         phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
         (workdir / "lr_find.json").write_text(json.dumps(
-            {**result.to_json(), "startup_s": process_age_s(_IMPORTED), "phases_s": phases}, indent=1))
+            {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
@@ -172,7 +173,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "best_val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset,
-        "wall_time_s": wall, "phases_s": phases, "startup_s": process_age_s(_IMPORTED), **(extra or {}),
+        "wall_time_s": wall, "phases_s": phases, "startup_s": _STARTUP_S, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
         "history": result.history,
     }
