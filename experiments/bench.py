@@ -13,15 +13,24 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
           one device, and lrjax's default (on a CPU: the rates looped over by every core)
   io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
   run     the whole `lrjax run` workflow broken down by phase
+  process each subcommand as a user runs it: whole fresh processes timed from outside (find-lr,
+          train/run --epochs 2, sweep --epochs 1 on 4 rates), next to `python -c "import jax,
+          flax.nnx, optax"` (baseline; here the ratio is the variant's time over the baseline's)
+          and `python -c "import lrjax"`, then each phase as the run's json reports it (start-up
+          from the OS's process start, data, compile, steps, outputs). JAX's persistent compilation
+          cache is on, as in the CLI: an untimed first round fills it, so these are repeat runs;
+          a run with an empty cache is timed on its own (cold). Needs --data-dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,10 +87,11 @@ def interleaved(section, variants: dict, repeats: int, show: bool = True, cold: 
     return medians
 
 
-def row(section, variant, seconds, baseline=None, note=""):
+def row(section, variant, seconds, baseline=None, note="", part=False):
+    """One line of the table; `part`: a share of the row above (no ratio of its own)."""
     ratio = (baseline / seconds) if baseline else None
     ROWS.append({"section": section, "variant": variant, "median_s": seconds, "ratio": ratio, "note": note})
-    r = f"{ratio:6.2f}x" if ratio else "  base "
+    r = " " * 7 if part else f"{ratio:6.2f}x" if ratio else "  base "
     print(f"{section:7s} {variant:52s} {seconds:9.3f} s  {r}  {note}", flush=True)
 
 
@@ -454,6 +464,89 @@ def bench_run(data_dir, a):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PROCESS_BASELINE = "import jax, flax.nnx, optax"
+LRJAX_MAIN = "import sys; from lrjax.cli import main; sys.exit(main())"  # what the `lrjax` script runs
+
+
+def process_commands(data_dir: str, work: Path) -> dict[str, tuple[list[str], str | None]]:
+    """Each variant of the process section: its argv, and the json (in its workdir) holding its phases."""
+    py = sys.executable
+
+    def lrjax_cmd(name, *flags):
+        return [py, "-c", LRJAX_MAIN, name, "--workdir", str(work / name), "--data-dir", data_dir, *flags]
+
+    return {
+        f'python -c "{PROCESS_BASELINE}"': ([py, "-c", PROCESS_BASELINE], None),
+        'python -c "import lrjax"': ([py, "-c", "import lrjax"], None),
+        "lrjax find-lr": (lrjax_cmd("find-lr"), "lr_find.json"),
+        "lrjax train --lr 0.05 --epochs 2": (lrjax_cmd("train", "--lr", "0.05", "--epochs", "2"), "metrics.json"),
+        "lrjax run --epochs 2": (lrjax_cmd("run", "--epochs", "2"), "metrics.json"),
+        "lrjax sweep --epochs 1 --num-lrs 4": (lrjax_cmd("sweep", "--epochs", "1", "--num-lrs", "4"), None),
+    }
+
+
+def run_process(argv: list[str], workdir: Path | None, cache_dir: Path) -> float:
+    """Wall time of one fresh process, from before its start to after its exit (its workdir emptied
+    first: a workdir with checkpoints would resume instead of train)."""
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    # the lrjax this process imported, whatever the current folder holds (`python -c` looks there first)
+    root = str(Path(lrjax.__file__).resolve().parents[1])
+    env = {**os.environ, "LRJAX_CACHE_DIR": str(cache_dir),
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cache_dir)
+    seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[3:] or argv)} exited {out.returncode}: {out.stderr[-2000:]}")
+    return seconds
+
+
+def bench_process(data_dir: str, a):
+    tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-process-"))
+    work, cache = tmp / "work", tmp / "cache"
+    commands = process_commands(data_dir, work)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    phases: dict[str, dict[str, list[float]]] = {name: {} for name in commands}
+    cold = []
+    try:
+        for r in range(a.repeats + 1):  # round 0: warm-up, fills the compilation cache and the page cache
+            for name, (argv, report) in commands.items():
+                wd = Path(argv[argv.index("--workdir") + 1]) if "--workdir" in argv else None
+                t = run_process(argv, wd, cache)
+                if r == 0:
+                    continue
+                times[name].append(t)
+                if report:
+                    j = json.loads((wd / report).read_text())
+                    got = {"start-up (process start to lrjax imported)": j.get("startup_s"), **j.get("phases_s", {})}
+                    for phase, sec in got.items():
+                        if sec is not None:
+                            phases[name].setdefault(phase, []).append(sec)
+                if name == "lrjax find-lr":  # and with an empty compilation cache: a first run
+                    cold.append(run_process(argv, wd, tmp / f"cold-{r}"))
+        first = next(iter(commands))
+        base = statistics.median(times[first])
+        for name, t in times.items():
+            med = statistics.median(t)
+            row("process", name, med, None if name == first else base,
+                f"{med / base:.2f}x the baseline's time; runs {', '.join(f'{x:.2f}' for x in t)}")
+            for phase, secs in phases[name].items():
+                row("process", f"  {phase.replace('_', ' ')}", statistics.median(secs),
+                    note=f"{100 * statistics.median(secs) / med:.0f}% of the process", part=True)
+            if phases[name]:
+                accounted = [sum(p[i] for p in phases[name].values()) for i in range(len(t))]
+                rest = statistics.median([x - acc for x, acc in zip(t, accounted)])
+                row("process", "  rest (CLI set-up after import, exit)", rest,
+                    note=f"{100 * rest / med:.0f}% of the process", part=True)
+        med = statistics.median(cold)
+        row("process", "lrjax find-lr, empty compilation cache (cold)", med, base,
+            f"{med / base:.2f}x the baseline's time; runs {', '.join(f'{x:.2f}' for x in cold)}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def synthetic(n=6000):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 28, 28), np.uint8)
@@ -475,6 +568,16 @@ def main():
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
+    sections = a.sections.split(",")
+    if "process" in sections:  # fresh processes, before this one loads data or starts JAX
+        if not a.data_dir:
+            p.error("--sections process needs --data-dir (the subcommands read the IDX files)")
+        print(f"lrjax bench, process: python {platform.python_version()}, {cpu_name()} x{os.cpu_count()}, "
+              f"repeats {a.repeats} (+1 warm-up round)")
+        bench_process(a.data_dir, a)
+        write_json(a.json, None)
+        if sections == ["process"]:
+            return 0
     lrjax.use_cpu_cores()  # before JAX starts, as the CLI does: each CPU core a device for members
     a.seeds = [int(k) for k in a.seeds.split(",")]
     if a.quick:
@@ -486,17 +589,30 @@ def main():
           f"python {platform.python_version()}, train {len(data.x_train)} images, batch 32 (and 256), "
           f"repeats {a.repeats}")
     print(f"{'section':7s} {'variant':52s} {'median':>11s}  {'ratio':>7s}")
-    sections = a.sections.split(",")
     for name, fn in (("range", bench_range), ("seeds", bench_seeds), ("epoch", bench_epoch),
                      ("sweep", bench_sweep), ("io", bench_io), ("cnn", bench_cnn)):
         if name in sections:
             fn(data, a)
+            write_json(a.json, dev)  # after each section: a run cut short keeps what it measured
     if "run" in sections and a.data_dir:
         bench_run(a.data_dir, a)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"device": str(dev), "platform": dev.platform, "jax": jax.__version__,
-                                            "rows": ROWS}, indent=1))
+    write_json(a.json, dev)
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def write_json(path: str | None, dev) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"device": str(dev) if dev else "cpu", "cpu": cpu_name(),
+                                          "cpu_count": os.cpu_count(), "platform": dev.platform if dev else "cpu",
+                                          "jax": jax.__version__, "rows": ROWS}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,21 @@
 
 Only numpy and the standard library: no JAX, no TFDS. `read_idx_folder` returns raw uint8 images
 and labels for the official train and test splits; splitting and scaling live in `lrjax.data`.
+Given a cache folder, the sha256 of each file's uncompressed content is computed once and kept
+there, keyed by the file's absolute path, size, modification and change times and inode; any
+change to the file means hashing it again. Gzip's own integrity checks (CRC-32, length) run on
+every read.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,8 @@ SOURCES = {
     "mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
 }
 
+IDX_DATASETS = ("mnist", "fashion_mnist")  # the datasets published as MNIST-format IDX files
+
 _MAGIC = {2049: 1, 2051: 3}  # labels: 1-d, images: 3-d (uint8 content, type code 0x08)
 
 
@@ -50,13 +59,64 @@ def has_idx_files(folder: str | os.PathLike) -> bool:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The uncompressed content of a gzip file (every member, as `gzip.open` reads them).
+
+    One zlib call on the whole file instead of `gzip.open`'s chunked reads: less Python per byte,
+    and zlib releases the GIL, so the four files decompress side by side. zlib checks each member's
+    CRC-32 and length as gzip does.
+    """
     try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
+        blob = path.read_bytes()
     except FileNotFoundError:
         raise
-    except (EOFError, OSError, zlib.error) as e:
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+    parts = []
+    try:
+        while blob:
+            stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
+            parts.append(stream.decompress(blob))
+            if not stream.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            blob = stream.unused_data.lstrip(b"\x00")  # the next member, after gzip's optional padding
+    except (EOFError, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt gzip file ({e}); download it again") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# A digest is only remembered for a file last modified this long before: a later write within the
+# file system's timestamp granularity (2 s on FAT, far less elsewhere) could otherwise leave size and
+# times as they were.
+_SETTLED_NS = 2_000_000_000
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _sha256(path: Path, raw: bytes, st: os.stat_result, cache_dir: Path | None) -> str:
+    """sha256 of `raw` (the content of `path`, whose stat before reading was `st`), from the cache
+    folder when it holds the digest of this very file; computed (and remembered) otherwise."""
+    if cache_dir is None:
+        return hashlib.sha256(raw).hexdigest()
+    where = str(path.absolute())
+    entry = cache_dir / f"{hashlib.sha1(where.encode()).hexdigest()[:20]}.json"
+    try:
+        known = json.loads(entry.read_text())
+        if known["path"] == where and known["stat"] == _identity(st):
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no entry, or an unreadable one: hash the file
+    digest = hashlib.sha256(raw).hexdigest()
+    if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": where, "stat": _identity(st), "sha256": digest}))
+            tmp.replace(entry)  # atomic: concurrent runs each write a whole entry
+        except OSError:
+            pass  # a read-only cache is only slower
+    return digest
 
 
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
@@ -79,12 +139,14 @@ def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
 
 
 def read_idx_folder(folder: str | os.PathLike, dataset: str = "fashion_mnist",
-                    verify: bool = True) -> dict[str, np.ndarray]:
+                    verify: bool = True, cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Reads the four official IDX .gz files of an MNIST-format dataset from `folder`.
 
     Returns uint8 arrays `train_images` (60000, 28, 28), `train_labels` (60000,), `test_images`,
     `test_labels`. Raises `DataError` with one clear line for a missing folder or file, a corrupt
-    gzip, a checksum mismatch, a wrong magic number, shape or label range.
+    gzip, a checksum mismatch, a wrong magic number, shape or label range (for several faults, the
+    first in the order above of the files). With `cache_dir`, each file's sha256 is remembered there
+    (see the module's docstring); nothing is written next to the data.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,21 +156,28 @@ def read_idx_folder(folder: str | os.PathLike, dataset: str = "fashion_mnist",
         where = SOURCES.get(dataset, "the dataset's publisher")
         raise DataError(f"{folder} lacks {', '.join(missing)}; get the official IDX files from {where}")
     known = SHA256.get(dataset, {}) if verify else {}
-    out = {}
-    for key, name in FILES.items():
-        path = folder / name
+    digests = None if cache_dir is None else Path(cache_dir) / "idx"
+
+    def read(key: str) -> np.ndarray:
+        path = folder / FILES[key]
+        st = path.stat()  # before reading: a file changed meanwhile is then hashed again next time
         raw = _read_bytes(path)
         if key in known:
-            digest = hashlib.sha256(raw).hexdigest()
+            digest = _sha256(path, raw, st, digests)
             if digest != known[key]:
                 raise DataError(f"{path}: sha256 {digest[:16]}... does not match the published "
                                 f"{dataset} file ({known[key][:16]}...); the file is damaged or another dataset")
         elif verify and key == "train_images":  # no checksum of its own: at least not another known dataset
-            digest = hashlib.sha256(raw).hexdigest()
+            digest = _sha256(path, raw, st, digests)
             other = [d for d, sums in SHA256.items() if sums.get(key) == digest]
             if other:
                 raise DataError(f"{folder} holds the {other[0]} files, not {dataset}'s (--dataset / --data-dir)")
-        out[key] = parse_idx(raw, path)
+        return parse_idx(raw, path)
+
+    # Two threads: the train images (most of the time) beside the other three files. Results, and
+    # so the error reported, come in the files' order.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        out = dict(zip(FILES, pool.map(read, FILES)))
     _check_structure(out, folder)
     return out
 

@@ -3,6 +3,12 @@
 Figures are `matplotlib.figure.Figure` objects, not pyplot's: no global figure registry, no GUI
 backend, nothing to close, and safe in threads, as matplotlib's docs advise for use outside an
 interactive session.
+
+Drawing is most of a plot's cost, so each figure is drawn once: fixed margins instead of
+`bbox_inches="tight"` or a layout engine (either draws the figure twice), log-axis tick labels as
+plain numbers instead of mathtext (whose parser is slow on first use), and a curve longer than the
+axes are wide drawn as the lowest and highest point of each pixel column (spikes stay visible;
+the csv and json files keep every point).
 """
 
 from __future__ import annotations
@@ -11,24 +17,57 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 _MARKERS = {"valley": "o", "steepest": "v", "minimum": "s", "seed": "D"}
+_DPI = 100
+
+
+def _log_x(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))  # 0.001, 0.01, 1e-05
+
+
+def _columns(fig, ax) -> int:
+    """The axes' width in pixels in the saved PNG."""
+    return max(1, int(fig.get_figwidth() * _DPI * ax.get_position().width))
+
+
+def decimate(x: np.ndarray, y: np.ndarray, columns: int) -> np.ndarray:
+    """Indices of the points to draw of the curve (x increasing, log-scaled) on an axis `columns`
+    pixels wide: every point when there are at most two per column; else the first and last point
+    and, in each column, the lowest and the highest, in their order along the curve."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n = len(x)
+    if n <= 2 * columns or not (np.all(x > 0) and np.all(np.diff(x) >= 0)) or x[-1] == x[0]:
+        return np.arange(n)
+    lx = np.log(x)
+    column = np.minimum(((lx - lx[0]) / (lx[-1] - lx[0]) * columns).astype(np.int64), columns - 1)
+    # per column, lowest value first; a NaN (a gap in the line) is never a column's lowest or highest
+    lowest_first = np.lexsort((np.where(np.isnan(y), np.inf, y), column))
+    highest_last = np.lexsort((np.where(np.isnan(y), -np.inf, y), column))
+    starts = np.flatnonzero(np.diff(column[lowest_first], prepend=-1))
+    ends = np.r_[starts[1:], n] - 1
+    return np.unique(np.r_[0, lowest_first[starts], highest_last[ends], n - 1])
 
 
 def plot_lr_find(result, path: str | Path) -> None:
     """The seed's plot done well: loss vs lr (log x), y clipped to the first loss, min line, suggestions."""
     lrs, losses, smoothed = result.lrs, result.losses, result.smoothed
     fig = Figure(figsize=(8, 5))
+    fig.subplots_adjust(left=0.085, right=0.98, bottom=0.1, top=0.93)
     ax = fig.subplots()
     if len(lrs):
-        ax.plot(lrs, losses, color="0.75", lw=0.8, label="loss (raw)")
+        keep = decimate(lrs, losses, _columns(fig, ax))
+        ax.plot(lrs[keep], losses[keep], color="0.75", lw=0.8, label="loss (raw)")
         if result.num_seeds > 1:
             lo, hi = result.band
-            ax.fill_between(lrs, lo, hi, color="C0", alpha=0.2, label=f"{result.num_seeds} seeds (min-max)")
-        ax.plot(lrs, smoothed, color="C0", lw=2, label="loss (smoothed)")
+            ax.fill_between(lrs[keep], lo[keep], hi[keep], color="C0", alpha=0.2,
+                            label=f"{result.num_seeds} seeds (min-max)")
+        ax.plot(lrs[keep], smoothed[keep], color="C0", lw=2, label="loss (smoothed)")
         ax.axhline(float(np.min(smoothed)), color="k", ls=":", lw=1, label=f"min {np.min(smoothed):.3g}")
-        ax.set_xscale("log")
+        _log_x(ax)
         top = float(np.max(smoothed[:20]))  # the start of the curve: later blow-ups are clipped
         ax.set_ylim(float(np.min(smoothed)) * 0.9, top * 1.05)
         for i, (name, lr) in enumerate(result.suggestions.items()):
@@ -76,12 +115,13 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
         ax.text(left + w / 2, top - 1.5, class_names[int(labels[i])], ha="center", va="bottom", fontsize=8)
     ax.imshow(mosaic, cmap="binary" if gray else None, interpolation="nearest", vmin=0, vmax=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=_DPI)
 
 
 def plot_history(history: Sequence[dict], path: str | Path) -> None:
     """Training curves (the seed's pd.DataFrame(history).plot()): loss and accuracy per epoch."""
     fig = Figure(figsize=(8, 5))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.97)
     ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     for key, style in (("loss", "C0-"), ("val_loss", "C0--"), ("accuracy", "C1-"), ("val_accuracy", "C1--")):
@@ -95,7 +135,7 @@ def plot_history(history: Sequence[dict], path: str | Path) -> None:
 
 def _save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=_DPI)
 
 
 def plot_sweep(result, path: str | Path) -> None:
@@ -104,6 +144,7 @@ def plot_sweep(result, path: str | Path) -> None:
 
     lrs = result.lrs
     fig = Figure(figsize=(12, 4.5))
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.9, wspace=0.18)
     axes = fig.subplots(1, 2)
     for ax, values, label in ((axes[0], result.best_val_accuracy, "best validation accuracy"),
                               (axes[1], np.where(np.isfinite(result.best_val_loss), result.best_val_loss, np.nan),
@@ -121,7 +162,7 @@ def plot_sweep(result, path: str | Path) -> None:
         for i, (name, lr) in enumerate((result.suggestions or {}).items()):
             if lr:
                 ax.axvline(lr, color=f"C{i + 1}", ls="--", lw=1, label=f"{name} {lr:.3g}")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

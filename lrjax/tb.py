@@ -86,6 +86,40 @@ class RunWriters:
         self.validation.close()
 
 
+def write_curve(logdir: str | Path, curves: dict[str, Any], texts: dict[str, str] | None = None,
+                enabled: bool | None = None) -> None:
+    """A curve known in full (the range test's): step i holds the i-th value of every tag in
+    `curves`, and `texts` are shown at step 0; it replaces any earlier curve in `logdir`, as a
+    `Writer` with `purge_step=0` does.
+
+    Written in one go with tensorboardX's synchronous `EventsWriter`: `SummaryWriter` passes each
+    event through a multiprocessing queue to its writer thread, ~0.1 ms per event, which made a
+    1,267-step curve of three tags 0.3-0.4 s instead of ~0.03 s.
+    """
+    if not (jax.process_index() == 0 if enabled is None else enabled):
+        return
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import text
+
+    logdir = Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{time.time_ns()}")  # as in `Writer`
+    try:
+        now = time.time()
+        # TensorBoard drops the events of earlier files from this step on: the old curve
+        writer.write_event(Event(step=0, wall_time=now, session_log=SessionLog(status=SessionLog.START)))
+        tags = list(curves)
+        for step, values in enumerate(zip(*(map(float, v) for v in curves.values()))):
+            summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)])
+            writer.write_event(Event(step=step, wall_time=now, summary=summary))
+        for tag, content in (texts or {}).items():
+            writer.write_event(Event(step=0, wall_time=now, summary=text(tag, content)))
+    finally:
+        writer.close()
+
+
 def hparams_markdown(hparams: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(hparams.items()))
     return "| hyperparameter | value |\n|---|---|\n" + rows

@@ -22,9 +22,7 @@ from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core.registered import DatasetNotFoundError
 
 from lrjax.errors import DataError
-from lrjax.idx import read_idx_folder
-
-IDX_DATASETS = ("mnist", "fashion_mnist")
+from lrjax.idx import IDX_DATASETS, read_idx_folder
 SPLITS = ("train", "test")
 
 

@@ -25,7 +25,11 @@ from lrjax.errors import LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
+from lrjax.timing import process_age_s
 from lrjax.train import FitResult, fit
+
+# lrjax and what it needs are loaded: the process's start-up ends here (one value for every job)
+_STARTUP_S = process_age_s()
 
 
 def _say(cfg: Config, msg: str) -> None:
@@ -90,8 +94,13 @@ class _Progress:
 
 
 def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
-    """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve."""
-    data = data if data is not None else load(cfg)
+    """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve. lr_find.json also
+    holds the process's `startup_s` and this job's `phases_s`, as metrics.json does."""
+    t0 = time.perf_counter()
+    phases = {}
+    if data is None:
+        data = load(cfg)
+        phases["data_load"] = time.perf_counter() - t0
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
     num_steps = cfg.num_steps or steps.steps_per_epoch(len(data.x_train), cfg.batch_size)
@@ -109,8 +118,14 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     finally:
         bar.close()
     if jax.process_index() == 0:
+        t = time.perf_counter()
         result.save(workdir)
         write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
+        phases.update(range_test_compile=result.compile_time_s,
+                      range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
+        phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
+        (workdir / "lr_find.json").write_text(json.dumps(
+            {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
@@ -132,13 +147,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
 
 def write_lr_find_events(result: RangeTestResult, logdir: Path) -> None:
     """The range-test curve in TensorBoard: loss, smoothed loss and lr against the step."""
-    writer = tb.Writer(logdir, purge_step=0)
-    try:
-        for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-            writer.write_scalars(i, {"loss": loss, "smoothed_loss": sm, "learning_rate": lr})
-        writer.write_text("suggestions", json.dumps(result.suggestions))
-    finally:
-        writer.close()
+    tb.write_curve(logdir, {"loss": result.losses, "smoothed_loss": result.smoothed, "learning_rate": result.lrs},
+                   texts={"suggestions": json.dumps(result.suggestions)})
 
 
 def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
@@ -186,7 +196,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "best_val_loss": result.best_val_loss, "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early, "lr": float(lr), "seed": cfg.seed,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset, "model": cfg.model,
-        "wall_time_s": wall, "phases_s": phases, **(extra or {}),
+        "wall_time_s": wall, "phases_s": phases, "startup_s": _STARTUP_S, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
         "history": result.history,
     }

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +320,92 @@ def test_take_and_from_arrays_split():
     assert (len(small.x_train), len(small.x_valid), len(small.x_test)) == (5, 3, 2)
     np.testing.assert_array_equal(small.x_train, ds.x_train[:5])
     assert data_lib.VALID_SIZE == 5000
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums remembered in the cache folder
+# --------------------------------------------------------------------------------------------
+
+
+def _settle(folder: Path) -> None:
+    """Backdates the files a minute: digests are remembered only for files not just written."""
+    old = time.time() - 60
+    for name in FILES.values():
+        os.utime(folder / name, (old, old))
+
+
+def _entry(cache: Path, path: Path) -> Path:
+    [entry] = [e for e in (cache / "idx").glob("*.json") if json.loads(e.read_text())["path"] == str(path)]
+    return entry
+
+
+@pytest.fixture
+def known_mnist(idx_folder, monkeypatch):
+    """The synthetic folder's files as the published MNIST ones (MNIST ships without checksums)."""
+    sums = {key: hashlib.sha256(gzip.decompress((idx_folder / name).read_bytes())).hexdigest()
+            for key, name in FILES.items()}
+    monkeypatch.setitem(idx_lib.SHA256, "mnist", sums)
+    return idx_folder
+
+
+def test_a_remembered_checksum_is_used_until_the_file_changes(known_mnist, tmp_path):
+    cache, labels = tmp_path / "cache", known_mnist / FILES["test_labels"]
+    _settle(known_mnist)
+    load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    assert len(list((cache / "idx").glob("*.json"))) == 4
+    assert not any(p.name != "idx" for p in known_mnist.iterdir() if p.is_dir())  # nothing next to the data
+    # The next load believes the remembered digest (a forged one shows it)...
+    entry = _entry(cache, labels)
+    forged = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**forged, "sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: sha256 0000000000000000\.\.\. does not match"):
+        load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    # ...but not once the file changed: here the same content rewritten, so it verifies again.
+    write_idx_gz(labels, _raw_arrays()["test_labels"])
+    load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+
+
+def test_a_file_altered_in_place_is_hashed_again(known_mnist, tmp_path):
+    # One label changed, the same size and modification time as before: only the file's change
+    # time (which no program can set back) tells, and the cached digest does not apply.
+    cache, labels = tmp_path / "cache", known_mnist / FILES["test_labels"]
+    raw = _raw_arrays()["test_labels"]
+    header = (2049).to_bytes(4, "big") + len(raw).to_bytes(4, "big")
+    with gzip.open(labels, "wb", compresslevel=0) as f:  # stored blocks: the size follows the content's
+        f.write(header + raw.tobytes())
+    idx_lib.SHA256["mnist"]["test_labels"] = hashlib.sha256(header + raw.tobytes()).hexdigest()
+    _settle(known_mnist)
+    load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    before = labels.stat()
+    raw[0] = (raw[0] + 1) % 10
+    with gzip.open(labels, "wb", compresslevel=0) as f:
+        f.write(header + raw.tobytes())
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert labels.stat().st_size == before.st_size and labels.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: sha256 .* does not match"):
+        load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+
+
+def test_a_checksum_is_not_remembered_for_a_file_just_written(known_mnist, tmp_path):
+    # A file written within the file system's timestamp granularity could change again unseen.
+    load_dataset("mnist", known_mnist, cache_dir=tmp_path / "cache", valid_size=10)
+    assert not list((tmp_path / "cache").glob("idx/*.json"))
+
+
+def test_a_damaged_cache_entry_is_ignored(known_mnist, tmp_path):
+    cache = tmp_path / "cache"
+    _settle(known_mnist)
+    load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    _entry(cache, known_mnist / FILES["train_images"]).write_text("{not json")
+    ds = load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    np.testing.assert_array_equal(ds.y_test, _raw_arrays()["test_labels"])
+    assert json.loads(_entry(cache, known_mnist / FILES["train_images"]).read_text())["sha256"]  # written anew
+
+
+def test_multi_member_gzip_reads_whole(idx_folder):
+    # gzip.open reads every member of a concatenated file; so does lrjax's one-call reader
+    raw = _raw_arrays()["train_labels"]
+    blob = (2049).to_bytes(4, "big") + len(raw).to_bytes(4, "big") + raw.tobytes()
+    (idx_folder / FILES["train_labels"]).write_bytes(gzip.compress(blob[:5]) + gzip.compress(blob[5:]))
+    ds = load_dataset("mnist", idx_folder, valid_size=10)
+    np.testing.assert_array_equal(ds.y_valid, raw[:10])

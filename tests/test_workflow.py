@@ -137,3 +137,17 @@ def test_a_malformed_lr_find_json_is_named_before_the_sweep(tmp_path, data, text
 def test_too_few_points_says_why(tmp_path, data, kw, match):
     with pytest.raises(lrjax.LrjaxError, match=match):
         workflow.find_lr_job(cfg(tmp_path).replace(**kw), data)
+
+
+def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60))
+    j = json.loads((tmp_path / "lr_find.json").read_text())
+    assert set(j["phases_s"]) == {"data_load", "range_test_compile", "range_test", "outputs", "other"}
+    assert all(v >= 0 for v in j["phases_s"].values())
+    assert j["phases_s"]["range_test_compile"] == j["compile_time_s"]
+    assert j["phases_s"]["range_test"] == pytest.approx(j["wall_time_s"] - j["compile_time_s"])
+    assert j["startup_s"] > 0  # this process's start to lrjax's import (Linux)
+    # given its data (lrjax run), the job loads none
+    workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60), data)
+    assert "data_load" not in json.loads((tmp_path / "lr_find.json").read_text())["phases_s"]
