@@ -63,8 +63,11 @@ class TrainState(struct.PyTreeNode):
     @property
     def lr(self) -> jax.Array:
         """The rate of the next update: the injected rate times a plateau reduction's scale, if any."""
-        scale = optax.tree_utils.tree_get(self.opt_state, "scale", 1.0)
-        return optax.tree_utils.tree_get(self.opt_state, "learning_rate") * scale
+        plateau = optax.contrib.ReduceLROnPlateauState
+        found = [s for s in jax.tree.leaves(self.opt_state, is_leaf=lambda s: isinstance(s, plateau))
+                 if isinstance(s, plateau)]  # not tree_get("scale"): a BatchNorm's scale has that name too
+        rate = optax.tree_utils.tree_get(self.opt_state, "learning_rate")
+        return rate * found[0].scale if found else rate
 
     def with_lr(self, lr) -> "TrainState":
         return self.replace(opt_state=optax.tree_utils.tree_set(self.opt_state, learning_rate=lr))
