@@ -179,30 +179,42 @@ def _from_abandoned_orbax_write(unraisable) -> bool:
 
 
 _installed = threading.Lock()
+_unraisable_filters: list[Callable[[Any], bool]] = []
 _quieted = False
 
 
+def quiet_unraisable(predicate: Callable[[Any], bool]) -> None:
+    """Drops the unraisable exceptions (`sys.unraisablehook`'s argument) for which `predicate` is
+    true, unless `debug()`: a library's late report of a failure that lrjax has reported itself."""
+    with _installed:
+        if predicate in _unraisable_filters:
+            return
+        if not _unraisable_filters:
+            previous = sys.unraisablehook
+            is_debug, filters = debug, _unraisable_filters  # bound now: the hook may run at shutdown
+
+            def hook(unraisable):
+                try:
+                    if not is_debug() and any(f(unraisable) for f in filters):
+                        return
+                except Exception:  # noqa: BLE001 - e.g. while Python shuts down: report as it would have
+                    pass
+                previous(unraisable)
+
+            sys.unraisablehook = hook
+        _unraisable_filters.append(predicate)
+
+
 def quiet_background_errors() -> None:
-    """Installs (once) the filters above: Orbax's logged tracebacks and the unraisable exceptions of
-    its abandoned writes; everything else, and everything under `debug()`, passes as before."""
+    """Installs (once) the filters above for Orbax: its logged tracebacks of a failed background
+    save and the unraisable exceptions of its abandoned writes; all else passes as before."""
     global _quieted
     with _installed:
         if _quieted:
             return
         _quieted = True
         logging.getLogger("absl").addFilter(_OrbaxThreadTracebacks())
-        previous = sys.unraisablehook
-        is_debug, is_orbax = debug, _from_abandoned_orbax_write  # bound now: the hook may run at shutdown
-
-        def hook(unraisable):
-            try:
-                if not is_debug() and is_orbax(unraisable):
-                    return
-            except Exception:  # noqa: BLE001 - while Python shuts down: report as it would have
-                pass
-            previous(unraisable)
-
-        sys.unraisablehook = hook
+    quiet_unraisable(_from_abandoned_orbax_write)
 
 
 # Waiting for the device ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps, tb
+from lrjax import faults, steps, tb
 from lrjax.checkpoint import Checkpointer
 from lrjax.errors import ConfigError, TrainingDiverged
 from lrjax.monitors import EarlyStopping
@@ -59,10 +59,15 @@ class FitResult:
 
 
 class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked between epochs (a second SIGINT interrupts at once)."""
+    """Turns SIGTERM/SIGINT into a flag checked between epochs (a second SIGINT interrupts at once).
+
+    The handler only sets the flag: a print there could re-enter a print it interrupted. The loop
+    reports the signal (`announce`), also while it waits for the device (`faults.wait_ready`).
+    """
 
     def __init__(self):
         self.received: str | None = None
+        self._announced = False
         self._old = {}
 
     def __enter__(self):
@@ -75,7 +80,11 @@ class _StopSignals:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        _log(f"lrjax: {self.received} received: finishing the current epoch, then saving a checkpoint")
+
+    def announce(self) -> None:
+        if self.received and not self._announced:
+            self._announced = True
+            _log(f"lrjax: {self.received} received: finishing the current epoch, then saving a checkpoint")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -188,7 +197,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             while pending is not None:
                 t1 = time.perf_counter()
                 epoch, t0, state, train_m, val_m = pending
-                train_m, val_m = jax.device_get((train_m, val_m))  # the one host sync of the epoch
+                # the one host sync of the epoch, waited for so that signal handlers run meanwhile
+                train_m, val_m = jax.device_get(faults.wait_ready((train_m, val_m), between=signals.announce))
+                signals.announce()
                 t2 = time.perf_counter()
                 epoch_time = t2 - max(t0, free)  # not the previous epoch's outputs, written meanwhile
                 metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
@@ -236,10 +247,12 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 free = time.perf_counter()
     finally:
         t6 = time.perf_counter()
-        if ckpt is not None:
-            ckpt.close()  # finishes the asynchronous save, on every exit path
-        if writers is not None:
-            writers.close()
+        try:
+            if ckpt is not None:
+                ckpt.close()  # finishes the asynchronous save, on every exit path
+        finally:
+            if writers is not None:
+                writers.close()
         timings["checkpoint_s"] += time.perf_counter() - t6
 
     final = state.replace(params=best_params) if early_stopping.restore_best_weights else state
