@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ class Checkpointer:
 
     def _save_failed(self, error: Exception, step: int | None) -> LrjaxError:
         self._failed = True
+        _join_orbax_threads()
         what = "a checkpoint" if step is None else f"checkpoint {step}"
         done = _complete_steps(self.directory)
         then = f"then run the same command again to resume from checkpoint {done[-1]}" if done else \
@@ -266,6 +268,18 @@ def _log(msg: str) -> None:
 
 def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0][:200] if str(error) else ""
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+    """Waits (bounded) for Orbax's threads: at a save's first failed write Orbax raises, while its other
+    writes go on into the step's tmp folder; a retry in the same process would race them (Orbax's
+    cleanup of that folder then fails with 'Directory not empty')."""
+    import threading
+
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _complete_steps(directory: Path) -> list[int]:

@@ -199,7 +199,6 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 epoch, t0, state, train_m, val_m = pending
                 # the one host sync of the epoch, waited for so that signal handlers run meanwhile
                 train_m, val_m = jax.device_get(faults.wait_ready((train_m, val_m), between=signals.announce))
-                signals.announce()
                 t2 = time.perf_counter()
                 epoch_time = t2 - max(t0, free)  # not the previous epoch's outputs, written meanwhile
                 metrics = {"loss": float(train_m["loss"]), "accuracy": float(train_m["accuracy"]),
@@ -213,6 +212,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                 if early_stopping.update(epoch, metrics):
                     best_params = state.params
                 go, interrupted = may_run(epoch + 1)
+                signals.announce()
                 received = _agreed_signal(signals.received)
                 if received and (go or interrupted):  # after the last epoch a signal leaves nothing to resume
                     go, interrupted = False, received
