@@ -205,9 +205,8 @@ class Checkpointer:
             if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
                 return _REFUSED, None, _different_model(where)
             if faults.os_errno(e) is not None:  # the filesystem's error (after retries), not damage
-                cause = faults.describe_os_error(e).split(": ", 1)[-1].split(";")[0]
                 return _REFUSED, None, CheckpointError(
-                    f"cannot read checkpoint {where}: {cause}; it was left in place (it may be intact): "
+                    f"cannot read checkpoint {where}: {faults.cause_of(e)}; it was left in place (it may be intact): "
                     f"check the filesystem, then run the same command again")
             return _DAMAGED, None, e
 

@@ -97,6 +97,14 @@ def fault_path(exc: BaseException) -> str | None:
     return None
 
 
+def cause_of(exc: BaseException) -> str | None:
+    """The fault behind `exc` in words ('no space left on the device', 'input/output error'), or None."""
+    code = os_errno(exc)
+    if code is None:
+        return None
+    return WRITE_FAULTS[code][0] if code in WRITE_FAULTS else os.strerror(code).lower()
+
+
 def describe_os_error(exc: BaseException) -> str | None:
     """One line for a failed write or read ('cannot write PATH: no space left on the device; free
     some space, then run the same command again'), or None when `exc` is no such fault."""
@@ -106,9 +114,8 @@ def describe_os_error(exc: BaseException) -> str | None:
     path = fault_path(exc)
     where = f" {path}" if path else ""
     if code in WRITE_FAULTS:
-        cause, hint = WRITE_FAULTS[code]
-        return f"cannot write{where}: {cause}; {hint}, then run the same command again"
-    return f"cannot read{where}: {os.strerror(code).lower()} (a transient filesystem error?); run the same command again"
+        return f"cannot write{where}: {cause_of(exc)}; {WRITE_FAULTS[code][1]}, then run the same command again"
+    return f"cannot read{where}: {cause_of(exc)} (a transient filesystem error?); run the same command again"
 
 
 def write_error(exc: BaseException, path: str | os.PathLike, what: str | None = None,

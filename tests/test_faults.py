@@ -522,7 +522,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_at_five_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, idx_dir):
     env = cli_env(tmp_path)
-    argv = [*lrjax_cmd(), *train_argv(tmp_path / "killed", idx_dir, 12)]
+    argv = [*lrjax_cmd(), *train_argv(tmp_path / "killed", idx_dir, 8)]
     argv.remove("--no-compilation-cache")  # restarts load their programs: more kills land in training
     rng = np.random.default_rng(0)
     kills = []
@@ -539,7 +539,7 @@ def test_sigkill_at_five_random_moments_then_resume_equals_an_uninterrupted_run(
         kills.append(checkpoint_steps(tmp_path / "killed")[-1:])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    fresh = subprocess.run([*lrjax_cmd(), *train_argv(tmp_path / "fresh", idx_dir, 12)], env=env,
+    fresh = subprocess.run([*lrjax_cmd(), *train_argv(tmp_path / "fresh", idx_dir, 8)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr
     a = json.loads((tmp_path / "killed" / "metrics.json").read_text())
