@@ -7,6 +7,13 @@ A checkpoint is a `Composite` of two items, so plain Orbax can read it without l
   - `meta`: JSON (epoch, early-stopping state, config, per-epoch history, TensorBoard run name).
 Per-epoch metrics are handed to the manager, which keeps the best checkpoint by `best_metric`
 (`AnyPreservationPolicy([LatestN, BestN])`: `max_to_keep` with `best_fn` alone would delete the latest).
+
+Faults: a save that fails in the background (disk full, read-only, ...) is reported at the next save
+or at `close` as one `LrjaxError` naming the step and folder; Orbax's atomic saves leave the completed
+checkpoints intact and the unfinished `*.orbax-checkpoint-tmp` is removed by the next run. A read
+error of the OS (EIO, a shared filesystem's hiccup) is retried and then reported, never taken for
+damage; only a checkpoint that reads but is damaged is moved aside. With several processes each such
+decision is agreed, so every process resumes from the same step.
 """
 
 from __future__ import annotations
@@ -14,14 +21,17 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lrjax import faults
 from lrjax.errors import CheckpointError, LrjaxError
 
 
@@ -49,19 +59,41 @@ class Checkpointer:
             create=True,
         )
         self._set_aside: list[int] = []  # steps found unreadable and moved aside
+        self._saving: int | None = None  # the step whose asynchronous save may still be running
+        self._failed = False  # a save failed and was reported: closing raises nothing more
+        faults.quiet_background_errors()  # Orbax's thread tracebacks: the error is raised here instead
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (faults.write_error(e, self.directory) or e) from e
         # Handlers named up front, so a reopened manager can read a step's metadata before restoring it.
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+        def open_manager():
+            return faults.retry(lambda: ocp.CheckpointManager(self.directory, options=options,
+                                                              item_handlers=handlers))
+
+        self.manager, error = None, None
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        except Exception:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
-            damaged = [p for p in self.directory.iterdir()
-                       if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
-            if not damaged:
-                raise
-            for p in damaged:
+            self.manager = open_manager()
+        except Exception as e:  # noqa: BLE001 - Orbax reads every step's metrics here and fails on a damaged one
+            error = e
+        if not _agree(error is not None):
+            return
+        damaged = [p for p in sorted(self.directory.iterdir())
+                   if p.name.isdigit() and not _json_ok(p / "metrics" / "metrics")]
+        if _agree(not damaged):  # some process found no damage to explain its failure
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another process could not open the checkpoints in {self.directory}")
+        for p in damaged:
+            if jax.process_index() == 0:
                 print(f"lrjax: checkpoint {p} is unreadable (damaged metrics file)", file=sys.stderr)
-                self._rename_aside(int(p.name))
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            self._rename_aside(int(p.name))
+        _barrier("lrjax_checkpoints_set_aside")
+        if self.manager is not None:
+            self.manager.close()
+        self.manager = open_manager()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -75,19 +107,48 @@ class Checkpointer:
     def latest_meta(self) -> dict | None:
         """The meta of the newest checkpoint whose meta reads (None if none); reads no arrays and moves
         nothing (`restore` judges the arrays)."""
-        self.manager.wait_until_finished()
+        self._finish()
         for s in reversed(self.all_steps()):
             try:
-                return dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                return faults.retry(lambda: dict(self.manager.restore(
+                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
             except Exception:  # noqa: BLE001 - an unreadable step: the next older one
                 continue
         return None
 
     def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float], force: bool = False) -> None:
-        """Starts an (asynchronous) save; the previous save is finished first by Orbax."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics={k: float(v) for k, v in metrics.items()}, force=force)
+        """Starts an (asynchronous) save once the previous one has finished; a failure of either raises
+        one `LrjaxError` naming its step (`WriteError` for a full or read-only filesystem)."""
+        self._finish()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
+                                                            meta=ocp.args.JsonSave(meta)),
+                              metrics={k: float(v) for k, v in metrics.items()}, force=force)
+        except Exception as e:
+            raise self._save_failed(e, step) from e
+        self._saving = step
+
+    def _finish(self) -> None:
+        """Waits for the asynchronous save; its failure is raised here (once: Orbax raises it once)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e, self._saving) from e
+        finally:
+            self._saving = None
+
+    def _save_failed(self, error: Exception, step: int | None) -> LrjaxError:
+        self._failed = True
+        _join_orbax_threads()
+        what = "a checkpoint" if step is None else f"checkpoint {step}"
+        done = _complete_steps(self.directory)
+        then = f"then run the same command again to resume from checkpoint {done[-1]}" if done else \
+            "then run the same command again"
+        found = faults.write_error(error, self.directory, what, then=then)
+        if found is not None:
+            return found
+        cause = faults.describe_os_error(error) or f"{type(error).__name__}: {_first_line(error)}"
+        return CheckpointError(f"saving {what} in {self.directory} failed ({cause})")
 
     def restore(self, target: Any, step: int | None = None,
                 check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict]:
@@ -97,41 +158,62 @@ class Checkpointer:
         differs (another model, rate, ...) is refused by the caller's error, and nothing is moved.
         An unreadable checkpoint is reported and moved aside to `checkpoints/unreadable-STEP` (never
         deleted), and the next older one is tried; raises `CheckpointError` naming them if none is readable.
+        A read error of the OS (EIO, ESTALE, ...) is retried (`faults.retry`), then raised as a
+        `CheckpointError` without moving anything: the checkpoint may well be intact.
         """
-        self.manager.wait_until_finished()
+        self._finish()
         candidates = [step] if step is not None else list(reversed(self.all_steps()))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _storable(target))
         failures = []
         for s in candidates:
-            try:
-                meta = dict(self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-                if check_meta is not None:
-                    check_meta(meta)
-                stored = self.manager.item_metadata(s)["state"]
-                if stored is None:  # a damaged step (its _METADATA gone), not another model
-                    raise ValueError("the arrays' metadata is missing")
-                if _shapes(stored) != _shapes(abstract):
-                    raise _different_model(self.directory / str(s))  # refused before any array is read
-                restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            where = self.directory / str(s)
+            verdict, result, error = self._read(s, abstract, check_meta)
+            verdict = _agree(verdict)  # one decision for all processes: the worst any of them met
+            if verdict == _INTACT:
                 if failures or self._set_aside:
-                    print(f"lrjax: resuming from checkpoint {self.directory / str(s)} instead", file=sys.stderr)
-                return s, _from_storable(restored["state"], target), meta
-            except LrjaxError:  # the caller's verdict on an intact checkpoint
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
-                if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
-                    raise _different_model(self.directory / str(s)) from None
-                failures.append(s)
-                print(f"lrjax: checkpoint {self.directory / str(s)} is unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                      file=sys.stderr)
-                if step is None:
-                    self._move_aside(s)
+                    _log(f"lrjax: resuming from checkpoint {where} instead")
+                return result[0], _from_storable(result[1], target), result[2]
+            if verdict == _REFUSED:
+                raise error if isinstance(error, LrjaxError) else CheckpointError(
+                    f"another process could not read checkpoint {where}; nothing was moved")
+            failures.append(s)
+            why = f"{type(error).__name__}: {_first_line(error)}" if error is not None else "on another process"
+            _log(f"lrjax: checkpoint {where} is unreadable ({why})")
+            if step is None:
+                self._move_aside(s)
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {failures}); "
                               "move the folder away to start afresh")
 
+    def _read(self, s: int, abstract: Any, check_meta) -> tuple[int, Any, Exception | None]:
+        """(_INTACT, (step, state, meta), None), (_DAMAGED, None, error) or (_REFUSED, None, error)."""
+        where = self.directory / str(s)
+        try:
+            meta = faults.retry(lambda: dict(self.manager.restore(
+                s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
+            if check_meta is not None:
+                check_meta(meta)
+            stored = faults.retry(lambda: self.manager.item_metadata(s))["state"]
+            if stored is None:  # a damaged step (its _METADATA gone), not another model
+                raise ValueError("the arrays' metadata is missing")
+            if _shapes(stored) != _shapes(abstract):
+                raise _different_model(where)  # refused before any array is read
+            restored = faults.retry(lambda: self.manager.restore(
+                s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))))
+            return _INTACT, (s, restored["state"], meta), None
+        except LrjaxError as e:  # the caller's verdict on an intact checkpoint
+            return _REFUSED, None, e
+        except Exception as e:  # noqa: BLE001 - any other failure to read means: try an older one
+            if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
+                return _REFUSED, None, _different_model(where)
+            if faults.os_errno(e) is not None:  # the filesystem's error (after retries), not damage
+                return _REFUSED, None, CheckpointError(
+                    f"cannot read checkpoint {where}: {faults.cause_of(e)}; it was left in place (it may be intact): "
+                    f"check the filesystem, then run the same command again")
+            return _DAMAGED, None, e
+
     def _move_aside(self, step: int) -> None:
         self._rename_aside(step)
+        _barrier(f"lrjax_checkpoint_set_aside_{step}")  # renamed before any process looks again
         self.manager.reload()
 
     def _rename_aside(self, step: int) -> None:
@@ -145,11 +227,67 @@ class Checkpointer:
         self._set_aside.append(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finishes the asynchronous save (raising its failure, unless one was raised already)."""
+        try:
+            self._finish()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
+
+
+_INTACT, _DAMAGED, _REFUSED = 0, 1, 2  # ordered: processes agree on the worst
+
+
+def _agree(value: int) -> int:
+    """The largest of `value` over the processes of a job (each process's own value when alone)."""
+    value = int(value)
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else ""
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+    """Waits (bounded) for Orbax's threads: at a save's first failed write Orbax raises, while its other
+    writes go on into the step's tmp folder; a retry in the same process would race them (Orbax's
+    cleanup of that folder then fails with 'Directory not empty')."""
+    import threading
+
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _complete_steps(directory: Path) -> list[int]:
+    """The steps whose saves finished (Orbax renames a step's folder to its number when it is complete)."""
+    try:
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    except OSError:
+        return []
 
 
 def _is_key(a) -> bool:
@@ -189,6 +327,10 @@ def _json_ok(path: Path) -> bool:
         json.loads(path.read_text())
     except FileNotFoundError:
         return True
-    except (OSError, ValueError):
+    except OSError as e:
+        if faults.os_errno(e) is not None:  # the filesystem's error, not damage
+            raise
+        return False
+    except ValueError:
         return False
     return True

@@ -1,8 +1,11 @@
 """The `lrjax` command line: a parser generated from `lrjax.config.Config`, and one call per subcommand.
 
 Every flag is a `Config` field (its help text and the subcommands that show it live there); the
-jobs themselves are `lrjax.workflow` functions. User errors (`LrjaxError`) print one line and exit 1
-(2 for a bad flag); SIGTERM/SIGINT during training exits 143/130 after saving a checkpoint.
+jobs themselves are `lrjax.workflow` functions. This is the one place that turns an exception into a
+line and an exit code: user errors (`LrjaxError`) and the filesystem's refusals (disk full,
+read-only, no permission, over quota: `lrjax.faults`, also when a library wraps them) print one line
+and exit 1, with the traceback only under `--debug` or $LRJAX_DEBUG=1 (2 for a bad flag); SIGTERM/SIGINT
+during training exits 143/130 after saving a checkpoint. Any other exception is a bug: its traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import dataclasses
 import gc
 import os
 import sys
+import traceback
 import types
 import typing
 
+from lrjax import faults
 from lrjax.config import Config
 from lrjax.errors import ConfigError, LrjaxError
 
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         args.subparser.error(str(e))  # exits 2 with the subcommand's usage
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if cfg.debug:
+        os.environ["LRJAX_DEBUG"] = "1"  # read by lrjax.faults, here and in processes started from here
     try:
         from lrjax import mesh as mesh_lib
         from lrjax import workflow
@@ -134,16 +141,39 @@ def main(argv: list[str] | None = None) -> int:
     except workflow.Interrupted as e:
         print(f"lrjax: {e}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.result.interrupted, 1)
-    except LrjaxError as e:
-        print(f"lrjax: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. a workdir that cannot be written: the user's to fix, one line
-        print(f"lrjax: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("lrjax: interrupted", file=sys.stderr)
+        if argv is None:  # the command's own process: end it now, as asked twice
+            _exit_now(130)
         return 130
+    except Exception as e:
+        return _error(e)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Ends the process without the interpreter's teardown, which waits for the epoch the device is
+    still running (20 s of a 25 s epoch, measured); lrjax's checkpoint and event files are closed
+    by then (fit's `finally`), and a save cut short is cleaned up by the next run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _error(e: Exception) -> int:
+    """One line and exit 1 for the user's errors and the filesystem's; any other exception propagates."""
+    if isinstance(e, LrjaxError):
+        line = str(e)
+    else:
+        line = faults.describe_os_error(e)
+        if line is None and isinstance(e, OSError):  # e.g. a missing folder: the user's to fix, one line
+            line = str(e)
+        if line is None:
+            raise e
+    if faults.debug():
+        traceback.print_exception(e)
+    print(f"lrjax: error: {line}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

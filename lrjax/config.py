@@ -104,6 +104,8 @@ class Config:
     progress: bool = _f(True, "progress bars and per-epoch lines (summaries print regardless)")
     compilation_cache: bool = _f(True, "keep compiled programs across runs (JAX's persistent compilation "
                                  "cache, under the cache folder)")
+    debug: bool = _f(False, "on an error, show its traceback and the libraries' own error logs, not only "
+                     "lrjax's one line (also $LRJAX_DEBUG=1)")
 
     def __post_init__(self):
         positive = ("batch_size", "epochs", "num_seeds", "chunk_steps", "eval_batch_size", "num_lrs",

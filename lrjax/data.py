@@ -193,16 +193,19 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None,
     names = tfds_source.class_names(name, data_dir)
     if names:
         raw["class_names"] = np.asarray(names)
+    tmp = path.with_suffix(".tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **raw)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
         for stale in folder.glob(f"{prefix}-*.npz"):  # earlier preparations of the same data_dir
             if stale != path:
                 stale.unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only cache is only slower
+    except OSError:  # a read-only or full cache is only slower
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file would keep the space
+        except OSError:
+            pass
     return raw
 
 

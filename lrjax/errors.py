@@ -19,3 +19,12 @@ class CheckpointError(LrjaxError):
 
 class TrainingDiverged(LrjaxError):
     """The training loss became NaN or infinite."""
+
+
+class WriteError(LrjaxError):
+    """A write that the filesystem refused (full, read-only, no permission, over quota); what was
+    written before it is intact and the same command resumes once the cause is fixed."""
+
+    def __init__(self, message: str, path=None, errno: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno

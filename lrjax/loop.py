@@ -20,13 +20,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import steps
+from lrjax import faults, steps
 from lrjax.errors import TrainingDiverged
 
 
 class Signals:
-    """SIGTERM/SIGINT become a flag read between chunks; a second SIGINT interrupts at once. The
-    handler only records (no I/O: a print could fail re-entrantly); the loop reports it."""
+    """SIGTERM/SIGINT become a flag read between chunks; a second SIGINT interrupts at once, also
+    while the host waits for the device (`faults.wait_ready` sleeps in slices so the handler runs).
+    The handler only records (no I/O: a print could re-enter one it interrupted); the loop reports it."""
 
     def __init__(self):
         self.received: str | None = None
@@ -181,7 +182,13 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
         state, metrics = program(tr.state, examples, *order[epoch], np.int32(pos), np.int32(end - g))
         return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
 
-    pending, failed, said = None, None, None
+    pending, failed, said = None, None, []
+
+    def announce():  # outside the handler, which only records (see Signals)
+        if signals.received and signals.received not in said:
+            said.append(signals.received)
+            log(f"lrjax: {signals.received} received: stopping after this chunk of steps, with a checkpoint")
+
     with Signals() as signals:
         for cb in callbacks:
             cb.on_train_begin({})
@@ -194,8 +201,8 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
             t1 = time.perf_counter()
             c, tr.state = pending, pending.state
             wait_decider_batches = any(cb.every_n_steps for cb in deciders)
-            step_m, val_m = (jax.device_get((c.metrics, c.val)) if c.val is not None or wait_decider_batches
-                             else (None, None))
+            step_m, val_m = (jax.device_get(faults.wait_ready((c.metrics, c.val), between=announce))
+                             if c.val is not None or wait_decider_batches else (None, None))
             batches = []
             if step_m is not None:
                 tr.period_time += time.perf_counter() - max(c.dispatched, free)
@@ -209,10 +216,8 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
                     cb.on_epoch_end(row["epoch"], row)
             tr.step = c.end
             go, interrupted = tr.stop_reason(tr.step)
+            announce()
             received = agreed_signal(signals.received)
-            if received and received != said:
-                log(f"lrjax: {received} received: stopping after this chunk of steps, with a checkpoint")
-                said = received
             if received and (go or interrupted):  # after the last chunk a signal leaves nothing to resume
                 go, interrupted = False, received
             pending = None
@@ -225,7 +230,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
             # the finished chunk's outputs, while the device computes the next one
             if step_m is None:  # a chunk without evaluation: read now, while the next one runs
                 t = time.perf_counter()
-                step_m = jax.device_get(c.metrics)
+                step_m = jax.device_get(faults.wait_ready(c.metrics, between=announce))
                 tr.period_time += time.perf_counter() - max(c.dispatched, free)
                 batches = _accumulate(tr, step_m, c)
                 timings["train_s"] += time.perf_counter() - t

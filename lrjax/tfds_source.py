@@ -21,6 +21,7 @@ from PIL import Image
 from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core.registered import DatasetNotFoundError
 
+from lrjax import faults
 from lrjax.errors import DataError
 from lrjax.idx import IDX_DATASETS, read_idx_folder
 SPLITS = ("train", "test")
@@ -78,7 +79,8 @@ def load_tfds_arrays(name: str, data_dir: str | None, idx_dir: str | os.PathLike
                             f"{builder.info.file_format.value}, but lrjax reads array_record: delete that "
                             f"folder to prepare it again") from None
         tfds.display_progress_bar(progress)
-        _prepare(name, data_dir, idx_dir)
+        with faults.writing(builder.data_dir_root):  # TFDS removes its unfinished folder itself
+            _prepare(name, data_dir, idx_dir)
         sources = _open(name, data_dir)
     return {split: _to_arrays(name, split, source) for split, source in zip(SPLITS, sources)}
 

@@ -175,11 +175,13 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                                                  if where else "")) from None
     finally:
         t6 = time.perf_counter()
-        if ckpt is not None:
-            ckpt.close()
-        for cb in cbs:
-            if isinstance(cb, TensorBoard):
-                cb.close()
+        try:
+            if ckpt is not None:
+                ckpt.close()  # finishes the asynchronous save (raising its failure), on every exit path
+        finally:
+            for cb in cbs:
+                if isinstance(cb, TensorBoard):
+                    cb.close()
         timings["checkpoint_s"] += (ckpt.seconds if ckpt is not None else 0.0) + time.perf_counter() - t6
         timings["tensorboard_s"] += sum(cb.seconds for cb in cbs if isinstance(cb, TensorBoard))
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, steps, tb
+from lrjax import faults, optimizers, steps, tb
 from lrjax.config import Config
 from lrjax.data import Dataset, load_dataset, save_samples, split_examples
 from lrjax.errors import LrjaxError
@@ -119,13 +119,14 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
         bar.close()
     if jax.process_index() == 0:
         t = time.perf_counter()
-        result.save(workdir)
-        write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
-        phases.update(range_test_compile=result.compile_time_s,
-                      range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
-        phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
-        (workdir / "lr_find.json").write_text(json.dumps(
-            {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
+        with faults.writing(workdir):  # a full or read-only disk: one line naming the file
+            result.save(workdir)
+            write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
+            phases.update(range_test_compile=result.compile_time_s,
+                          range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
+            phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
+            (workdir / "lr_find.json").write_text(json.dumps(
+                {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
@@ -201,8 +202,9 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "history": result.history,
     }
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        with faults.writing(workdir):
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
               f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
@@ -260,8 +262,9 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     phases = {"data_load": time.perf_counter() - t0}
     if jax.process_index() == 0:
         t = time.perf_counter()
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_samples(data, workdir / "samples.png")
+        with faults.writing(workdir):
+            workdir.mkdir(parents=True, exist_ok=True)
+            save_samples(data, workdir / "samples.png")
         phases["samples_png"] = time.perf_counter() - t
     if resumed is not None:
         lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
@@ -319,9 +322,10 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
                    on_epoch=on_epoch)
     result.suggestions = dict(suggestions or {})
     if jax.process_index() == 0:
-        result.save(workdir)
-        write_sweep_events(result, workdir / "tensorboard" / "sweep", hparams={"optimizer": cfg.optimizer,
-                                                                               "batch_size": cfg.batch_size})
+        with faults.writing(workdir):
+            result.save(workdir)
+            write_sweep_events(result, workdir / "tensorboard" / "sweep",
+                               hparams={"optimizer": cfg.optimizer, "batch_size": cfg.batch_size})
     if result.best_lr is None:
         raise LrjaxError(f"every member of the sweep diverged before its first validation, so there is no best "
                          f"rate ({workdir / 'sweep.json'}); lower the rates (--lrs)")
