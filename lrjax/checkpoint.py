@@ -279,7 +279,8 @@ def _join_orbax_threads(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     for t in threading.enumerate():
         if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
-            t.join(max(0.0, deadline - time.monotonic()))
+            # the plain join: Orbax's own thread classes re-raise the thread's failure from join()
+            threading.Thread.join(t, max(0.0, deadline - time.monotonic()))
 
 
 def _complete_steps(directory: Path) -> list[int]:
