@@ -573,3 +573,26 @@ def test_a_second_ctrl_c_interrupts_and_leaves_intact_checkpoints(tmp_path, idx_
         assert ckpt.latest_meta()["epoch"] == steps[-1]  # the newest complete checkpoint reads
     finally:
         ckpt.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: one decision for all
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_processes_agree_on_falling_back_and_on_refusing(tmp_path):
+    """Process 1 alone finds the newest checkpoint damaged, then alone meets a lasting I/O error:
+    both processes fall back to the same older step, then both refuse, moving nothing."""
+    from test_scale import run_two_processes
+
+    run_two_processes(tmp_path / "mp")  # 3 epochs: checkpoints 1, 2, 3
+    outs = run_two_processes(tmp_path / "mp", extra_env={"LRJAX_TEST_READ_FAULT": "damaged"})
+    assert [o[0].split("RESUMED ")[-1].split()[0] for o in outs] == ["2", "2"]
+    assert "resuming from checkpoint" in outs[0][1] and "instead" in outs[0][1]
+    assert (tmp_path / "mp" / "checkpoints" / "unreadable-3").is_dir()
+    before = step_dirs(tmp_path / "mp" / "checkpoints")
+    outs = run_two_processes(tmp_path / "mp", extra_env={"LRJAX_TEST_READ_FAULT": "eio"}, check=False, timeout=120)
+    assert all("CheckpointError" in err for _, err in outs), [err[-500:] for _, err in outs]
+    assert "input/output error; it was left in place" in outs[1][1]
+    assert "another process could not read checkpoint" in outs[0][1]
+    assert step_dirs(tmp_path / "mp" / "checkpoints") == before
