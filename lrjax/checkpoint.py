@@ -110,8 +110,7 @@ class Checkpointer:
         self._finish()
         for s in reversed(self.all_steps()):
             try:
-                return faults.retry(lambda: dict(self.manager.restore(
-                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
+                return self._read_meta(s)
             except Exception:  # noqa: BLE001 - an unreadable step: the next older one
                 continue
         return None
@@ -168,7 +167,6 @@ class Checkpointer:
         for s in candidates:
             where = self.directory / str(s)
             verdict, result, error = self._read(s, abstract, check_meta)
-            verdict = _agree(verdict)  # one decision for all processes: the worst any of them met
             if verdict == _INTACT:
                 if failures or self._set_aside:
                     _log(f"lrjax: resuming from checkpoint {where} instead")
@@ -185,11 +183,14 @@ class Checkpointer:
                               "move the folder away to start afresh")
 
     def _read(self, s: int, abstract: Any, check_meta) -> tuple[int, Any, Exception | None]:
-        """(_INTACT, (step, state, meta), None), (_DAMAGED, None, error) or (_REFUSED, None, error)."""
+        """(_INTACT, (step, state, meta), None), (_DAMAGED, None, error) or (_REFUSED, None, error).
+
+        The meta and the arrays' metadata are read by each process alone, and their verdict is
+        agreed before the arrays are read: Orbax's restore ends in a barrier of all processes, which
+        a process that failed before it would leave the others waiting in."""
         where = self.directory / str(s)
         try:
-            meta = faults.retry(lambda: dict(self.manager.restore(
-                s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
+            meta = self._read_meta(s)
             if check_meta is not None:
                 check_meta(meta)
             stored = faults.retry(lambda: self.manager.item_metadata(s))["state"]
@@ -197,19 +198,28 @@ class Checkpointer:
                 raise ValueError("the arrays' metadata is missing")
             if _shapes(stored) != _shapes(abstract):
                 raise _different_model(where)  # refused before any array is read
+        except Exception as e:  # noqa: BLE001 - classified: another run, the filesystem's error, damage
+            verdict, error = _verdict(e, where)
+        else:
+            verdict, error = _INTACT, None
+        agreed = _agree(verdict)  # one decision for all processes: the worst any of them met
+        if agreed != _INTACT:
+            return agreed, None, error
+        try:
             restored = faults.retry(lambda: self.manager.restore(
                 s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))))
-            return _INTACT, (s, restored["state"], meta), None
-        except LrjaxError as e:  # the caller's verdict on an intact checkpoint
-            return _REFUSED, None, e
-        except Exception as e:  # noqa: BLE001 - any other failure to read means: try an older one
-            if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
-                return _REFUSED, None, _different_model(where)
-            if faults.os_errno(e) is not None:  # the filesystem's error (after retries), not damage
-                return _REFUSED, None, CheckpointError(
-                    f"cannot read checkpoint {where}: {faults.cause_of(e)}; it was left in place (it may be intact): "
-                    f"check the filesystem, then run the same command again")
-            return _DAMAGED, None, e
+        except Exception as e:  # noqa: BLE001
+            verdict, error = _verdict(e, where)
+            if jax.process_count() > 1:  # the others wait in Orbax's barrier: no further agreement
+                raise CheckpointError(f"cannot read the arrays of checkpoint {where} "
+                                      f"({type(e).__name__}: {_first_line(e)}); nothing was moved: check it, "
+                                      "move it aside by hand if it is damaged, then run again") from e
+            return verdict, None, error
+        return _INTACT, (s, restored["state"], meta), None
+
+    def _read_meta(self, s: int) -> dict:
+        """The meta of step `s`, read as the plain JSON file it is (by this process alone)."""
+        return dict(faults.retry(lambda: json.loads((self.directory / str(s) / "meta" / "metadata").read_text())))
 
     def _move_aside(self, step: int) -> None:
         self._rename_aside(step)
@@ -242,6 +252,20 @@ class Checkpointer:
 
 
 _INTACT, _DAMAGED, _REFUSED = 0, 1, 2  # ordered: processes agree on the worst
+
+
+def _verdict(e: Exception, where: Path) -> tuple[int, Exception]:
+    """What a failure to read checkpoint `where` means: refused (another run, the filesystem's
+    error, which is no damage) or damaged."""
+    if isinstance(e, LrjaxError):  # the caller's verdict on an intact checkpoint
+        return _REFUSED, e
+    if _is_mismatch(e):  # an intact checkpoint of another model: never moved, never skipped
+        return _REFUSED, _different_model(where)
+    if faults.os_errno(e) is not None:  # the filesystem's error (after retries), not damage
+        return _REFUSED, CheckpointError(
+            f"cannot read checkpoint {where}: {faults.cause_of(e)}; it was left in place (it may be intact): "
+            f"check the filesystem, then run the same command again")
+    return _DAMAGED, e
 
 
 def _agree(value: int) -> int:

@@ -65,11 +65,14 @@ def main():
         out["test"] = r.evaluate(data.x_test, data.y_test)
         out["resumed_from"] = r.resumed_from
     elif job == "fit":
+        _inject_read_fault(Path(workdir) / "checkpoints")
         r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3,
                 early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)
         out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
         out["test"] = r.evaluate(data.x_test, data.y_test)
         out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+        out["resumed_from"] = r.resumed_from
+        print(f"RESUMED {r.resumed_from}", flush=True)  # every process: they must agree
     elif job == "find_lr":
         r = find_lr(model_fn(0), optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=30.0, num_steps=96,
                     num_seeds=count, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))
@@ -80,6 +83,28 @@ def main():
         out["val_loss"] = np.asarray(r.val_loss).tolist()
     if jax.process_index() == 0:
         print("RESULT " + json.dumps(out))
+
+
+def _inject_read_fault(checkpoints: Path) -> None:
+    """$LRJAX_TEST_READ_FAULT=damaged|eio: on the last process only, the newest checkpoint's meta
+    reads as damaged, or fails with an I/O error that persists, as one host of a job might see it."""
+    fault = os.environ.get("LRJAX_TEST_READ_FAULT")
+    if not fault or jax.process_index() != jax.process_count() - 1 or not checkpoints.is_dir():
+        return
+    import errno
+
+    newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    target = checkpoints.absolute() / str(newest) / "meta" / "metadata"
+    original = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.absolute() == target:
+            if fault == "damaged":
+                return "{not json"
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return original(self, *args, **kwargs)
+
+    Path.read_text = read_text
 
 
 if __name__ == "__main__":
