@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrjax.errors import ConfigError
-from lrjax.optimizers import OPTIMIZERS
+from lrjax.optimizers import OPTIMIZERS, resolve_range
 from lrjax.suggest import DEFAULT_METHOD, METHODS
 
 ALL = ("find-lr", "train", "run", "sweep")
@@ -47,9 +47,12 @@ class Config:
                     "state stay float32, the loss is computed in float32)")
     optimizer: str = _f("sgd", f"optax optimizer: {', '.join(OPTIMIZERS)}")
     # --- range test ---
-    start_lr: float = _f(1e-3, "first learning rate of the range test", RANGE)
-    factor: float | None = _f(1.005, "lr growth per step (ignored when --end-lr is given)", RANGE)
-    end_lr: float | None = _f(None, "last learning rate; with --num-steps, sets the factor", RANGE)
+    start_lr: float | None = _f(None, "first learning rate of the range test (default by optimizer: sgd 1e-3; "
+                                "momentum, nesterov 1e-4; adam, adamw, rmsprop 1e-6)", RANGE)
+    factor: float | None = _f(None, "lr growth per step (ignored when --end-lr is given; default by optimizer: "
+                              "sgd x1.005, the others grow to their --end-lr)", RANGE)
+    end_lr: float | None = _f(None, "last learning rate, reached at the last step (default by optimizer, "
+                              "unless --factor is given: momentum, nesterov, adam, adamw, rmsprop 1)", RANGE)
     num_steps: int | None = _f(None, "range-test steps (default: one epoch of the training set)", RANGE)
     diverge_factor: float = _f(4.0, "stop once the smoothed loss exceeds this x its lowest value", RANGE)
     beta: float = _f(0.98, "smoothing of the debiased exponential moving average", RANGE)
@@ -137,10 +140,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{_flag(name)} must be a positive number, got {value}")
-        if self.end_lr is None and (self.factor is None or not self.factor > 1):
+        if self.end_lr is None and self.factor is not None and not self.factor > 1:
             raise ConfigError(f"--factor must be > 1 (the rate grows), got {self.factor}")
-        if self.end_lr is not None and self.end_lr <= self.start_lr:
-            raise ConfigError(f"--end-lr {self.end_lr} must exceed --start-lr {self.start_lr}")
         if self.num_steps is not None and self.num_steps < 2:
             raise ConfigError(f"--num-steps must be >= 2, got {self.num_steps}")
         if not 0 <= self.beta < 1:
@@ -149,6 +150,15 @@ class Config:
             raise ConfigError(f"--diverge-factor must be > 1, got {self.diverge_factor}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        # the range as find_lr will resolve it: what is not given follows the optimizer's family
+        resolved = resolve_range(OPTIMIZERS[self.optimizer], self.start_lr, self.factor, self.end_lr)
+        start, end = resolved.start_lr, resolved.end_lr
+        if end is not None and not end > start:
+            def shown(name, value):
+                return f"{value:g}" + ("" if getattr(self, name) is not None else
+                                       f" (--optimizer {self.optimizer}'s default)")
+
+            raise ConfigError(f"--end-lr {shown('end_lr', end)} must exceed --start-lr {shown('start_lr', start)}")
         if self.suggestion != "default" and self.suggestion not in METHODS:
             raise ConfigError(f"--suggestion must be {', '.join(METHODS)} or default, got {self.suggestion!r}")
         if not self.monitor.startswith("val_"):

@@ -20,8 +20,9 @@ TrainFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def score_suggestions(suggestions: Mapping[str, float | None], span: tuple[float, float], train: TrainFn,
                       grid_points: int = 16) -> dict:
-    """One record: the grid, its best rate and accuracy, and per method its rate, accuracy, fraction
-    of the best grid accuracy and whether it diverged (a method without a rate scores 0)."""
+    """One record: the grid, its best rate and accuracy, every grid rate's accuracy (0 where it diverged),
+    and per method its rate, accuracy, fraction of the best grid accuracy and whether it diverged (a
+    method without a rate scores 0)."""
     grid = np.geomspace(span[0], span[1], grid_points)
     suggested = {m: float(v) for m, v in suggestions.items() if v is not None}
     accuracy, diverged = (np.asarray(a) for a in train(np.concatenate([grid, list(suggested.values())])))
@@ -31,7 +32,8 @@ def score_suggestions(suggestions: Mapping[str, float | None], span: tuple[float
     if best_acc <= 0:
         raise ValueError("no rate of the grid trained to a positive accuracy: nothing to score against")
     record = {"span": [float(span[0]), float(span[1])], "best_grid_lr": float(grid[best]),
-              "best_grid_accuracy": best_acc, "methods": {}}
+              "best_grid_accuracy": best_acc, "grid": grid.tolist(),
+              "grid_accuracy": accuracy[:grid_points].tolist(), "methods": {}}
     for i, (method, lr) in enumerate(suggested.items()):
         j = grid_points + i
         record["methods"][method] = {"lr": lr, "accuracy": float(accuracy[j]),

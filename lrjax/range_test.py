@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps, suggest, tasks
+from lrjax import optimizers, steps, suggest, tasks
 from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -258,7 +258,7 @@ class RangeTestResult:
 
 
 def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size: int = 32,
-            start_lr: float = 1e-3, factor: float | None = 1.005, end_lr: float | None = None,
+            start_lr: float | None = None, factor: float | None = None, end_lr: float | None = None,
             num_steps: int | None = None, diverge_factor: float = 4.0, beta: float = 0.98,
             num_seeds: int = 1, seed: int = 42, eval_every: int = 0, eval_examples: int = 1000,
             method: str = "default", skip_start: int = 10, skip_end: int = 5,
@@ -277,7 +277,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     task (`lrjax.tasks`; default: softmax cross-entropy); `dtype` the compute dtype (e.g.
     `jnp.bfloat16`: mixed precision, parameters stay float32). A BatchNorm's statistics and an RNG
     stream's counter advance with the steps like the weights; the validation curve uses eval mode. With `end_lr` given, the
-    rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. The
+    rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. Left as
+    None, `start_lr` and the growth follow the optimizer's family (`optimizers.range_defaults`: plain
+    SGD 1e-3 x1.005 per step, momentum SGD 1e-4 -> 1, adaptive optimizers such as Adam 1e-6 -> 1). The
     default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
     `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
     `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
@@ -285,6 +287,12 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     for benchmarks); the steps after a seed's divergence are skipped and unrecorded either way.
     """
     method = suggest.DEFAULT_METHOD if method == "default" else method
+    if factor is None and end_lr is None and start_lr is not None:
+        default_end = optimizers.range_defaults(optimizer).end_lr
+        if default_end is not None and not default_end > start_lr:
+            raise ValueError(f"find_lr: start_lr {start_lr} is not below {default_end}, where the range test of "
+                             f"a {optimizers.family(optimizer)} optimizer ends by default; give end_lr or factor")
+    start_lr, factor, end_lr = dataclasses.astuple(optimizers.resolve_range(optimizer, start_lr, factor, end_lr))
     _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
                 diverge_factor=diverge_factor, num_seeds=num_seeds, chunk_steps=chunk_steps, method=method)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)

@@ -139,7 +139,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     div = (f"diverged at step {result.diverged_step} (lr {result.diverged_lr:.3g})"
            if result.diverged_step is not None else "did not diverge")
     sugg = ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items() if v is not None)
-    _say(cfg, f"range test: {len(result.lrs)} steps, {div}, {result.wall_time_s:.1f}s "
+    _say(cfg, f"range test: {len(result.lrs)} steps from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}, {div}, {result.wall_time_s:.1f}s "
               f"(compile {result.compile_time_s:.1f}s); suggestions: {sugg}")
     _say(cfg, f"suggested lr ({result.method}): {result.suggestion:.4g}  -> {workdir / 'lr_find.png'}")
     if jax.process_index() == 0:
