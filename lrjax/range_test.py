@@ -195,7 +195,9 @@ class RangeTestResult:
         still dominates): lowest in the first 5% and 10% higher at the end, the loss rose without
         falling first (the rates started too high); a test that did not diverge and whose loss never
         rose 10% above its lowest ended before the turn the suggestions look for (the rates stopped
-        too low)."""
+        too low). Besides either: the rate grew more than 4x over the smoothing's lag (``beta / (1 -
+        beta)`` steps, 49 at 0.98), so the smoothed curve trails the raw loss by that much and the
+        rules that read it as it is (all but `zerolag`) suggest too high."""
         sm = np.asarray(self.smoothed, np.float64)
         if not np.all(np.isfinite(sm)) or self.suggestion is None:
             return []
@@ -204,16 +206,23 @@ class RangeTestResult:
                     + (f" (it diverged at lr {self.diverged_lr:.3g})" if self.diverged_lr is not None else "")
                     + ": too few to trust the suggestion; start lower or let the rates grow more slowly "
                     "(--start-lr, --factor, --num-steps)"]
+        out = []
         lowest = 10 + int(np.argmin(sm[10:]))
         rise = (sm[-1] - sm[lowest]) / abs(sm[lowest])
         if lowest - 10 < 0.05 * (len(sm) - 10) and rise > 0.1:
-            return [f"the smoothed loss rose from step {lowest} (lr {self.lrs[lowest]:.3g}) without falling first: "
-                    "the rates started too high; lower the start rate (--start-lr)"]
-        if self.diverged_step is None and rise <= 0.1:
-            return [f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest]:.3g}, last lr "
-                    f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
-                    "further (--end-lr, --factor or --num-steps)"]
-        return []
+            out.append(f"the smoothed loss rose from step {lowest} (lr {self.lrs[lowest]:.3g}) without falling "
+                       "first: the rates started too high; lower the start rate (--start-lr)")
+        elif self.diverged_step is None and rise <= 0.1:
+            out.append(f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest]:.3g}, last lr "
+                       f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
+                       "further (--end-lr, --factor or --num-steps)")
+        lag = self.beta / (1 - self.beta)
+        growth = float(self.lrs[-1] / self.lrs[0]) ** (lag / (len(sm) - 1))
+        if growth > 4:
+            out.append(f"the rate grows x{growth:.3g} over the smoothing's lag (~{lag:.0f} steps at --beta "
+                       f"{self.beta:g}): the smoothed curve trails the raw loss, and every suggestion but "
+                       "zerolag reads it too high; run more steps (--num-steps) or smooth less (--beta)")
+        return out
 
     @property
     def band(self) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +388,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         losses = per_seed.mean(0)
         smoothed = suggest.smooth(losses, beta)
         kept_lrs = lrs[:length].astype(np.float64)
-        suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+        suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end, beta=beta)
         val_mask = np.isfinite(val_losses[:, :length]).all(0)
         return RangeTestResult(
             lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,

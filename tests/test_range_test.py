@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -175,7 +176,7 @@ def test_progress_reports_each_chunk_with_the_mean_loss_over_seeds(data):
 
 def curve_result(smoothed, diverged_step=None):
     n = len(smoothed)
-    lrs = np.geomspace(1e-3, 1.0, n)
+    lrs = np.geomspace(1e-2, 1.0, n)  # 200 points: x3.1 over the smoothing's lag, under the warning's x4
     return RangeTestResult(lrs=lrs, losses=np.asarray(smoothed), smoothed=np.asarray(smoothed),
                            per_seed_losses=np.asarray(smoothed)[None], suggestions={}, suggestion=0.01,
                            method="seed", diverged_step=diverged_step, diverged_lr=None, num_steps=n, num_seeds=1,
@@ -196,7 +197,20 @@ def test_warnings_for_a_curve_that_never_fell_or_never_turned(data):
     assert too_low.diverged_step is None
     assert len(too_low.warnings) == 1 and "never turned back up" in too_low.warnings[0]
     assert too_low.to_json()["warnings"] == too_low.warnings
-    assert run(data, start_lr=1e-3, end_lr=1e4, num_steps=200).warnings == []  # falls, turns, diverges
+    # falls, turns, diverges; but 7 decades in 200 steps outrun the smoothing
+    fast = run(data, start_lr=1e-3, end_lr=1e4, num_steps=200).warnings
+    assert len(fast) == 1 and "over the smoothing's lag (~49 steps at --beta 0.98)" in fast[0]
+
+
+def test_warning_when_the_rate_outgrows_the_smoothing():
+    t = np.linspace(0, 1, 200)
+    shape = 1 - 0.5 * np.sin(np.pi * t) + 3 * t ** 8  # falls, turns
+    slow = curve_result(shape, diverged_step=199)
+    assert slow.warnings == []
+    # the same curve over 6 decades: x30 within 49 steps
+    fast = dataclasses.replace(slow, lrs=np.geomspace(1e-6, 1.0, 200))
+    assert len(fast.warnings) == 1 and "grows x30 over the smoothing's lag" in fast.warnings[0]
+    assert dataclasses.replace(fast, beta=0.8).warnings == []  # 4 steps of lag: x1.3
 
 
 def test_progress_skips_filler_and_diverged_seeds():

@@ -19,6 +19,7 @@ from lrjax.suggest import (
     steepest,
     suggest_all,
     valley,
+    zerolag,
 )
 
 NO_SKIP = dict(skip_start=0, skip_end=0)
@@ -54,12 +55,16 @@ def test_v_curve_geometric_grid(name):
 
 
 def test_suggest_all_and_registry():
-    assert set(METHODS) == {"valley", "steepest", "minimum", "seed"}
+    assert set(METHODS) == {"valley", "steepest", "minimum", "seed", "zerolag"}
     assert DEFAULT_METHOD in METHODS
     got = suggest_all(V_LRS, V_LOSSES, **NO_SKIP)
     assert set(got) == set(METHODS)
     for name, value in got.items():
-        assert value == pytest.approx(V_EXPECTED[name], rel=1e-12)
+        expected = zerolag(V_LRS, V_LOSSES, **NO_SKIP) if name == "zerolag" else V_EXPECTED[name]
+        assert value == pytest.approx(expected, rel=1e-12)
+    # the curve's own smoothing reaches zerolag's second pass
+    assert suggest_all(V_LRS, V_LOSSES, beta=0.5, **NO_SKIP)["zerolag"] == zerolag(V_LRS, V_LOSSES, beta=0.5,
+                                                                                    **NO_SKIP)
     assert suggest_all(V_LRS[:2], V_LOSSES[:2]) == {name: None for name in METHODS}
 
 
@@ -69,6 +74,48 @@ def test_seed_matches_the_book_example():
     losses = np.array([2.3, 2.2, 2.0, 1.5, 1.0, 0.7, 1.5, 5.0])
     assert seed(lrs, losses, **NO_SKIP) == pytest.approx(2e-1, rel=1e-12)
     assert minimum(lrs, losses, **NO_SKIP) == pytest.approx(3e-2, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# zerolag: the seed rule after a backward pass of the smoothing.
+# losses 4, 2, 1, 3, 5 with beta 0.5; reversed 5, 3, 1, 2, 4, debiased EMA (divide by 1 - 0.5**(t+1)):
+#   t0: 2.5 / 0.5 = 5;  t1: (1.25 + 1.5) / 0.75 = 3.6667;  t2: (1.375 + 0.5) / 0.875 = 2.1429;
+#   t3: (0.9375 + 1) / 0.9375 = 2.0667;  t4: (0.96875 + 2) / 0.96875 = 3.0645.
+# Reversed back: 3.0645, 2.0667, 2.1429, 3.6667, 5 -> minimum at index 1, where seed's is at 2.
+# --------------------------------------------------------------------------------------------
+def test_zerolag_by_hand():
+    lrs = np.array([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    losses = np.array([4.0, 2.0, 1.0, 3.0, 5.0])
+    assert zerolag(lrs, losses, beta=0.5, **NO_SKIP) == pytest.approx(1e-2 * 2 / 3, rel=1e-12)
+    assert seed(lrs, losses, **NO_SKIP) == pytest.approx(1e-1 * 2 / 3, rel=1e-12)
+    # without smoothing there is no lag to undo
+    assert zerolag(lrs, losses, beta=0.0, **NO_SKIP) == seed(lrs, losses, **NO_SKIP)
+
+
+def test_zerolag_stays_on_the_plateau_that_smoothing_carries_past():
+    # a short, fast test (150 steps, 1e-3 -> 3, x1.055 per step, as on a small subset): the raw loss
+    # falls until step 60, stays flat until 110, then rises. The forward EMA (~49 steps of lag at beta
+    # 0.98) is lowest only once the loss is already rising; the centred curve inside the plateau.
+    lrs = np.geomspace(1e-3, 3.0, 150)
+    k = np.arange(150)
+    smoothed = smooth(2.0 - np.minimum(k, 60) / 60 + np.maximum(k - 110, 0) / 40, 0.98)
+    centred = smooth(smoothed[::-1], 0.98)[::-1]
+    forward_min, centred_min = 10 + np.argmin(smoothed[10:-5]), 10 + np.argmin(centred[10:-5])
+    assert forward_min > 110 and 60 < centred_min < 110
+    assert seed(lrs, smoothed) == pytest.approx(lrs[forward_min] * 2 / 3, rel=1e-12)
+    assert zerolag(lrs, smoothed) == pytest.approx(lrs[centred_min] * 2 / 3, rel=1e-12)
+    # on the seed's slow test (x1.005 per step: the lag is worth x1.28 in rate) the two stay close
+    lrs = 1e-3 * 1.005 ** np.arange(1500)
+    k = np.arange(1500)
+    smoothed = smooth(2.0 - np.minimum(k, 1000) / 1000 + np.maximum(k - 1000, 0) / 100, 0.98)
+    assert 1 <= seed(lrs, smoothed) / zerolag(lrs, smoothed) < 2
+
+
+def test_zerolag_drops_non_finite_points_first():
+    lrs = np.concatenate([V_LRS[:4], [2e-3], V_LRS[4:]])
+    losses = np.concatenate([V_LOSSES[:4], [np.nan], V_LOSSES[4:]])
+    assert zerolag(lrs, losses, **NO_SKIP) == zerolag(V_LRS, V_LOSSES, **NO_SKIP)
+    assert zerolag(lrs[:3], np.array([1.0, np.nan, 2.0])) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +303,7 @@ def test_too_few_points_after_skipping_falls_back_to_whole_curve():
     assert minimum(lrs, losses) == pytest.approx(lrs[10] / 10, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(V_EXPECTED))
+@pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize(
     "lrs, losses",
     [
