@@ -1,21 +1,24 @@
 """How good is each range-test suggestion? Scored against a grid of rates trained in one sweep, per cell
 of a matrix of models and optimizers.
 
-    python experiments/suggestion_quality.py --data-dir ../shared/data/fashion_mnist --seeds 3
-    python experiments/suggestion_quality.py --data-dir DIR --cells mlp-adam,cnn-adam --seeds 5
+    python experiments/suggestion_quality.py --data-dir ../shared/data/fashion_mnist --seeds 5
+    python experiments/suggestion_quality.py --data-dir DIR --cells mlp-adam,cnn-adam --seeds 2 --first-seed 5
+    python experiments/suggestion_quality.py --data-dir DIR --report     # the tables of --json
 
 A cell is a model, an optimizer, a training set and a training length (`CELLS`): the seed's MLP on all
 of Fashion-MNIST with sgd, momentum (0.9), adam and adamw for 5 epochs on a 12-point grid, and the
 compact CNN (`lrjax.cnn`) with sgd and adam on a 6000-image subset for 3 epochs on an 8-point grid (one
-CNN step costs ~40 MLP steps on a CPU). Validation is always the full 5000 images (a 1000-image split has a standard error of ~1%,
-the size of the effect measured). For each cell and seed: run the range test (the optimizer's default
-range, `lrjax.optimizers.range_defaults`, one epoch of batches of 32, except where the cell says
-otherwise); take every suggestion method's rate; train, in ONE sweep, a log grid over the range
-test's span (first rate to the divergence point, or the last rate) plus the suggested rates as extra
+CNN step costs ~40 MLP steps on a CPU). Validation is always the full 5000 images (a 1000-image split
+has a standard error of ~1%, the size of the effects measured). For each cell and seed: run the range
+test (the optimizer's default range, `lrjax.optimizers.range_defaults`, one epoch of batches of 32,
+except where the cell says otherwise); take every suggestion method's rate (`lrjax.suggest.METHODS`,
+plus the exploratory rules of `EXTRA`); train, in ONE sweep, a log grid over the range test's span
+(first rate to the divergence point, or the last rate) plus the distinct suggested rates as extra
 members, all from the same initial weights and batch order, for the same epochs. Report per method the
-mean and worst best-validation accuracy at its rate as a fraction of the best grid rate's, and how often
-it diverged. The JSON keeps every curve and every grid accuracy, so a new rule can be screened against
-the records before it is trained. Results of a cell already in --json are replaced, others kept.
+mean and worst best-validation accuracy at its rate as a fraction of the best grid rate's, and how
+often it diverged. The JSON keeps every grid rate's accuracy and a summary of each curve (its lag
+growth, warnings); the curves themselves go to --curves. Records of a cell already in --json are kept
+for the seeds not run again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import lrjax
-from lrjax import optimizers
+from lrjax import optimizers, suggest
 from lrjax.quality import score_suggestions, summarise
 from lrjax.suggest import METHODS
 
@@ -61,11 +64,12 @@ def model_fn_for(cell: dict, data):
     return lambda s: lrjax.cnn(data.x_train.shape[1:], data.num_classes, seed=s)
 
 
-def score_cell(cell: dict, data, seeds, log=print, done=lambda records: None) -> list[dict]:
-    """Per seed: the range test's suggestions scored against the best rate of a grid over its span."""
+def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: None) -> list[dict]:
+    """Per seed: the range test's suggestions scored against the best rate of a grid over its span;
+    `done(records, curves)` after each seed."""
     opt = optimizers.get(cell["optimizer"])
     model_fn = model_fn_for(cell, data)
-    records = []
+    records, curves = [], []
     for seed in seeds:
         t0 = time.perf_counter()
         r = lrjax.find_lr(model_fn(seed), opt, data, batch_size=32, seed=seed, **cell.get("range", {}))
@@ -77,25 +81,31 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records: None) ->
         span = (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1]))
         suggestions = {**r.suggestions, **{k: fn(r) for k, fn in EXTRA.items()}}
         rec = {"seed": seed, **score_suggestions(suggestions, span, train, cell["grid"]),
-               "curve": {"lrs": [float(f"{v:.6g}") for v in r.lrs], "losses": [round(float(v), 5) for v in r.losses],
-                         "diverged_lr": r.diverged_lr, "warnings": r.warnings},
+               "curve": {"points": len(r.lrs), "first_lr": float(r.lrs[0]), "last_lr": float(r.lrs[-1]),
+                         "diverged_lr": r.diverged_lr, "lag_growth": suggest.lag_growth(r.lrs, r.beta),
+                         "warnings": r.warnings},
                "seconds": round(time.perf_counter() - t0, 1)}
+        curves.append({"seed": seed, "lrs": [float(f"{v:.6g}") for v in r.lrs],
+                       "losses": [round(float(v), 5) for v in r.losses]})
         records.append(rec)
         log(f"  seed {seed}: best grid lr {rec['best_grid_lr']:.3g} (val acc {rec['best_grid_accuracy']:.4f}); "
             + ", ".join(f"{m} {v['lr']:.3g}->{v['fraction']:.4f}" for m, v in rec["methods"].items() if v["lr"])
             + f"  [{rec['seconds']:.0f}s]", flush=True)
-        done(records)
+        done(records, curves)
     return records
 
 
 def table_text(name: str, cell: dict, records: list[dict]) -> str:
     table = summarise(records, methods=tuple(records[0]["methods"]))
     best = [r["best_grid_lr"] for r in records]
+    lag = [r["curve"]["lag_growth"] for r in records]
     lines = [f"{name}: validation accuracy at the suggested rate / at the best grid rate ({len(records)} seeds, "
-             f"{cell['epochs']} epochs, {cell['grid']}-point grid; best grid rates {min(best):.3g}-{max(best):.3g})",
+             f"{cell['epochs']} epochs, {cell['grid']}-point grid; best grid rates {min(best):.3g}-{max(best):.3g}; "
+             f"rate growth over the smoothing's lag x{min(lag):.3g}-{max(lag):.3g})",
              "| method | mean lr | mean | worst | diverged |", "|---|---|---|---|---|"]
     for m, t in table.items():
-        lines.append(f"| {m} | {t['mean_lr']:.3g} | {t['mean_fraction']:.4f} | {t['worst_fraction']:.4f} | "
+        label = f"{m} (default)" if m == suggest.DEFAULT_METHOD else m
+        lines.append(f"| {label} | {t['mean_lr']:.3g} | {t['mean_fraction']:.4f} | {t['worst_fraction']:.4f} | "
                      f"{t['diverged']}/{len(records)} |")
     return "\n".join(lines)
 
@@ -105,33 +115,55 @@ def main():
     p.add_argument("--data-dir", required=True, help="Fashion-MNIST IDX folder")
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated cells: {', '.join(CELLS)}")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--json", default="experiments/results/suggestion_quality.json")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1; a cell's records of other seeds in --json are kept")
+    p.add_argument("--json", default="experiments/results/suggestion_quality_matrix.json")
+    p.add_argument("--curves", default=None, help="where the range-test curves go (default: beside --json, "
+                   "NAME_curves.json)")
+    p.add_argument("--report", action="store_true", help="print the tables of --json and exit")
     a = p.parse_args()
+    path = Path(a.json)
+    out = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+    if a.report:
+        for name, c in out["cells"].items():
+            print(table_text(name, c, c["records"]) + "\n")
+        return 0
     cells = [c for c in a.cells.split(",") if c]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
         p.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
+    curves_path = Path(a.curves) if a.curves else path.with_name(path.stem + "_curves.json")
+    all_curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
     lrjax.use_cpu_cores()  # before JAX starts: the sweep's members run on every CPU core
     full = lrjax.load_dataset("fashion_mnist", a.data_dir)
-    path = Path(a.json)
-    out = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     out["methods"] = list(METHODS)
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     for name in cells:
         cell = CELLS[name]
         data = full if cell["train"] is None else full.take(cell["train"], len(full.x_valid))
         print(f"{name}: {len(data.x_train)} training images, range test + sweep of {cell['grid']} grid rates and the "
-              f"suggestions, {cell['epochs']} epochs, {a.seeds} seeds", flush=True)
+              f"suggestions, {cell['epochs']} epochs, seeds {seeds[0]}-{seeds[-1]}", flush=True)
+        same = out["cells"].get(name, {})
+        same = same if all(same.get(k) == v for k, v in cell.items() if k != "train") else {}
+        kept = [r for r in same.get("records", []) if r["seed"] not in seeds]
+        seconds = same.get("seconds", 0.0) if kept else 0.0
         t0 = time.perf_counter()
 
-        def save(records, name=name, cell=cell, data=data, t0=t0):  # after every seed: an interrupted run keeps them
+        def save(records, curves, name=name, cell=cell, data=data, t0=t0, kept=kept, seconds=seconds):
+            records = sorted(kept + records, key=lambda r: r["seed"])  # after every seed: a stopped run keeps them
             out["cells"][name] = {**cell, "train": len(data.x_train), "seeds": len(records), "records": records,
                                   "table": summarise(records, methods=tuple(records[0]["methods"])),
-                                  "seconds": round(time.perf_counter() - t0, 1)}
+                                  "seconds": round(seconds + time.perf_counter() - t0, 1)}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(out, indent=1))
+            done = {c["seed"] for c in curves}
+            all_curves[name] = sorted([c for c in all_curves.get(name, []) if c["seed"] not in done] + curves,
+                                      key=lambda c: c["seed"])
+            curves_path.write_text(json.dumps(all_curves))
 
-        records = score_cell(cell, data, list(range(a.seeds)), done=save)
-        print("\n" + table_text(name, cell, records) + "\n", flush=True)
+        score_cell(cell, data, seeds, done=save)
+        c = out["cells"][name]
+        print("\n" + table_text(name, c, c["records"]) + "\n", flush=True)
     print(f"written {path}")
     return 0
 

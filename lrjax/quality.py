@@ -22,10 +22,11 @@ def score_suggestions(suggestions: Mapping[str, float | None], span: tuple[float
                       grid_points: int = 16) -> dict:
     """One record: the grid, its best rate and accuracy, every grid rate's accuracy (0 where it diverged),
     and per method its rate, accuracy, fraction of the best grid accuracy and whether it diverged (a
-    method without a rate scores 0)."""
+    method without a rate scores 0). Methods that suggest the same rate are trained once."""
     grid = np.geomspace(span[0], span[1], grid_points)
     suggested = {m: float(v) for m, v in suggestions.items() if v is not None}
-    accuracy, diverged = (np.asarray(a) for a in train(np.concatenate([grid, list(suggested.values())])))
+    rates = list(dict.fromkeys(suggested.values()))  # methods that agree on a rate share one member
+    accuracy, diverged = (np.asarray(a) for a in train(np.concatenate([grid, rates])))
     accuracy = np.where(diverged, 0.0, np.nan_to_num(accuracy, nan=0.0))
     best = int(np.argmax(accuracy[:grid_points]))
     best_acc = float(accuracy[best])
@@ -34,8 +35,8 @@ def score_suggestions(suggestions: Mapping[str, float | None], span: tuple[float
     record = {"span": [float(span[0]), float(span[1])], "best_grid_lr": float(grid[best]),
               "best_grid_accuracy": best_acc, "grid": grid.tolist(),
               "grid_accuracy": accuracy[:grid_points].tolist(), "methods": {}}
-    for i, (method, lr) in enumerate(suggested.items()):
-        j = grid_points + i
+    for method, lr in suggested.items():
+        j = grid_points + rates.index(lr)
         record["methods"][method] = {"lr": lr, "accuracy": float(accuracy[j]),
                                      "fraction": float(accuracy[j]) / best_acc, "diverged": bool(diverged[j])}
     for method in suggestions:

@@ -195,9 +195,9 @@ class RangeTestResult:
         still dominates): lowest in the first 5% and 10% higher at the end, the loss rose without
         falling first (the rates started too high); a test that did not diverge and whose loss never
         rose 10% above its lowest ended before the turn the suggestions look for (the rates stopped
-        too low). Besides either: the rate grew more than 4x over the smoothing's lag (``beta / (1 -
-        beta)`` steps, 49 at 0.98), so the smoothed curve trails the raw loss by that much and the
-        rules that read it as it is (all but `zerolag`) suggest too high."""
+        too low). Besides either: the rate grew more than `suggest.LAG_GROWTH_LIMIT` (4x) over the
+        smoothing's lag (``beta / (1 - beta)`` steps, 49 at 0.98), so the smoothed curve trails the raw
+        loss by that much and the rules that read its turn suggest too high."""
         sm = np.asarray(self.smoothed, np.float64)
         if not np.all(np.isfinite(sm)) or self.suggestion is None:
             return []
@@ -216,12 +216,12 @@ class RangeTestResult:
             out.append(f"the smoothed loss never turned back up (lowest at lr {self.lrs[lowest]:.3g}, last lr "
                        f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
                        "further (--end-lr, --factor or --num-steps)")
-        lag = self.beta / (1 - self.beta)
-        growth = float(self.lrs[-1] / self.lrs[0]) ** (lag / (len(sm) - 1))
-        if growth > 4:
+        lag, growth = self.beta / (1 - self.beta), suggest.lag_growth(self.lrs, self.beta)
+        if growth > suggest.LAG_GROWTH_LIMIT:
             out.append(f"the rate grows x{growth:.3g} over the smoothing's lag (~{lag:.0f} steps at --beta "
-                       f"{self.beta:g}): the smoothed curve trails the raw loss, and every suggestion but "
-                       "zerolag reads it too high; run more steps (--num-steps) or smooth less (--beta)")
+                       f"{self.beta:g}): the smoothed curve trails the raw loss and the rules that read its "
+                       "turn (seed, minimum) suggest too high, so lagsafe gives valley's rate; for a sharper "
+                       "curve run more steps (--num-steps) or smooth less (--beta)")
         return out
 
     @property

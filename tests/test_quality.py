@@ -30,9 +30,10 @@ def test_scores_against_the_known_best_rate():
         calls.append(lrs)
         return response(lrs)
 
-    suggestions = {"exact": BEST, "low": 1e-3, "too_high": 2.5, "none": None}
+    suggestions = {"exact": BEST, "low": 1e-3, "too_high": 2.5, "none": None, "same": BEST}
     r = score_suggestions(suggestions, (1e-3, 3.0), train, grid_points=16)
-    assert len(calls) == 1 and len(calls[0]) == 16 + 3  # one training call: the grid plus the suggestions
+    assert len(calls) == 1 and len(calls[0]) == 16 + 3  # one training call: the grid plus each distinct rate
+    assert r["methods"]["same"] == r["methods"]["exact"]
     grid = np.geomspace(1e-3, 3.0, 16)
     assert r["best_grid_lr"] == pytest.approx(grid[np.argmin(np.abs(np.log(grid / BEST)))])
     best_acc = r["best_grid_accuracy"]

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from lrjax import suggest
 from lrjax.models import mlp
 from lrjax.range_test import RangeTestResult, _report, exponential_lrs, find_lr
 
@@ -132,7 +133,7 @@ def test_outputs(tmp_path, data):
                 "diverged_lr", "num_steps", "num_seeds", "optimizer", "batch_size", "wall_time_s",
                 "compile_time_s"):
         assert key in j, key
-    assert set(j["suggestions"]) == {"valley", "steepest", "minimum", "seed"}
+    assert set(j["suggestions"]) == set(suggest.METHODS)
     assert j["suggestion"] == j["suggestions"][j["method"]]
     rows = (tmp_path / "lr_find.csv").read_text().splitlines()
     assert rows[0] == "step,lr,loss,smoothed,loss_seed0,loss_seed1" and len(rows) == len(j["lrs"]) + 1

@@ -18,6 +18,8 @@ from lrjax.suggest import (
     smooth,
     steepest,
     suggest_all,
+    lag_growth,
+    lagsafe,
     valley,
     zerolag,
 )
@@ -55,16 +57,18 @@ def test_v_curve_geometric_grid(name):
 
 
 def test_suggest_all_and_registry():
-    assert set(METHODS) == {"valley", "steepest", "minimum", "seed", "zerolag"}
+    assert set(METHODS) == {"valley", "steepest", "minimum", "seed", "zerolag", "lagsafe"}
     assert DEFAULT_METHOD in METHODS
     got = suggest_all(V_LRS, V_LOSSES, **NO_SKIP)
     assert set(got) == set(METHODS)
+    # V_LRS grow x10**0.25 per step: far more than x4 over 49 steps, so lagsafe is valley
+    expected = {**V_EXPECTED, "zerolag": zerolag(V_LRS, V_LOSSES, **NO_SKIP), "lagsafe": V_EXPECTED["valley"]}
     for name, value in got.items():
-        expected = zerolag(V_LRS, V_LOSSES, **NO_SKIP) if name == "zerolag" else V_EXPECTED[name]
-        assert value == pytest.approx(expected, rel=1e-12)
-    # the curve's own smoothing reaches zerolag's second pass
-    assert suggest_all(V_LRS, V_LOSSES, beta=0.5, **NO_SKIP)["zerolag"] == zerolag(V_LRS, V_LOSSES, beta=0.5,
-                                                                                    **NO_SKIP)
+        assert value == pytest.approx(expected[name], rel=1e-12)
+    # the curve's own smoothing reaches the rules that smooth again or measure the lag
+    with_beta = suggest_all(V_LRS, V_LOSSES, beta=0.5, **NO_SKIP)
+    assert with_beta["zerolag"] == zerolag(V_LRS, V_LOSSES, beta=0.5, **NO_SKIP)
+    assert with_beta["lagsafe"] == lagsafe(V_LRS, V_LOSSES, beta=0.5, **NO_SKIP)
     assert suggest_all(V_LRS[:2], V_LOSSES[:2]) == {name: None for name in METHODS}
 
 
@@ -109,6 +113,31 @@ def test_zerolag_stays_on_the_plateau_that_smoothing_carries_past():
     k = np.arange(1500)
     smoothed = smooth(2.0 - np.minimum(k, 1000) / 1000 + np.maximum(k - 1000, 0) / 100, 0.98)
     assert 1 <= seed(lrs, smoothed) / zerolag(lrs, smoothed) < 2
+
+
+def test_lag_growth():
+    # x1.005 per step over 49 steps (beta 0.98): 1.005**49
+    assert lag_growth(1e-3 * 1.005 ** np.arange(1500)) == pytest.approx(1.005 ** 49, rel=1e-9)
+    # 150 steps from 1e-3 to 3: 3000**(1/149) per step
+    assert lag_growth(np.geomspace(1e-3, 3.0, 150)) == pytest.approx(3000 ** (49 / 149), rel=1e-9)
+    assert lag_growth(np.geomspace(1e-3, 3.0, 150), beta=0.5) == pytest.approx(3000 ** (1 / 149), rel=1e-9)
+    assert lag_growth([1e-3, np.nan, 1e-2, 1e-1]) == pytest.approx(10 ** 49, rel=1e-9)  # the finite rates
+    assert lag_growth([1e-3]) == 1.0 and lag_growth(np.geomspace(1e-3, 1, 9), beta=0.0) == 1.0
+
+
+def test_lagsafe_is_seed_on_slow_tests_and_valley_on_fast_ones():
+    k = np.arange(150)
+    smoothed = smooth(2.0 - np.minimum(k, 60) / 60 + np.maximum(k - 110, 0) / 40, 0.98)
+    fast = np.geomspace(1e-3, 3.0, 150)  # x14 over the lag
+    assert lagsafe(fast, smoothed) == valley(fast, smoothed) != seed(fast, smoothed)
+    # the same curve over a range whose rate grows just under / over x4 in 49 steps
+    for growth, rule in ((3.9, seed), (4.1, valley)):
+        lrs = 1e-3 * growth ** (np.arange(150) / 49)
+        assert lagsafe(lrs, smoothed) == rule(lrs, smoothed)
+    slow = 1e-3 * 1.005 ** np.arange(150)
+    assert lagsafe(slow, smoothed) == seed(slow, smoothed) != valley(slow, smoothed)
+    assert lagsafe(slow, smoothed, beta=0.5) == seed(slow, smoothed)
+    assert lagsafe(slow[:2], smoothed[:2]) is None
 
 
 def test_zerolag_drops_non_finite_points_first():
