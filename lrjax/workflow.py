@@ -4,6 +4,10 @@
 `train_job` trains with early stopping, checkpoints and TensorBoard, evaluates the best weights on
 the test set and writes metrics.json; `run_job` is the seed workflow: range test -> suggested rate ->
 re-initialised model (fixed seed) -> training -> test.
+
+`load_input` picks the input path (`--input`, `lrjax.memory.choose_input`) and prints why: a
+`Dataset` (resident) or `lrjax.sources.Splits` (streamed through Grain), which the jobs pass on to
+`find_lr` and `fit` alike.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, steps, tb
+from lrjax import memory, optimizers, sources, steps, tb
 from lrjax.config import Config
 from lrjax.data import Dataset, load_dataset, save_samples, split_examples
-from lrjax.errors import LrjaxError
+from lrjax.errors import ConfigError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
@@ -47,6 +51,55 @@ def load(cfg: Config) -> Dataset:
     return data
 
 
+def stream_splits(cfg: Config) -> sources.Splits:
+    """The splits the streamed path reads: the TFDS ArrayRecord preparation in --tfds-data-dir (made
+    there from the IDX files in --data-dir if needed), the IDX files of --data-dir as uint8 arrays,
+    or a TFDS data_dir given as --data-dir."""
+    from lrjax.data import default_data_dir
+
+    if cfg.tfds_data_dir is not None:
+        from lrjax import tfds_source
+
+        tfds_source.ensure_prepared(cfg.dataset, cfg.tfds_data_dir, idx_dir=cfg.data_dir, progress=cfg.progress)
+        return sources.tfds_splits(cfg.dataset, cfg.tfds_data_dir)
+    folder = cfg.data_dir or default_data_dir()
+    if folder is not None and any(Path(folder).glob("*-ubyte.gz")):
+        from lrjax.idx import read_idx_folder
+
+        raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
+        return sources.array_splits(raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
+                                    name=cfg.dataset)
+    return sources.tfds_splits(cfg.dataset, folder)
+
+
+def load_input(cfg: Config) -> Dataset | sources.Splits:
+    """The data by the path --input chooses (resident, or streamed where auto finds them over
+    --device-memory-budget), with the choice and its reason printed."""
+    if cfg.input == "resident":
+        data = load(cfg)
+        nbytes = sum(a.nbytes for a in (data.x_train, data.x_valid, data.x_test)) + 4 * (
+            len(data.y_train) + len(data.y_valid) + len(data.y_test))
+        _say(cfg, memory.choose_input("resident", nbytes, 0)[1])
+        return data
+    t0 = time.perf_counter()
+    splits = stream_splits(cfg)
+    budget = (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
+              else memory.default_budget())
+    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), budget)
+    _say(cfg, reason)
+    if mode == "resident":
+        return load(cfg)
+    if cfg.num_seeds > 1:
+        raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
+    _say(cfg, f"data: {cfg.dataset} streamed from {type(splits.train.examples).__name__}: train {len(splits.train)}, "
+              f"validation {len(splits.valid)}, test {len(splits.test)} ({time.perf_counter() - t0:.2f}s)")
+    return splits
+
+
+def train_size(data) -> int:
+    return len(data.train) if isinstance(data, sources.Splits) else len(data.x_train)
+
+
 # `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
 # chosen by experiments/schedule_quality.py (README, Schedules).
 SCHEDULE_PEAK = {"constant": 1.0, "plateau": 1.0, "onecycle": 1.0, "cosine": 1.0, "warmup_cosine": 1.0}
@@ -68,8 +121,11 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
 
 def model_for(cfg: Config, data: Dataset, seed: int | None = None):
     """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
-    return build_model(cfg.model, data.x_train.shape[1:], data.num_classes, cfg.seed if seed is None else seed,
-                       hidden_sizes=cfg.hidden_sizes)
+    if isinstance(data, sources.Splits):
+        shape, classes = data.train.example_shape, sources.num_classes(data)
+    else:
+        shape, classes = data.x_train.shape[1:], data.num_classes
+    return build_model(cfg.model, shape, classes, cfg.seed if seed is None else seed, hidden_sizes=cfg.hidden_sizes)
 
 
 class _Progress:
@@ -99,11 +155,11 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     t0 = time.perf_counter()
     phases = {}
     if data is None:
-        data = load(cfg)
+        data = load_input(cfg)
         phases["data_load"] = time.perf_counter() - t0
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
-    num_steps = cfg.num_steps or steps.steps_per_epoch(len(data.x_train), cfg.batch_size)
+    num_steps = cfg.num_steps or steps.steps_per_epoch(train_size(data), cfg.batch_size)
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
@@ -166,14 +222,14 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         raise LrjaxError("lrjax train needs --lr (or use `lrjax run` to find one first)")
     if data is None:
         t = time.perf_counter()
-        data = load(cfg)
+        data = load_input(cfg)
         phases["data_load"] = time.perf_counter() - t
     workdir = Path(cfg.workdir)
     es = EarlyStopping(monitor=cfg.monitor, patience=cfg.patience, min_delta=cfg.min_delta,
                        restore_best_weights=cfg.restore_best)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
     result: FitResult = fit(
-        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(len(data.x_train), cfg.batch_size)), data,
+        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)), data,
         lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
@@ -184,7 +240,9 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         raise Interrupted(result)
     t = time.perf_counter()
     with jax.set_mesh(mesh):
-        test = result.evaluate(mesh_lib.replicate(split_examples(data, "test"), mesh), None, cfg.eval_batch_size)
+        # the streamed path's test set is evaluated resident too (10k examples for Fashion-MNIST)
+        examples = sources.resident_arrays(data.test) if isinstance(data, sources.Splits) else split_examples(data, "test")
+        test = result.evaluate(mesh_lib.replicate(examples, mesh), None, cfg.eval_batch_size)
     timings = result.timings
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
@@ -227,7 +285,9 @@ def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
         ckpt.close()
     if meta is None or "lr" not in meta:
         return None  # nothing readable: training decides (it moves unreadable checkpoints aside)
-    check_same_run(meta.get("config", {}), {**cfg.to_dict(), "lr": meta["lr"]}, directory)
+    # the input path is what --input decides once the data are open: not comparable here
+    current = {k: v for k, v in cfg.to_dict().items() if k != "input"}
+    check_same_run(meta.get("config", {}), {**current, "lr": meta["lr"]}, directory)
     return meta
 
 
@@ -256,9 +316,9 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
     # A workdir with checkpoints resumes that run at its rate, or is refused before anything is loaded or written.
     resumed = checkpointed_run(cfg)
-    data = load(cfg)
+    data = load_input(cfg)
     phases = {"data_load": time.perf_counter() - t0}
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and isinstance(data, Dataset):  # streamed: no decoded arrays to draw from
         t = time.perf_counter()
         workdir.mkdir(parents=True, exist_ok=True)
         save_samples(data, workdir / "samples.png")
