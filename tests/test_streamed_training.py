@@ -99,3 +99,38 @@ def test_the_input_decision_and_its_message(tiny, mode, budget, expect):
     splits, _ = tiny
     chosen, reason = memory.choose_input(mode, memory.resident_nbytes(splits), budget)
     assert chosen == expect and (("stream" in reason) == (expect == "stream"))
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    from lrjax.idx import FILES, write_idx_gz
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 5100), ("test", 40)):  # validation takes the first 5000
+        write_idx_gz(tmp_path / FILES[f"{split}_images"], rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx_gz(tmp_path / FILES[f"{split}_labels"], rng.integers(0, 10, n, dtype=np.uint8))
+    return tmp_path
+
+
+@pytest.mark.parametrize("budget,streams", [("1KB", True), ("1GB", False)])
+def test_auto_input_streams_over_the_budget_and_says_so(idx_folder, tmp_path, capsys, budget, streams):
+    from lrjax import workflow
+    from lrjax.config import Config
+    from lrjax.data import Dataset
+
+    cfg = Config(dataset="mnist", data_dir=str(idx_folder), cache_dir=str(tmp_path / "cache"), input="auto",
+                 device_memory_budget=budget, progress=False)
+    data = workflow.load_input(cfg)
+    said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("input:"))
+    assert isinstance(data, sources.Splits if streams else Dataset)
+    assert ("stream" in said) == streams and "budget" in said
+
+
+def test_input_flags_are_checked():
+    from lrjax.config import Config
+    from lrjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--input"):
+        Config(input="disk")
+    with pytest.raises(ConfigError, match="size"):
+        Config(device_memory_budget="lots")
