@@ -355,3 +355,15 @@ def train_stream_chunk(state: TrainState, x, y, w, count, *, length: int, masked
     """`train_chunk` over batches given directly: x uint8 [length, B, ...], y [length, B], w
     [length, B] (a chunk of `lrjax.stream.Stream`), steps from `count` on skipped when `masked`."""
     return _scan_steps(state, lambda r: stream_batch(*r), (x, y, w), count, length=length, masked=masked)
+
+
+@jax.jit
+def evaluate_stream_chunk(state: TrainState, x, y, w) -> dict[str, jax.Array]:
+    """`eval_step`'s weighted sums and example `count` over a streamed chunk of evaluation batches
+    (x uint8 [K, B, ...], y, w; padding rows and steps at weight 0), added up over the chunk."""
+
+    def body(acc, row):
+        return jax.tree.map(jnp.add, acc, eval_step(state, *stream_batch(*row))), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *stream_batch(x[0], y[0], w[0]))))
+    return jax.lax.scan(body, zero, (x, y, w))[0]

@@ -493,3 +493,35 @@ class StepFeed:
 
     def close(self) -> None:
         self.stream.close()
+
+
+class StreamEvaluator:
+    """Evaluation passes over a split streamed in order (`eval_stream`, endless, so its workers start
+    once): `evaluator(program, state)` adds up the compiled `program(state, x, y, w)`'s weighted
+    sums over one pass and returns the means (device arrays, nothing waited for)."""
+
+    def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
+                 workers: int | None = None):
+        devices = sharding.mesh.shape["data"] if "data" in sharding.mesh.shape else 1
+        batch_size = max(devices, min(batch_size, len(split)) // devices * devices)  # a small split: one batch
+        self.stream = eval_stream(split, batch_size, epochs=None,
+                                  chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
+        self.sharding = sharding
+
+    def zeros(self) -> dict[str, jax.Array]:
+        plan = self.stream.plan
+        shape = (plan.chunk_steps, plan.local_batch)
+        return to_device({"x": np.zeros((*shape, *self.stream.split.example_shape), np.uint8),
+                          "y": np.zeros(shape, np.int32), "w": np.zeros(shape, np.float32)}, self.sharding)
+
+    def __call__(self, program, state) -> dict[str, jax.Array]:
+        sums = None
+        for chunk in self.stream.epoch():
+            d = to_device({k: chunk[k] for k in ("x", "y", "w")}, self.sharding)
+            s = program(state, d["x"], d["y"], d["w"])
+            sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        count = sums.pop("count")
+        return {k: v / count for k, v in sums.items()}
+
+    def close(self) -> None:
+        self.stream.close()

@@ -95,7 +95,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     processes, default `stream.default_workers`) in chunks of `stream_chunk_steps` batches that stay
     uint8 until the device; `epochs` x steps per epoch (from the split's length) bounds it, and the
     stream's position is in every checkpoint, so a resumed run sees the same batches. The
-    validation split is evaluated resident (float32 on the device, 5k examples for Fashion-MNIST).
+    validation split is streamed in order too (`stream.StreamEvaluator`, batches of `eval_batch_size`).
     `stop_after` ends
     the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
     `TrainingDiverged` on a non-finite loss.
@@ -116,8 +116,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
     if isinstance(data, sources.Splits):
-        train, valid = None, mesh_lib.replicate(sources.resident_arrays(data.valid), mesh)
-        n = len(data.train)
+        train, valid, n = None, None, len(data.train)
     else:
         train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
         n = steps.num_examples(train)
@@ -139,6 +138,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             stream.Stream(data.train, batch_size, chunk_steps=min(stream_chunk_steps, spe), seed=seed,
                           steps=tr.total_steps, epoch_aligned=False, workers=stream_workers),
             stream.chunk_sharding(mesh))
+        evaluator = stream.StreamEvaluator(data.valid, eval_batch_size, stream.chunk_sharding(mesh))
     cbs = [early_stopping, *callbacks]
     workdir = Path(workdir) if workdir is not None else None
     ckpt = next((cb for cb in cbs if isinstance(cb, Checkpoint)), None)
@@ -187,9 +187,16 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                                               pad=length)
                     program = steps.train_chunk.lower(tr.state, train, *order, np.int32(0), np.int32(length),
                                                       length=length, masked=masked).compile()
-                lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
-                _check_monitor(early_stopping.monitor, lowered_eval.out_info)
-                evaluate = lowered_eval.compile()
+                if tr.feed is not None:
+                    z = evaluator.zeros()
+                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"])
+                    _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
+                    compiled = lowered_eval.compile()
+                    evaluate = lambda state, _: evaluator(compiled, state)  # noqa: E731
+                else:
+                    lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
+                    _check_monitor(early_stopping.monitor, lowered_eval.out_info)
+                    evaluate = lowered_eval.compile()
                 timings["compile_s"] += time.perf_counter() - t0
                 return program, evaluate
 
@@ -207,6 +214,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             ckpt.close()
         if tr.feed is not None:
             tr.feed.close()
+            evaluator.close()
         for cb in cbs:
             if isinstance(cb, TensorBoard):
                 cb.close()

@@ -24,7 +24,7 @@ import numpy as np
 from lrjax import mesh as mesh_lib
 from lrjax import memory, optimizers, sources, steps, tb
 from lrjax.config import Config
-from lrjax.data import Dataset, load_dataset, save_samples, split_examples
+from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, save_samples, split_examples
 from lrjax.errors import ConfigError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
@@ -42,10 +42,11 @@ def _say(cfg: Config, msg: str) -> None:
         print(msg, flush=True)
 
 
-def load(cfg: Config) -> Dataset:
-    t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
-                        progress=cfg.progress)
+def load(cfg: Config, t0: float | None = None, data: Dataset | None = None) -> Dataset:
+    t0 = time.perf_counter() if t0 is None else t0
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
+                            progress=cfg.progress)
     _say(cfg, f"data: {data.name} from {data.source}: train {len(data.x_train)}, validation "
               f"{len(data.x_valid)}, test {len(data.x_test)} ({time.perf_counter() - t0:.2f}s)")
     return data
@@ -55,15 +56,15 @@ def stream_splits(cfg: Config) -> sources.Splits:
     """The splits the streamed path reads: the TFDS ArrayRecord preparation in --tfds-data-dir (made
     there from the IDX files in --data-dir if needed), the IDX files of --data-dir as uint8 arrays,
     or a TFDS data_dir given as --data-dir."""
-    from lrjax.data import default_data_dir
-
     if cfg.tfds_data_dir is not None:
         from lrjax import tfds_source
 
         tfds_source.ensure_prepared(cfg.dataset, cfg.tfds_data_dir, idx_dir=cfg.data_dir, progress=cfg.progress)
         return sources.tfds_splits(cfg.dataset, cfg.tfds_data_dir)
     folder = cfg.data_dir or default_data_dir()
-    if folder is not None and any(Path(folder).glob("*-ubyte.gz")):
+    from lrjax import idx
+
+    if folder is not None and cfg.dataset in idx.IDX_DATASETS and idx.has_idx_files(folder):
         from lrjax.idx import read_idx_folder
 
         raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
@@ -88,7 +89,11 @@ def load_input(cfg: Config) -> Dataset | sources.Splits:
     mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), budget)
     _say(cfg, reason)
     if mode == "resident":
-        return load(cfg)
+        train, test = splits.train.examples, splits.test.examples
+        if isinstance(train, sources.ArrayExamples):  # the IDX files are decoded already: not read twice
+            return load(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
+                                             source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
+        return load(cfg, t0)
     if cfg.num_seeds > 1:
         raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
     _say(cfg, f"data: {cfg.dataset} streamed from {type(splits.train.examples).__name__}: train {len(splits.train)}, "
@@ -240,9 +245,17 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         raise Interrupted(result)
     t = time.perf_counter()
     with jax.set_mesh(mesh):
-        # the streamed path's test set is evaluated resident too (10k examples for Fashion-MNIST)
-        examples = sources.resident_arrays(data.test) if isinstance(data, sources.Splits) else split_examples(data, "test")
-        test = result.evaluate(mesh_lib.replicate(examples, mesh), None, cfg.eval_batch_size)
+        if isinstance(data, sources.Splits):
+            from lrjax import stream
+
+            evaluator = stream.StreamEvaluator(data.test, cfg.eval_batch_size, stream.chunk_sharding(mesh))
+            try:
+                test = {k: float(v) for k, v in jax.device_get(evaluator(steps.evaluate_stream_chunk,
+                                                                         result.state)).items()}
+            finally:
+                evaluator.close()
+        else:
+            test = result.evaluate(mesh_lib.replicate(split_examples(data, "test"), mesh), None, cfg.eval_batch_size)
     timings = result.timings
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],

@@ -1,6 +1,6 @@
 """Training and the range test from a Grain stream (`fit` / `find_lr` given `lrjax.sources.Splits`)
-against the resident path on tiny data; exact resume of a streamed run stopped mid-epoch; the
-`--input auto` decision."""
+against the resident path on tiny data; streamed evaluation equals resident evaluation; exact resume
+of a streamed run stopped mid-epoch; the `--input auto` decision."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def _model():
 
 
 
+@pytest.mark.slow
 def test_streamed_fit_covers_each_example_once_per_epoch_and_learns_like_resident(tiny):
     splits, data = tiny
     s = stream.Stream(splits.train, 32, chunk_steps=5, seed=3, steps=2 * 29, epoch_aligned=False)
@@ -66,6 +67,7 @@ class _SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_streamed_run_stopped_mid_epoch_resumes_bit_identically(tiny, tmp_path):
     splits, _ = tiny
     kw = dict(lr=0.2, epochs=3, batch_size=32, progress=None, seed=5, checkpoint_every_steps=10,
@@ -86,11 +88,14 @@ def test_streamed_range_test_suggests_like_resident(tiny):
     kw = dict(batch_size=16, start_lr=1e-3, end_lr=10.0, num_steps=120, chunk_steps=32, seed=2)
     s = find_lr(_model(), optax.sgd, splits, **kw)
     r = find_lr(_model(), optax.sgd, data, **kw)
-    assert len(s.lrs) > 40 and np.array_equal(s.lrs, r.lrs[:len(s.lrs)])
-    # Different batch orders (numpy's shuffle vs jax.random's) on a tiny set: the suggestions agree
-    # only roughly, the early curves closely.
+    per_epoch = -(-(N - VALID) // 16)
+    assert len(s.lrs) > per_epoch and len(r.lrs) > per_epoch
+    # The first pass is the same permutation (numpy, seeded alike) and the stream's uint8 -> float32
+    # on the device equals the resident x / 255: the curves agree bit for bit over the first epoch;
+    # later passes draw their order differently (the stream from (seed, epoch)).
+    assert np.array_equal(s.losses[:per_epoch], r.losses[:per_epoch])
+    assert not np.array_equal(s.losses[per_epoch:per_epoch + 20], r.losses[per_epoch:per_epoch + 20])
     assert s.suggestion is not None and abs(np.log10(s.suggestion / r.suggestion)) < 1
-    assert abs(s.smoothed[:40].mean() - r.smoothed[:40].mean()) < 0.05 * r.smoothed[:40].mean()
 
 
 @pytest.mark.parametrize("mode,budget,expect", [("auto", 10**9, "resident"), ("auto", 10**5, "stream"),
@@ -134,3 +139,23 @@ def test_input_flags_are_checked():
         Config(input="disk")
     with pytest.raises(ConfigError, match="size"):
         Config(device_memory_budget="lots")
+
+
+def test_streamed_evaluation_equals_resident_evaluation(tiny):
+    from lrjax import mesh as mesh_lib
+    from lrjax import steps
+
+    splits, data = tiny
+    state = steps.init_state(_model(), optax.sgd, 0.1)
+    mesh = mesh_lib.make_mesh("auto")
+    evaluator = stream.StreamEvaluator(splits.valid, 64, stream.chunk_sharding(mesh), chunk_steps=2)
+    try:
+        with jax.set_mesh(mesh):
+            streamed = jax.device_get(evaluator(steps.evaluate_stream_chunk, state))
+            again = jax.device_get(evaluator(steps.evaluate_stream_chunk, state))  # a second pass, same workers
+            resident = jax.device_get(steps.evaluate(state, (data.x_valid, data.y_valid), batch_size=64))
+    finally:
+        evaluator.close()
+    assert streamed == again
+    for k in resident:
+        np.testing.assert_allclose(streamed[k], resident[k], rtol=1e-6)
