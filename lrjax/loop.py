@@ -191,6 +191,11 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
         state, metrics = program(tr.state, examples, *order[epoch], np.int32(pos), np.int32(end - g))
         return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
 
+    def since(c: _Chunk) -> float:
+        # A chunk's time runs from when the host was free to wait for it; a streamed chunk's from
+        # its dispatch, which reads its batches from the host pipeline.
+        return c.dispatched if feed is not None else max(c.dispatched, free)
+
     pending, failed, said = None, None, None
     with Signals() as signals:
         for cb in callbacks:
@@ -198,7 +203,10 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
         go, interrupted = tr.stop_reason(tr.step)
         if go:
             program, evaluate = compile_programs()
+            t = time.perf_counter()
             pending = dispatch(tr.step)
+            if feed is not None:  # a streamed dispatch reads its batches: training time
+                timings["train_s"] += time.perf_counter() - t
         free = time.perf_counter()  # when the host was last free to wait for a chunk
         while pending is not None:
             t1 = time.perf_counter()
@@ -208,7 +216,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
                              else (None, None))
             batches = []
             if step_m is not None:
-                tr.period_time += time.perf_counter() - max(c.dispatched, free)
+                tr.period_time += time.perf_counter() - since(c)
                 batches = _accumulate(tr, step_m, c)
                 _batch_hooks(deciders, batches)
             row, tr.last_was_best = None, False
@@ -236,7 +244,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
             if step_m is None:  # a chunk without evaluation: read now, while the next one runs
                 t = time.perf_counter()
                 step_m = jax.device_get(c.metrics)
-                tr.period_time += time.perf_counter() - max(c.dispatched, free)
+                tr.period_time += time.perf_counter() - since(c)
                 batches = _accumulate(tr, step_m, c)
                 timings["train_s"] += time.perf_counter() - t
             _batch_hooks(writers, batches)
