@@ -5,7 +5,7 @@
 the test set and writes metrics.json; `run_job` is the seed workflow: range test -> suggested rate ->
 re-initialised model (fixed seed) -> training -> test.
 
-`load_input` picks the input path (`--input`, `lrjax.memory.choose_input`) and prints why: a
+`load` picks the input path (`--input`, `lrjax.memory.choose_input`) and prints why: a
 `Dataset` (resident) or `lrjax.sources.Splits` (streamed through Grain), which the jobs pass on to
 `find_lr` and `fit` alike.
 """
@@ -42,7 +42,7 @@ def _say(cfg: Config, msg: str) -> None:
         print(msg, flush=True)
 
 
-def load(cfg: Config, t0: float | None = None, data: Dataset | None = None) -> Dataset:
+def load_resident(cfg: Config, t0: float | None = None, data: Dataset | None = None) -> Dataset:
     t0 = time.perf_counter() if t0 is None else t0
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
@@ -73,11 +73,11 @@ def stream_splits(cfg: Config) -> sources.Splits:
     return sources.tfds_splits(cfg.dataset, folder)
 
 
-def load_input(cfg: Config) -> Dataset | sources.Splits:
+def load(cfg: Config) -> Dataset | sources.Splits:
     """The data by the path --input chooses (resident, or streamed where auto finds them over
     --device-memory-budget), with the choice and its reason printed."""
     if cfg.input == "resident":
-        data = load(cfg)
+        data = load_resident(cfg)
         nbytes = sum(a.nbytes for a in (data.x_train, data.x_valid, data.x_test)) + 4 * (
             len(data.y_train) + len(data.y_valid) + len(data.y_test))
         _say(cfg, memory.choose_input("resident", nbytes, 0)[1])
@@ -91,9 +91,9 @@ def load_input(cfg: Config) -> Dataset | sources.Splits:
     if mode == "resident":
         train, test = splits.train.examples, splits.test.examples
         if isinstance(train, sources.ArrayExamples):  # the IDX files are decoded already: not read twice
-            return load(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
+            return load_resident(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
                                              source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
-        return load(cfg, t0)
+        return load_resident(cfg, t0)
     if cfg.num_seeds > 1:
         raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
     _say(cfg, f"data: {cfg.dataset} streamed from {type(splits.train.examples).__name__}: train {len(splits.train)}, "
@@ -160,7 +160,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     t0 = time.perf_counter()
     phases = {}
     if data is None:
-        data = load_input(cfg)
+        data = load(cfg)
         phases["data_load"] = time.perf_counter() - t0
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
@@ -227,7 +227,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         raise LrjaxError("lrjax train needs --lr (or use `lrjax run` to find one first)")
     if data is None:
         t = time.perf_counter()
-        data = load_input(cfg)
+        data = load(cfg)
         phases["data_load"] = time.perf_counter() - t
     workdir = Path(cfg.workdir)
     es = EarlyStopping(monitor=cfg.monitor, patience=cfg.patience, min_delta=cfg.min_delta,
@@ -329,7 +329,7 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
     # A workdir with checkpoints resumes that run at its rate, or is refused before anything is loaded or written.
     resumed = checkpointed_run(cfg)
-    data = load_input(cfg)
+    data = load(cfg)
     phases = {"data_load": time.perf_counter() - t0}
     if jax.process_index() == 0 and isinstance(data, Dataset):  # streamed: no decoded arrays to draw from
         t = time.perf_counter()
@@ -357,7 +357,7 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     """Trains the grid of rates x seeds at once; writes sweep.{json,csv,png} and TensorBoard runs."""
     from lrjax.sweeps import lr_grid, nan_reduce, sweep, write_sweep_events
 
-    data = data if data is not None else load(cfg)
+    data = data if data is not None else load_resident(cfg)  # a sweep trains resident data
     workdir = Path(cfg.workdir)
     grid = lr_grid(cfg.lrs, cfg.num_lrs)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]

@@ -125,7 +125,7 @@ def test_auto_input_streams_over_the_budget_and_says_so(idx_folder, tmp_path, ca
 
     cfg = Config(dataset="mnist", data_dir=str(idx_folder), cache_dir=str(tmp_path / "cache"), input="auto",
                  device_memory_budget=budget, progress=False)
-    data = workflow.load_input(cfg)
+    data = workflow.load(cfg)
     said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("input:"))
     assert isinstance(data, sources.Splits if streams else Dataset)
     assert ("stream" in said) == streams and "budget" in said
