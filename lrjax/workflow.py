@@ -25,7 +25,7 @@ from lrjax import mesh as mesh_lib
 from lrjax import memory, optimizers, sources, steps, tb
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, save_samples, split_examples
-from lrjax.errors import ConfigError, LrjaxError
+from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
@@ -64,13 +64,25 @@ def stream_splits(cfg: Config) -> sources.Splits:
     folder = cfg.data_dir or default_data_dir()
     from lrjax import idx
 
-    if folder is not None and cfg.dataset in idx.IDX_DATASETS and idx.has_idx_files(folder):
+    if folder is not None:  # as `load_dataset` reads it: the same errors for a missing or empty folder
+        path = Path(folder)
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise DataError(f"data folder {path} {what} (--data-dir / LRJAX_DATA_DIR)")
+    if folder is not None and cfg.dataset in idx.IDX_DATASETS and (
+            idx.has_idx_files(folder) or not _tfds_prepared(cfg.dataset, folder)):
         from lrjax.idx import read_idx_folder
 
         raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
         return sources.array_splits(raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
                                     name=cfg.dataset)
     return sources.tfds_splits(cfg.dataset, folder)
+
+
+def _tfds_prepared(name: str, folder) -> bool:
+    from lrjax import tfds_source
+
+    return tfds_source.is_prepared(name, str(folder))
 
 
 def load(cfg: Config) -> Dataset | sources.Splits:
