@@ -38,6 +38,13 @@ class Config:
                                    "(prepared there from the IDX files in --data-dir if needed)")
     cache_dir: str | None = _f(None, "cache of decoded TFDS arrays (tfds/) and compiled programs (jax/) "
                                "(default: $LRJAX_CACHE_DIR or ~/.cache/lrjax)")
+    input: str = _f("auto", "input path: resident (every split as float32 on every device), stream (uint8 chunks "
+                    "read through Grain, converted on the device) or auto (resident when the data fit "
+                    "--device-memory-budget, else streamed; the choice is printed)", ("find-lr", "train", "run"))
+    device_memory_budget: str | None = _f(None, "device memory the resident data may take on each device, a size "
+                                          "such as 20MB or 4GB (default: half of an accelerator's memory; on "
+                                          "CPU half of host memory shared among the devices and the host's copy)",
+                                          ("find-lr", "train", "run"))
     seed: int = _f(42, "seed for model init, batch order and everything random")
     batch_size: int = _f(32, "global batch size (divided across devices)")
     model: str = _f("mlp", "model: mlp (the seed's MLP) or cnn (a compact CNN with BatchNorm and Dropout); "
@@ -119,6 +126,12 @@ class Config:
         for name in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.input not in ("resident", "stream", "auto"):
+            raise ConfigError(f"--input must be resident, stream or auto, got {self.input!r}")
+        if self.device_memory_budget is not None:
+            from lrjax.memory import parse_size
+
+            parse_size(self.device_memory_budget)
         if self.grad_accum_steps < 1:
             raise ConfigError(f"--grad-accum-steps must be >= 1, got {self.grad_accum_steps}")
         from lrjax.schedules import SCHEDULES

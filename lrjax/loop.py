@@ -84,6 +84,7 @@ class Trainer:
         self.early_stopping = None  # the EarlyStopping callback whose state checkpoints carry
         self.last_was_best = False
         self.callbacks: list = []
+        self.feed = None  # a streamed input (`lrjax.stream.StepFeed`) whose position checkpoints carry
 
     @property
     def epoch(self) -> int:
@@ -114,6 +115,8 @@ class Trainer:
         meta = {**self.meta, "epoch": self.epoch, "step": self.step, "history": list(self.history),
                 "pending": {"sums": dict(self.sums), "time": self.period_time},
                 "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None}
+        if self.feed is not None:
+            meta["input"] = self.feed.state(self.step)
         return tree, meta
 
     def restore(self, tree: dict, meta: dict) -> None:
@@ -126,6 +129,8 @@ class Trainer:
         self.sums, self.period_time = dict(pending.get("sums", {})), float(pending.get("time", 0.0))
         if self.early_stopping is not None and meta.get("early_stopping"):
             self.early_stopping.load_state_dict(meta["early_stopping"])
+        if self.feed is not None:
+            self.feed.restore(meta["input"])
         self.resumed = True
 
     # -- the schedule of boundaries ---------------------------------------------------------------
@@ -163,10 +168,12 @@ class _Chunk:
 
 
 def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed_key, n: int,
-        batch_size: int, chunk_length: int, timings: dict) -> str | None:
+        batch_size: int, chunk_length: int, timings: dict, feed=None) -> str | None:
     """Trains from `tr.step` to the end (or a stop); returns why it ended early ('SIGTERM',
     'SIGINT', 'stop-after') or None. `compile_programs()` gives the compiled chunk and evaluation
-    programs; it is called only when there is something to train (after the callbacks' train begin)."""
+    programs; it is called only when there is something to train (after the callbacks' train begin).
+    With a `feed` (`lrjax.stream.StepFeed`), `feed(program, state, g, end)` runs the steps from the
+    streamed batches instead of gathering rows of the resident `examples`."""
     deciders = [cb for cb in callbacks if not cb.overlaps_next_chunk]
     writers = [cb for cb in callbacks if cb.overlaps_next_chunk]
     order = {}  # epoch -> its (idx, w) on device
@@ -174,6 +181,9 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
     def dispatch(g: int) -> _Chunk:
         t = time.perf_counter()
         end, epoch = tr.next_boundary(g), g // tr.steps_per_epoch + 1
+        if feed is not None:
+            state, metrics = feed(program, tr.state, g, end)
+            return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
         if epoch not in order:
             order.clear()
             order[epoch] = steps.epoch_order(steps.epoch_key(seed_key, epoch), n, batch_size=batch_size,
@@ -181,6 +191,11 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
         pos = g - (epoch - 1) * tr.steps_per_epoch
         state, metrics = program(tr.state, examples, *order[epoch], np.int32(pos), np.int32(end - g))
         return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
+
+    def since(c: _Chunk) -> float:
+        # A chunk's time runs from when the host was free to wait for it; a streamed chunk's from
+        # its dispatch, which reads its batches from the host pipeline.
+        return c.dispatched if feed is not None else max(c.dispatched, free)
 
     pending, failed, said = None, None, []
 
@@ -195,7 +210,10 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
         go, interrupted = tr.stop_reason(tr.step)
         if go:
             program, evaluate = compile_programs()
+            t = time.perf_counter()
             pending = dispatch(tr.step)
+            if feed is not None:  # a streamed dispatch reads its batches: training time
+                timings["train_s"] += time.perf_counter() - t
         free = time.perf_counter()  # when the host was last free to wait for a chunk
         while pending is not None:
             t1 = time.perf_counter()
@@ -205,7 +223,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
                              if c.val is not None or wait_decider_batches else (None, None))
             batches = []
             if step_m is not None:
-                tr.period_time += time.perf_counter() - max(c.dispatched, free)
+                tr.period_time += time.perf_counter() - since(c)
                 batches = _accumulate(tr, step_m, c)
                 _batch_hooks(deciders, batches)
             row, tr.last_was_best = None, False
@@ -231,7 +249,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
             if step_m is None:  # a chunk without evaluation: read now, while the next one runs
                 t = time.perf_counter()
                 step_m = jax.device_get(faults.wait_ready(c.metrics, between=announce))
-                tr.period_time += time.perf_counter() - max(c.dispatched, free)
+                tr.period_time += time.perf_counter() - since(c)
                 batches = _accumulate(tr, step_m, c)
                 timings["train_s"] += time.perf_counter() - t
             _batch_hooks(writers, batches)

@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, steps, suggest, tasks
+from lrjax import optimizers, sources, steps, suggest, tasks
 from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -71,8 +71,9 @@ def _init_carry(state: TrainState) -> _Carry:
                   diverged_step=jnp.full([], -1, jnp.int32), t=jnp.zeros([], jnp.int32))
 
 
-def _range_chunk(carry: _Carry, examples, idx, w, lrs, active, pos, val, hp):
+def _range_chunk(carry: _Carry, fetch, rows, lrs, active, pos, val, hp):
     """Runs one chunk of range-test steps of one seed; pure, so `_run_chunk` can vmap or map it over seeds.
+    `rows` are scanned along their leading axis and `fetch(row)` gives a step's (batch, weights).
 
     A step runs only while `active` (inside num_steps) and the seed has not diverged; otherwise the
     state is left as it is and the step's loss is NaN and `valid` is False.
@@ -80,11 +81,11 @@ def _range_chunk(carry: _Carry, examples, idx, w, lrs, active, pos, val, hp):
     val_examples, val_w = val
 
     def body(c: _Carry, inputs):
-        i, wi, lr, act, p = inputs
+        row, lr, act, p = inputs
         run = act & (c.diverged_step < 0)
 
         def step(c: _Carry):
-            state, m = steps.train_step(c.state.with_lr(lr), *steps.gather_batch(examples, i, wi))
+            state, m = steps.train_step(c.state.with_lr(lr), *fetch(row))
             loss = m["loss"]
             avg = hp["beta"] * c.avg + (1 - hp["beta"]) * loss
             smoothed = avg / (1 - hp["beta"] ** (c.t + 1).astype(jnp.float32))
@@ -113,7 +114,7 @@ def _range_chunk(carry: _Carry, examples, idx, w, lrs, active, pos, val, hp):
             val_loss = jnp.where(valid, val_loss, jnp.nan)
         return c, {"loss": jnp.where(valid, loss, jnp.nan), "valid": valid, "val_loss": val_loss}
 
-    return jax.lax.scan(body, carry, (idx, w, lrs, active, pos))
+    return jax.lax.scan(body, carry, (rows, lrs, active, pos))
 
 
 @partial(jax.jit, static_argnames=("chunk", "member_loop"), donate_argnums=(0,))
@@ -128,12 +129,23 @@ def _run_chunk(carry, start, examples, idx, w, lrs, active, val, hp, *, chunk: i
     pos = start + jnp.arange(chunk)  # step numbers
     lrs, active = take(lrs), take(active)
     if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
-        carry, out = _range_chunk(carry, examples, take(idx), take(w), lrs, active, pos, val, hp)
+        carry, out = _range_chunk(carry, lambda r: steps.gather_batch(examples, *r), (take(idx), take(w)), lrs,
+                                  active, pos, val, hp)
     else:
         carry, out = mesh_lib.map_members(
-            lambda m, examples, *shared: _range_chunk(m[0], examples, m[1], m[2], *shared),
+            lambda m, examples, *shared: _range_chunk(m[0], lambda r: steps.gather_batch(examples, *r),
+                                                      (m[1], m[2]), *shared),
             (carry, take(idx, 1), take(w, 1)), examples, lrs, active, pos, val, hp, loop=member_loop)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
+    return carry, {**out, "diverged_step": carry.diverged_step + 0}
+
+
+@partial(jax.jit, static_argnames=("chunk",), donate_argnums=(0,))
+def _run_stream_chunk(carry, start, x, y, w, lrs, active, val, hp, *, chunk: int):
+    """`_run_chunk` of one seed over a streamed chunk of batches (x uint8 [chunk, B, ...], y, w)."""
+    pos = start + jnp.arange(chunk)
+    lrs, active = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (lrs, active))
+    carry, out = _range_chunk(carry, lambda r: steps.stream_batch(*r), (x, y, w), lrs, active, pos, val, hp)
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
@@ -294,7 +306,16 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
     `stop_on_divergence=False` runs every chunk even after all seeds diverged (a fixed amount of work,
     for benchmarks); the steps after a seed's divergence are skipped and unrecorded either way.
+
+    Streamed input: `data` may be a `lrjax.sources.Splits`; the training set is then read through
+    Grain (`lrjax.stream.Stream`, shuffled by `seed`, uint8 until the device) in chunks of
+    `chunk_steps` batches, the next one read while the device runs the current one, for one seed
+    (`num_seeds` 1); `num_steps` defaults to one epoch of the split, as for arrays.
     """
+    streamed = isinstance(data, sources.Splits)
+    if streamed and num_seeds != 1:
+        raise ValueError("find_lr: a streamed range test (data given as lrjax.sources.Splits) runs one seed; "
+                         f"got num_seeds {num_seeds}")
     method = suggest.DEFAULT_METHOD if method == "default" else method
     if factor is None and end_lr is None and start_lr is not None:
         default_end = optimizers.range_defaults(optimizer).end_lr
@@ -308,9 +329,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     mesh_lib.check_batch_size(batch_size, mesh)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        examples = mesh_lib.replicate(split_examples(data, "train"), mesh)
+        examples = None if streamed else mesh_lib.replicate(split_examples(data, "train"), mesh)
         t_start = time.perf_counter()
-        n = steps.num_examples(examples)
+        n = len(data.train) if streamed else steps.num_examples(examples)
         # Under gradient accumulation (optimizers.Recipe) the rate rises once per optimizer step of k
         # micro-batches, and the curve records each optimizer step's mean loss over its micro-batches.
         k = getattr(optimizer, "grad_accum_steps", 1)
@@ -332,14 +353,15 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
         carry = _init_carries(states, real=num_seeds)
-        idx, w = mesh_lib.replicate(_batch_orders(range(seed, seed + total), n, batch_size, num_steps, padded),
-                                    mesh)
+        idx, w = (None, None) if streamed else mesh_lib.replicate(
+            _batch_orders(range(seed, seed + total), n, batch_size, num_steps, padded), mesh)
         if num_seeds > 1:
             carry, idx, w = mesh_lib.spread_members((carry, idx, w))
         member_loop = member_loop or mesh_lib.default_member_loop(mesh)
 
         if eval_every > 0:
-            valid = split_examples(data, "valid")
+            valid = (sources.resident_arrays(dataclasses.replace(data.valid, keys=data.valid.keys[:eval_examples]))
+                     if streamed else split_examples(data, "valid"))
             m = min(eval_examples, steps.num_examples(valid))
             if m == 0:
                 raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or "
@@ -354,19 +376,35 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         active = np.arange(padded) < num_steps
 
         compile_time, outputs = 0.0, []
-        for c in range(num_chunks):
-            args = (carry, np.int32(c * chunk), examples, idx, w, lrs_padded, active, val, hp)
-            if c == 0:
-                t0 = time.perf_counter()
-                compiled = _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop).compile()
-                compile_time = time.perf_counter() - t0
-            carry, out = compiled(*args)  # dispatched asynchronously
-            outputs.append(out)
-            # Read the previous chunk while this one runs; stop once every seed has diverged.
-            if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps, num_seeds) and stop_on_divergence:
-                break
-        else:
-            _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
+        feed = None
+        if streamed:
+            from lrjax import stream
+
+            feed = stream.Stream(data.train, batch_size, chunk_steps=chunk, seed=seed, steps=num_steps,
+                                 epoch_aligned=False)
+            sharding = stream.chunk_sharding(mesh)
+        try:
+            for c in range(num_chunks):
+                if feed is not None:
+                    ch = stream.to_device(next(feed), sharding)
+                    args = (carry, np.int32(c * chunk), ch["x"], ch["y"], ch["w"], lrs_padded, active, val, hp)
+                else:
+                    args = (carry, np.int32(c * chunk), examples, idx, w, lrs_padded, active, val, hp)
+                if c == 0:
+                    t0 = time.perf_counter()
+                    compiled = (_run_stream_chunk.lower(*args, chunk=chunk) if feed is not None else
+                                _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop)).compile()
+                    compile_time = time.perf_counter() - t0
+                carry, out = compiled(*args)  # dispatched asynchronously
+                outputs.append(out)
+                # Read the previous chunk while this one runs; stop once every seed has diverged.
+                if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps, num_seeds) and stop_on_divergence:
+                    break
+            else:
+                _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
+        finally:
+            if feed is not None:
+                feed.close()
 
         # (seeds, steps) on the host, also for a single unbatched seed
         out = [jax.tree.map(lambda a: np.asarray(a).reshape(total, -1)[:num_seeds], o)

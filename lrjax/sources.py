@@ -215,3 +215,25 @@ def tfds_splits(name: str, data_dir: str | os.PathLike | None, valid_size: int =
     train, test = (TfdsExamples(name, split, data_dir) for split in ("train", "test"))
     keys = [tfds_source.record_keys(name, s.split, s.source) for s in (train, test)]
     return _split_train(train, test, valid_size, *keys, name)
+
+
+def resident_arrays(split: Split, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split as the resident path holds it: float32 NHWC images in [0, 1] (the values of
+    `lrjax.data.from_arrays`) and int32 labels, read `batch` examples at a time (the streamed path's
+    validation and test sets, which are small next to the training set)."""
+    x = np.empty((len(split), *split.example_shape), np.float32)
+    y = np.empty(len(split), np.int32)
+    for start in range(0, len(split), batch):
+        xs, ys = split.read(np.arange(start, min(start + batch, len(split))))
+        np.divide(xs, np.float32(255.0), out=x[start:start + len(xs)], dtype=np.float32)
+        y[start:start + len(ys)] = ys
+    return x, y
+
+
+def num_classes(splits: Splits) -> int:
+    """Classes of a TFDS dataset's label feature, else one more than the largest label."""
+    source = getattr(splits.train.examples, "source", None)
+    label = source.dataset_info.features["label"] if source is not None else None
+    if getattr(label, "num_classes", None):
+        return int(label.num_classes)
+    return int(max(splits.train.examples.labels.max(), splits.test.examples.labels.max())) + 1

@@ -310,6 +310,28 @@ def epoch_order(key, n: int, *, batch_size: int, pad: int):
     return jnp.concatenate([idx, idx[:pad]]), jnp.concatenate([w, w[:pad]])
 
 
+def _scan_steps(state: TrainState, fetch, rows, count, *, length: int, masked: bool):
+    """`train_step` over `length` rows (a pytree scanned along its leading axis; `fetch(row)` gives
+    the (batch, weights) of a row), skipping rows from `count` on when `masked`: (state, per-step
+    metrics with each step's example `count`)."""
+
+    def body(state, inputs):
+        row, k = inputs
+
+        def run(state):
+            batch, wi = fetch(row)
+            new, m = train_step(state, batch, wi)
+            return new, {**m, "count": jnp.sum(wi)}
+
+        if not masked:
+            return run(state)
+        shapes = jax.eval_shape(run, state)[1]
+        return jax.lax.cond(k < count, run, lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                                         shapes)), state)
+
+    return jax.lax.scan(body, state, (rows, jnp.arange(length)))
+
+
 # Not donated: the host keeps references to the state between chunks (async checkpoint, best weights).
 @partial(jax.jit, static_argnames=("length", "masked"))
 def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: int, masked: bool):
@@ -319,19 +341,32 @@ def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: in
     `start` and `count` are traced, so every chunk of an epoch, and of every epoch, runs one
     program; with `masked` the steps from `count` on are skipped (lax.cond), otherwise all
     `length` steps run (a chunk that is a whole epoch)."""
-    rows = [jax.lax.dynamic_slice_in_dim(a, start, length) for a in (idx, w)]
+    rows = tuple(jax.lax.dynamic_slice_in_dim(a, start, length) for a in (idx, w))
+    return _scan_steps(state, lambda r: gather_batch(examples, *r), rows, count, length=length, masked=masked)
 
-    def body(state, inputs):
-        i, wi, k = inputs
 
-        def run(state):
-            new, m = train_step(state, *gather_batch(examples, i, wi))
-            return new, {**m, "count": jnp.sum(wi)}
+def stream_batch(x, y, w) -> tuple[Batch, jax.Array]:
+    """A streamed batch (uint8 images, int32 labels, weights) as the loss function receives it: images
+    turned into float32 on the device (`lrjax.stream.to_float`), split like a gathered batch."""
+    from lrjax.stream import to_float  # grain is imported only where the streamed path is used
 
-        if not masked:
-            return run(state)
-        shapes = jax.eval_shape(run, state)[1]
-        return jax.lax.cond(k < count, run, lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                                                         shapes)), state)
+    return (mesh_lib.shard_batch(to_float(x)), mesh_lib.shard_batch(y)), mesh_lib.shard_batch(w)
 
-    return jax.lax.scan(body, state, (*rows, jnp.arange(length)))
+
+@partial(jax.jit, static_argnames=("length", "masked"))
+def train_stream_chunk(state: TrainState, x, y, w, count, *, length: int, masked: bool = True):
+    """`train_chunk` over batches given directly: x uint8 [length, B, ...], y [length, B], w
+    [length, B] (a chunk of `lrjax.stream.Stream`), steps from `count` on skipped when `masked`."""
+    return _scan_steps(state, lambda r: stream_batch(*r), (x, y, w), count, length=length, masked=masked)
+
+
+@jax.jit
+def evaluate_stream_chunk(state: TrainState, x, y, w) -> dict[str, jax.Array]:
+    """`eval_step`'s weighted sums and example `count` over a streamed chunk of evaluation batches
+    (x uint8 [K, B, ...], y, w; padding rows and steps at weight 0), added up over the chunk."""
+
+    def body(acc, row):
+        return jax.tree.map(jnp.add, acc, eval_step(state, *stream_batch(*row))), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *stream_batch(x[0], y[0], w[0]))))
+    return jax.lax.scan(body, zero, (x, y, w))[0]

@@ -350,7 +350,7 @@ def _check_process_rows(sharding, shape) -> None:
 class DevicePrefetch:
     """Chunks staged onto the devices `size` ahead by a background thread, so that reading and copying
     chunk i+1 can overlap the computation of chunk i (on a 2-core CPU it does not: XLA's program keeps
-    both cores busy; see docs/input_pipelines.md). `state()` is the stream's position after the last
+    both cores busy; see the README, Input pipelines). `state()` is the stream's position after the last
     chunk returned, not after the ones staged ahead; `close()` leaves the stream there too."""
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding, size: int = 2):
@@ -423,3 +423,105 @@ class DevicePrefetch:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from a stream: any range of global steps, in compiled calls of K steps
+# ---------------------------------------------------------------------------------------------
+
+class StepFeed:
+    """Runs the training steps [g, end) that the loop asks for (`lrjax.loop.run`'s chunks, which
+    end at epoch ends and at multiples of the step cadences) from a stream whose chunks of K steps
+    run straight across epochs (`epoch_aligned=False`): the steps are taken from the stream in order,
+    packed into calls of the compiled K-step program (`steps.train_stream_chunk`, its steps past a
+    call's `count` skipped), so any range works with one program.
+
+    `state(g)` is the input position before step g, JSON for a checkpoint's meta: the stream's state
+    before the chunk holding step g, and the steps of that chunk to skip. `restore` goes back there."""
+
+    def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding):
+        if stream.plan.epoch_aligned:
+            raise ValueError("StepFeed needs a stream with epoch_aligned=False")
+        self.stream, self.sharding, self.k = stream, sharding, stream.plan.chunk_steps
+        self._buffer: list[dict[str, np.ndarray]] = []  # steps read but not trained yet, in order
+        self._next = 0  # global step of the buffer's first entry
+        self._read, self._skip = 0, 0  # chunks read; steps of the next chunk already trained (a resume)
+        self._states = {0: stream.state()}  # chunk index -> the stream's state before reading it
+
+    def zeros(self) -> dict[str, jax.Array]:
+        """A chunk of K padding steps on the devices (to compile the program with)."""
+        shape = (self.k, self.stream.plan.local_batch)
+        chunk = {"x": np.zeros((*shape, *self.stream.split.example_shape), np.uint8),
+                 "y": np.zeros(shape, np.int32), "w": np.zeros(shape, np.float32)}
+        return to_device(chunk, self.sharding)
+
+    def _take(self, count: int) -> dict[str, np.ndarray]:
+        while len(self._buffer) < count:
+            chunk = next(self.stream)
+            self._read += 1
+            self._states[self._read] = self.stream.state()
+            self._buffer += [{k: chunk[k][i] for k in ("x", "y", "w")} for i in range(self._skip, self.k)
+                             if chunk["active"][i]]
+            self._skip = 0
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
+        self._next += count
+        pad = [{k: np.zeros_like(v) for k, v in taken[0].items()}] * (self.k - count)
+        return {k: np.stack([s[k] for s in taken + pad]) for k in ("x", "y", "w")}
+
+    def __call__(self, program, state, g: int, end: int):
+        """Steps [g, end) with the compiled `program(state, x, y, w, count)`: (state, per-step metrics)."""
+        if g != self._next:
+            raise ValueError(f"the feed is at step {self._next}, asked for step {g}")
+        self._states = {c: s for c, s in self._states.items() if c >= g // self.k}
+        outs = []
+        for start in range(g, end, self.k):
+            count = min(self.k, end - start)
+            chunk = to_device(self._take(count), self.sharding)
+            state, m = program(state, chunk["x"], chunk["y"], chunk["w"], np.int32(count))
+            outs.append(m)
+        metrics = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+        return state, metrics
+
+    def state(self, g: int) -> dict:
+        return {"stream": self._states[g // self.k], "skip": g % self.k, "step": g}
+
+    def restore(self, state: dict) -> None:
+        self.stream.restore(state["stream"])
+        self._buffer, self._next = [], int(state["step"])
+        self._read, self._skip = divmod(self._next, self.k)
+        self._states = {self._read: state["stream"]}
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class StreamEvaluator:
+    """Evaluation passes over a split streamed in order (`eval_stream`, endless, so its workers start
+    once): `evaluator(program, state)` adds up the compiled `program(state, x, y, w)`'s weighted
+    sums over one pass and returns the means (device arrays, nothing waited for)."""
+
+    def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
+                 workers: int | None = None):
+        devices = sharding.mesh.shape["data"] if "data" in sharding.mesh.shape else 1
+        batch_size = max(devices, min(batch_size, len(split)) // devices * devices)  # a small split: one batch
+        self.stream = eval_stream(split, batch_size, epochs=None,
+                                  chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
+        self.sharding = sharding
+
+    def zeros(self) -> dict[str, jax.Array]:
+        plan = self.stream.plan
+        shape = (plan.chunk_steps, plan.local_batch)
+        return to_device({"x": np.zeros((*shape, *self.stream.split.example_shape), np.uint8),
+                          "y": np.zeros(shape, np.int32), "w": np.zeros(shape, np.float32)}, self.sharding)
+
+    def __call__(self, program, state) -> dict[str, jax.Array]:
+        sums = None
+        for chunk in self.stream.epoch():
+            d = to_device({k: chunk[k] for k in ("x", "y", "w")}, self.sharding)
+            s = program(state, d["x"], d["y"], d["w"])
+            sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        count = sums.pop("count")
+        return {k: v / count for k, v in sums.items()}
+
+    def close(self) -> None:
+        self.stream.close()

@@ -85,6 +85,23 @@ def load_tfds_arrays(name: str, data_dir: str | None, idx_dir: str | os.PathLike
     return {split: _to_arrays(name, split, source) for split, source in zip(SPLITS, sources)}
 
 
+def ensure_prepared(name: str, data_dir: str | None, idx_dir: str | os.PathLike | None = None,
+                    progress: bool = True) -> None:
+    """Prepares `name` as array_record in `data_dir` (from the IDX files in `idx_dir` for MNIST and
+    Fashion-MNIST) unless it is prepared so already: what the streamed path reads."""
+    if is_prepared(name, data_dir):
+        return
+    builder = _builder(name, data_dir)
+    with _quiet_absl():
+        prepared = builder.is_prepared()
+    if prepared:
+        raise DataError(f"TFDS dataset {name} in {builder.data_dir} is prepared as "
+                        f"{builder.info.file_format.value}, but lrjax reads array_record: delete that "
+                        f"folder to prepare it again")
+    tfds.display_progress_bar(progress)
+    _prepare(name, data_dir, idx_dir)
+
+
 def _open(name: str, data_dir: str | None):
     with _quiet_absl():
         sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import loop, schedules, steps, tasks
+from lrjax import loop, schedules, sources, steps, tasks
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.data import split_examples
@@ -29,7 +29,8 @@ from lrjax.tasks import LossFn
 
 # Settings that define a run: resuming a workdir with different values would mix two experiments.
 RUN_IDENTITY = ("dataset", "model", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor", "dtype",
-                "schedule", "weight_decay", "grad_accum_steps", "eval_every_steps", "checkpoint_every_steps")
+                "schedule", "weight_decay", "grad_accum_steps", "eval_every_steps", "checkpoint_every_steps",
+                "input")
 
 
 @dataclasses.dataclass
@@ -65,7 +66,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         progress: Callable[[str], None] | None = print, loss_fn: LossFn = tasks.classification,
         dtype=None, callbacks: list[Callback] = (), schedule: str = "constant",
         eval_every_steps: int | None = None, checkpoint_every_steps: int | None = None,
-        log_every_steps: int | None = None) -> FitResult:
+        log_every_steps: int | None = None, stream_chunk_steps: int = 64,
+        stream_workers: int | None = None) -> FitResult:
     """Trains `model` (its weights are the starting point; the object itself is not modified).
 
     `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, `lrjax.optimizers.Recipe`
@@ -85,7 +87,16 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     `eval_every_steps` steps (each one history row and one unit of patience); checkpoints at each
     evaluation and every `checkpoint_every_steps` steps (Orbax steps are then global steps);
     `log_every_steps` writes per-step `batch_loss`/`batch_learning_rate` to TensorBoard. SIGTERM
-    and SIGINT stop the run after the current chunk of steps, with a checkpoint. `stop_after` ends
+    and SIGINT stop the run after the current chunk of steps, with a checkpoint.
+
+    Streamed input: `data` may be a `lrjax.sources.Splits` (`sources.tfds_splits` for a TFDS
+    ArrayRecord preparation, `sources.array_splits` for uint8 arrays or memmaps). The training set is
+    then read through Grain (`lrjax.stream.Stream`, shuffled by (seed, epoch), `stream_workers`
+    processes, default `stream.default_workers`) in chunks of `stream_chunk_steps` batches that stay
+    uint8 until the device; `epochs` x steps per epoch (from the split's length) bounds it, and the
+    stream's position is in every checkpoint, so a resumed run sees the same batches. The
+    validation split is streamed in order too (`stream.StreamEvaluator`, batches of `eval_batch_size`).
+    `stop_after` ends
     the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
     `TrainingDiverged` on a non-finite loss.
     """
@@ -100,11 +111,15 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
     config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor,
               "schedule": schedule, "eval_every_steps": eval_every_steps,
-              "checkpoint_every_steps": checkpoint_every_steps}
+              "checkpoint_every_steps": checkpoint_every_steps,
+              "input": "stream" if isinstance(data, sources.Splits) else "resident"}
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
 
-    train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-    n = steps.num_examples(train)
+    if isinstance(data, sources.Splits):
+        train, valid, n = None, None, len(data.train)
+    else:
+        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
+        n = steps.num_examples(train)
     spe = steps.steps_per_epoch(n, batch_size)
     accum = getattr(optimizer, "grad_accum_steps", 1)
     sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
@@ -116,6 +131,14 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                       checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after, rng=rng,
                       meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
     tr.early_stopping = early_stopping
+    if isinstance(data, sources.Splits):
+        from lrjax import stream
+
+        tr.feed = stream.StepFeed(
+            stream.Stream(data.train, batch_size, chunk_steps=min(stream_chunk_steps, spe), seed=seed,
+                          steps=tr.total_steps, epoch_aligned=False, workers=stream_workers),
+            stream.chunk_sharding(mesh))
+        evaluator = stream.StreamEvaluator(data.valid, eval_batch_size, stream.chunk_sharding(mesh))
     cbs = [early_stopping, *callbacks]
     workdir = Path(workdir) if workdir is not None else None
     ckpt = next((cb for cb in cbs if isinstance(cb, Checkpoint)), None)
@@ -155,20 +178,32 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         with jax.set_mesh(mesh):
             def compile_programs():
                 t0 = time.perf_counter()
-                order = steps.epoch_order(steps.epoch_key(seed_key, tr.epoch + 1), n, batch_size=batch_size,
-                                          pad=length)
-                program = steps.train_chunk.lower(tr.state, train, *order, np.int32(0), np.int32(length),
-                                                  length=length, masked=masked).compile()
-                lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
-                _check_monitor(early_stopping.monitor, lowered_eval.out_info)
-                evaluate = lowered_eval.compile()
+                if tr.feed is not None:
+                    z = tr.feed.zeros()
+                    program = steps.train_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"], np.int32(tr.feed.k),
+                                                             length=tr.feed.k).compile()
+                else:
+                    order = steps.epoch_order(steps.epoch_key(seed_key, tr.epoch + 1), n, batch_size=batch_size,
+                                              pad=length)
+                    program = steps.train_chunk.lower(tr.state, train, *order, np.int32(0), np.int32(length),
+                                                      length=length, masked=masked).compile()
+                if tr.feed is not None:
+                    z = evaluator.zeros()
+                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"])
+                    _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
+                    compiled = lowered_eval.compile()
+                    evaluate = lambda state, _: evaluator(compiled, state)  # noqa: E731
+                else:
+                    lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
+                    _check_monitor(early_stopping.monitor, lowered_eval.out_info)
+                    evaluate = lowered_eval.compile()
                 timings["compile_s"] += time.perf_counter() - t0
                 return program, evaluate
 
             try:
                 interrupted = loop.run(tr, cbs, compile_programs=compile_programs, examples=train, valid=valid,
                                        seed_key=seed_key, n=n, batch_size=batch_size, chunk_length=length,
-                                       timings=timings)
+                                       timings=timings, feed=tr.feed)
             except TrainingDiverged as e:
                 where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
                 raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}"
@@ -179,6 +214,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             if ckpt is not None:
                 ckpt.close()  # finishes the asynchronous save (raising its failure), on every exit path
         finally:
+            if tr.feed is not None:
+                tr.feed.close()
+                evaluator.close()
             for cb in cbs:
                 if isinstance(cb, TensorBoard):
                     cb.close()

@@ -4,6 +4,10 @@
 `train_job` trains with early stopping, checkpoints and TensorBoard, evaluates the best weights on
 the test set and writes metrics.json; `run_job` is the seed workflow: range test -> suggested rate ->
 re-initialised model (fixed seed) -> training -> test.
+
+`load` picks the input path (`--input`, `lrjax.memory.choose_input`) and prints why: a
+`Dataset` (resident) or `lrjax.sources.Splits` (streamed through Grain), which the jobs pass on to
+`find_lr` and `fit` alike.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, optimizers, steps, tb
+from lrjax import faults, memory, optimizers, sources, steps, tb
 from lrjax.config import Config
-from lrjax.data import Dataset, load_dataset, save_samples, split_examples
-from lrjax.errors import LrjaxError
+from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, save_samples, split_examples
+from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
@@ -38,13 +42,79 @@ def _say(cfg: Config, msg: str) -> None:
         print(msg, flush=True)
 
 
-def load(cfg: Config) -> Dataset:
-    t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
-                        progress=cfg.progress)
+def load_resident(cfg: Config, t0: float | None = None, data: Dataset | None = None) -> Dataset:
+    t0 = time.perf_counter() if t0 is None else t0
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, tfds_data_dir=cfg.tfds_data_dir,
+                            progress=cfg.progress)
     _say(cfg, f"data: {data.name} from {data.source}: train {len(data.x_train)}, validation "
               f"{len(data.x_valid)}, test {len(data.x_test)} ({time.perf_counter() - t0:.2f}s)")
     return data
+
+
+def stream_splits(cfg: Config) -> sources.Splits:
+    """The splits the streamed path reads: the TFDS ArrayRecord preparation in --tfds-data-dir (made
+    there from the IDX files in --data-dir if needed), the IDX files of --data-dir as uint8 arrays,
+    or a TFDS data_dir given as --data-dir."""
+    if cfg.tfds_data_dir is not None:
+        from lrjax import tfds_source
+
+        tfds_source.ensure_prepared(cfg.dataset, cfg.tfds_data_dir, idx_dir=cfg.data_dir, progress=cfg.progress)
+        return sources.tfds_splits(cfg.dataset, cfg.tfds_data_dir)
+    folder = cfg.data_dir or default_data_dir()
+    from lrjax import idx
+
+    if folder is not None:  # as `load_dataset` reads it: the same errors for a missing or empty folder
+        path = Path(folder)
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise DataError(f"data folder {path} {what} (--data-dir / LRJAX_DATA_DIR)")
+    if folder is not None and cfg.dataset in idx.IDX_DATASETS and (
+            idx.has_idx_files(folder) or not _tfds_prepared(cfg.dataset, folder)):
+        from lrjax.idx import read_idx_folder
+
+        raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
+        return sources.array_splits(raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
+                                    name=cfg.dataset)
+    return sources.tfds_splits(cfg.dataset, folder)
+
+
+def _tfds_prepared(name: str, folder) -> bool:
+    from lrjax import tfds_source
+
+    return tfds_source.is_prepared(name, str(folder))
+
+
+def load(cfg: Config) -> Dataset | sources.Splits:
+    """The data by the path --input chooses (resident, or streamed where auto finds them over
+    --device-memory-budget), with the choice and its reason printed."""
+    if cfg.input == "resident":
+        data = load_resident(cfg)
+        nbytes = sum(a.nbytes for a in (data.x_train, data.x_valid, data.x_test)) + 4 * (
+            len(data.y_train) + len(data.y_valid) + len(data.y_test))
+        _say(cfg, memory.choose_input("resident", nbytes, 0)[1])
+        return data
+    t0 = time.perf_counter()
+    splits = stream_splits(cfg)
+    budget = (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
+              else memory.default_budget())
+    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), budget)
+    _say(cfg, reason)
+    if mode == "resident":
+        train, test = splits.train.examples, splits.test.examples
+        if isinstance(train, sources.ArrayExamples):  # the IDX files are decoded already: not read twice
+            return load_resident(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
+                                             source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
+        return load_resident(cfg, t0)
+    if cfg.num_seeds > 1:
+        raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
+    _say(cfg, f"data: {cfg.dataset} streamed from {type(splits.train.examples).__name__}: train {len(splits.train)}, "
+              f"validation {len(splits.valid)}, test {len(splits.test)} ({time.perf_counter() - t0:.2f}s)")
+    return splits
+
+
+def train_size(data) -> int:
+    return len(data.train) if isinstance(data, sources.Splits) else len(data.x_train)
 
 
 # `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
@@ -70,8 +140,11 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
 
 def model_for(cfg: Config, data: Dataset, seed: int | None = None):
     """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
-    return build_model(cfg.model, data.x_train.shape[1:], data.num_classes, cfg.seed if seed is None else seed,
-                       hidden_sizes=cfg.hidden_sizes)
+    if isinstance(data, sources.Splits):
+        shape, classes = data.train.example_shape, sources.num_classes(data)
+    else:
+        shape, classes = data.x_train.shape[1:], data.num_classes
+    return build_model(cfg.model, shape, classes, cfg.seed if seed is None else seed, hidden_sizes=cfg.hidden_sizes)
 
 
 class _Progress:
@@ -105,7 +178,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
         phases["data_load"] = time.perf_counter() - t0
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
-    num_steps = cfg.num_steps or steps.steps_per_epoch(len(data.x_train), cfg.batch_size)
+    num_steps = cfg.num_steps or steps.steps_per_epoch(train_size(data), cfg.batch_size)
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
@@ -176,7 +249,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
                        restore_best_weights=cfg.restore_best)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
     result: FitResult = fit(
-        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(len(data.x_train), cfg.batch_size)), data,
+        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)), data,
         lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
@@ -187,7 +260,17 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         raise Interrupted(result)
     t = time.perf_counter()
     with jax.set_mesh(mesh):
-        test = result.evaluate(mesh_lib.replicate(split_examples(data, "test"), mesh), None, cfg.eval_batch_size)
+        if isinstance(data, sources.Splits):
+            from lrjax import stream
+
+            evaluator = stream.StreamEvaluator(data.test, cfg.eval_batch_size, stream.chunk_sharding(mesh))
+            try:
+                test = {k: float(v) for k, v in jax.device_get(evaluator(steps.evaluate_stream_chunk,
+                                                                         result.state)).items()}
+            finally:
+                evaluator.close()
+        else:
+            test = result.evaluate(mesh_lib.replicate(split_examples(data, "test"), mesh), None, cfg.eval_batch_size)
     timings = result.timings
     phases.update(training_compile=timings["compile_s"], training=timings["train_s"],
                   checkpoint_io=timings["checkpoint_s"], tensorboard=timings["tensorboard_s"],
@@ -231,7 +314,9 @@ def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
         ckpt.close()
     if meta is None or "lr" not in meta:
         return None  # nothing readable: training decides (it moves unreadable checkpoints aside)
-    check_same_run(meta.get("config", {}), {**cfg.to_dict(), "lr": meta["lr"]}, directory)
+    # the input path is what --input decides once the data are open: not comparable here
+    current = {k: v for k, v in cfg.to_dict().items() if k != "input"}
+    check_same_run(meta.get("config", {}), {**current, "lr": meta["lr"]}, directory)
     return meta
 
 
@@ -262,7 +347,7 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     resumed = checkpointed_run(cfg)
     data = load(cfg)
     phases = {"data_load": time.perf_counter() - t0}
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and isinstance(data, Dataset):  # streamed: no decoded arrays to draw from
         t = time.perf_counter()
         with faults.writing(workdir):
             workdir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +374,7 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     """Trains the grid of rates x seeds at once; writes sweep.{json,csv,png} and TensorBoard runs."""
     from lrjax.sweeps import lr_grid, nan_reduce, sweep, write_sweep_events
 
-    data = data if data is not None else load(cfg)
+    data = data if data is not None else load_resident(cfg)  # a sweep trains resident data
     workdir = Path(cfg.workdir)
     grid = lr_grid(cfg.lrs, cfg.num_lrs)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
