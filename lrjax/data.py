@@ -63,6 +63,14 @@ class Dataset:
                                    x_test=self.x_test[:test], y_test=self.y_test[:test])
 
 
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of pass `epoch` (0-based) over `n` examples, from (seed, epoch) alone: numpy's PCG64
+    seeded with ``SeedSequence([seed, epoch])`` (pass 0 is ``default_rng(seed)``'s first permutation).
+    Every path draws its batches from it: resident training, the range test, the sweep and the
+    stream's workers, on any number of devices or processes, so they all see the same batches."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(n).astype(np.int32)
+
+
 def split_examples(data, split: str):
     """The examples of `split` ('train', 'valid', 'test') as the loss function receives them: the pair
     (x_<split>, y_<split>), or x_<split> itself where y_<split> is None (a pytree such as TFDS's

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import faults, steps
+from lrjax import faults
 from lrjax.errors import TrainingDiverged
 
 
@@ -72,11 +72,11 @@ class Trainer:
     epochs completed; `state` is the device state after `step` steps."""
 
     def __init__(self, state, *, epochs: int, steps_per_epoch: int, eval_every_steps: int | None,
-                 checkpoint_every_steps: int | None, stop_after: int | None, rng, meta: dict):
+                 checkpoint_every_steps: int | None, stop_after: int | None, meta: dict):
         self.state, self.best = state, (state.params, state.rest)
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.eval_every_steps, self.checkpoint_every_steps = eval_every_steps, checkpoint_every_steps
-        self.stop_after, self.rng, self.meta = stop_after, rng, meta  # meta: config, run_name, lr, seed
+        self.stop_after, self.meta = stop_after, meta  # meta: config, run_name, lr, seed
         self.history: list[dict] = []
         self.step, self.resumed, self.stop_training = 0, False, False
         self.sums: dict[str, float] = {}  # training metrics since the last evaluation (weighted sums)
@@ -110,7 +110,7 @@ class Trainer:
         """What a checkpoint holds: the arrays and the JSON meta of the run at this point."""
         s = self.state
         tree = {"params": s.params, "rest": s.rest, "opt_state": s.opt_state, "step": s.step,
-                "best_params": self.best[0], "best_rest": self.best[1], "rng": self.rng}
+                "best_params": self.best[0], "best_rest": self.best[1]}
         # a snapshot of every list and dict: the save is asynchronous and the loop goes on
         meta = {**self.meta, "epoch": self.epoch, "step": self.step, "history": list(self.history),
                 "pending": {"sums": dict(self.sums), "time": self.period_time},
@@ -122,7 +122,7 @@ class Trainer:
     def restore(self, tree: dict, meta: dict) -> None:
         self.state = self.state.replace(params=tree["params"], rest=tree["rest"], opt_state=tree["opt_state"],
                                         step=tree["step"])
-        self.best, self.rng = (tree["best_params"], tree["best_rest"]), tree["rng"]
+        self.best = tree["best_params"], tree["best_rest"]
         self.history = list(meta["history"])
         self.step = int(meta.get("step", int(meta["epoch"]) * self.steps_per_epoch))
         pending = meta.get("pending") or {}
@@ -167,8 +167,8 @@ class _Chunk:
         self.dispatched = dispatched
 
 
-def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed_key, n: int,
-        batch_size: int, chunk_length: int, timings: dict, feed=None) -> str | None:
+def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoch_order, timings: dict,
+        feed=None) -> str | None:
     """Trains from `tr.step` to the end (or a stop); returns why it ended early ('SIGTERM',
     'SIGINT', 'stop-after') or None. `compile_programs()` gives the compiled chunk and evaluation
     programs; it is called only when there is something to train (after the callbacks' train begin).
@@ -186,8 +186,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, seed
             return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
         if epoch not in order:
             order.clear()
-            order[epoch] = steps.epoch_order(steps.epoch_key(seed_key, epoch), n, batch_size=batch_size,
-                                             pad=chunk_length)
+            order[epoch] = epoch_order(epoch)
         pos = g - (epoch - 1) * tr.steps_per_epoch
         state, metrics = program(tr.state, examples, *order[epoch], np.int32(pos), np.int32(end - g))
         return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)

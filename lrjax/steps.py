@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
 from lrjax import tasks
+from lrjax.data import epoch_permutation
 from lrjax.errors import ConfigError
 from lrjax.tasks import LossFn
 
@@ -220,9 +221,16 @@ def epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int | None
 def host_batch_order(seed: int, n: int, batch_size: int, num_steps: int | None = None):
     """`epoch_indices` drawn on the host (numpy's PCG64 seeded with `seed`, one permutation per pass)
     as numpy arrays: the range test's order, where ~1 ms of numpy replaces a threefry-and-sort program
-    that took ~0.18 s to compile (see README, Performance)."""
+    that took ~0.18 s to compile (see README, Performance). Its first pass is `epoch_batches(seed, 1)`'s."""
     rng = np.random.default_rng(seed)
     return _batch_order(lambda p: rng.permutation(n).astype(np.int32), np, n, batch_size, num_steps)
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batches (idx, w) of training epoch `epoch` (1-based), drawn on the host from
+    `data.epoch_permutation(seed, epoch - 1, n)` alone: the order of `fit` (resident or streamed)
+    and of every member of a sweep with that seed."""
+    return _batch_order(lambda p: epoch_permutation(seed, epoch - 1, n), np, n, batch_size, None)
 
 
 def _batch_order(permutation, xp, n: int, batch_size: int, num_steps: int | None):
@@ -302,12 +310,12 @@ def evaluate_arrays(state: TrainState, examples, batch_size: int) -> dict[str, j
 evaluate = jax.jit(evaluate_arrays, static_argnames=("batch_size",))
 
 
-@partial(jax.jit, static_argnames=("n", "batch_size", "pad"))
-def epoch_order(key, n: int, *, batch_size: int, pad: int):
-    """`epoch_indices` of one epoch with its first `pad` rows repeated at the end, so a chunk of
-    `pad` steps may start anywhere in the epoch (its steps past the epoch's end are skipped)."""
-    idx, w = epoch_indices(key, n, batch_size)
-    return jnp.concatenate([idx, idx[:pad]]), jnp.concatenate([w, w[:pad]])
+def epoch_order(seed: int, epoch: int, n: int, *, batch_size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batches (idx, w) of training epoch `epoch` (1-based: pass epoch - 1) with its first `pad`
+    rows repeated at the end, so a chunk of `pad` steps may start anywhere in the epoch (its steps past
+    the epoch's end are skipped). Host arrays, from (seed, epoch) only: a resumed run sees the same."""
+    idx, w = epoch_batches(seed, epoch, n, batch_size)
+    return np.concatenate([idx, idx[:pad]]), np.concatenate([w, w[:pad]])
 
 
 def _scan_steps(state: TrainState, fetch, rows, count, *, length: int, masked: bool):

@@ -6,7 +6,7 @@ x uint8 [K, B, H, W, C], y int32 [K, B], w float32 [K, B] (0 = padding), active 
 whole padding step), steps int64 [K] (global step of each, -1 for padding), iterated through Grain's
 threads and worker processes. Its iterator state (`state()` / `restore()`, or Grain's Orbax handler
 through `get_state()` / `set_state()`) resumes to exactly the same chunks. Each epoch is a fresh
-permutation drawn from (seed, epoch); an epoch's last partial batch is padded with the epoch's first
+permutation drawn from (seed, epoch) (`lrjax.data.epoch_permutation`, as resident training draws it); an epoch's last partial batch is padded with the epoch's first
 examples at weight 0, as the resident path pads. Several processes each read only their rows of every
 global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the global arrays;
 `DevicePrefetch` stages chunks ahead in a thread. `to_float` is the device-side uint8 -> float32.
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax.data import epoch_permutation
 from lrjax.errors import CheckpointError, ConfigError, DataError
 from lrjax.sources import ArrayExamples, Split
 
@@ -102,8 +103,7 @@ class _ReadChunk:
         # The whole epoch's permutation at once (~1 ms for 55k): Grain's per-index MapDataset.shuffle
         # costs ~11 us an index, ~3 ms a batch of 256, 10x reading that batch from a memmap.
         if epoch not in self._orders:
-            seed = np.random.SeedSequence([self.plan.seed, epoch])
-            self._orders = {epoch: np.random.default_rng(seed).permutation(self.plan.n),
+            self._orders = {epoch: epoch_permutation(self.plan.seed, epoch, self.plan.n),
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 

@@ -103,15 +103,13 @@ def _from_members(tree, S: int, L: int):
     return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(L, S, *a.shape[1:]), 0, 1), tree)
 
 
-@partial(jax.jit, static_argnames=("batch_size", "member_loop"))
-def sweep_epoch(states, active, diverged, examples, keys, *, batch_size: int, member_loop: str = "vmap"):
-    """One epoch of every member. states/active/diverged: (seeds, lrs, ...); keys: (seeds,).
-
-    The members of a seed share its batch order. `member_loop` ('vmap' or 'map') is how each device
-    goes through its members (see `mesh.map_members`).
+@partial(jax.jit, static_argnames=("member_loop",))
+def sweep_epoch(states, active, diverged, examples, idx, w, *, member_loop: str = "vmap"):
+    """One epoch of every member. states/active/diverged: (seeds, lrs, ...); idx, w: (seeds, steps,
+    batch), each seed's batches (`steps.host_batch_order`), which the members of a seed share.
+    `member_loop` ('vmap' or 'map') is how each device goes through its members (see `mesh.map_members`).
     """
     S, L = active.shape
-    idx, w = jax.vmap(lambda k: steps.epoch_indices(k, steps.num_examples(examples), batch_size))(keys)
     idx, w = (jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]) for a in (idx, w))
     members = _to_members((states, active, diverged, idx, w), S, L)
     out = mesh_lib.map_members(_member_epoch, members, examples, loop=member_loop)
@@ -308,17 +306,19 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
         states = place(states)
         best = jax.tree.map(jnp.copy, (states.params, states.rest))
         train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        n = steps.num_examples(train)
         active, diverged = place(np.broadcast_to(real, (S, Lp))), place(np.zeros((S, Lp), bool))
         for epoch in range(1, epochs + 1):
-            epoch_keys = jax.vmap(steps.epoch_key, in_axes=(0, None))(keys, epoch)
+            # each seed's batches of this epoch, as `fit` draws them
+            order = mesh_lib.replicate([np.stack(a) for a in zip(*(
+                steps.epoch_batches(int(seed), epoch, n, batch_size) for seed in seeds))], mesh)
             was_live = mesh_lib.to_host(active & ~diverged)[:, :L]
             if epoch == 1:
                 t0 = time.perf_counter()
-                program = sweep_epoch.lower(states, active, diverged, train, epoch_keys,
-                                            batch_size=batch_size, member_loop=member_loop).compile()
+                program = sweep_epoch.lower(states, active, diverged, train, *order,
+                                            member_loop=member_loop).compile()
                 compile_time = time.perf_counter() - t0
-            states, diverged, train_m = program(states, active, diverged, train, epoch_keys)
+            states, diverged, train_m = program(states, active, diverged, train, *order)
             val_m = sweep_evaluate(states, valid, batch_size=eval_batch_size, member_loop=member_loop)
             train_m, val_m, div = jax.tree.map(lambda a: a[:, :L],  # one sync per epoch
                                                mesh_lib.to_host((train_m, val_m, diverged)))

@@ -125,10 +125,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
     state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype,
                                                 schedule=sched), mesh)
-    # The RNG key's raw data, replicated like everything else (multi-host checkpoints need global arrays).
-    rng = mesh_lib.replicate(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
     tr = loop.Trainer(state, epochs=epochs, steps_per_epoch=spe, eval_every_steps=eval_every_steps,
-                      checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after, rng=rng,
+                      checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after,
                       meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
     tr.early_stopping = early_stopping
     if isinstance(data, sources.Splits):
@@ -171,7 +169,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             cb.set_trainer(tr)
         tr.callbacks = cbs
 
-        seed_key = jax.random.wrap_key_data(tr.rng)
+        def epoch_order(epoch: int):  # the epoch's batches (host, from (seed, epoch)), on every device
+            return mesh_lib.replicate(steps.epoch_order(seed, epoch, n, batch_size=batch_size, pad=length), mesh)
+
         # One program for every chunk: a whole epoch, or the longest gap between step cadences.
         length = min(tr.cadences())
         masked = length != spe
@@ -183,10 +183,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                     program = steps.train_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"], np.int32(tr.feed.k),
                                                              length=tr.feed.k).compile()
                 else:
-                    order = steps.epoch_order(steps.epoch_key(seed_key, tr.epoch + 1), n, batch_size=batch_size,
-                                              pad=length)
-                    program = steps.train_chunk.lower(tr.state, train, *order, np.int32(0), np.int32(length),
-                                                      length=length, masked=masked).compile()
+                    program = steps.train_chunk.lower(tr.state, train, *epoch_order(tr.epoch + 1), np.int32(0),
+                                                      np.int32(length), length=length, masked=masked).compile()
                 if tr.feed is not None:
                     z = evaluator.zeros()
                     lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"])
@@ -202,8 +200,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
 
             try:
                 interrupted = loop.run(tr, cbs, compile_programs=compile_programs, examples=train, valid=valid,
-                                       seed_key=seed_key, n=n, batch_size=batch_size, chunk_length=length,
-                                       timings=timings, feed=tr.feed)
+                                       epoch_order=epoch_order, timings=timings, feed=tr.feed)
             except TrainingDiverged as e:
                 where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
                 raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}"
