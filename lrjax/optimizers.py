@@ -113,7 +113,7 @@ FAMILY_RANGES = {
 }
 
 # optax's factories that scale each step by running gradient statistics (or their sign), by name.
-_ADAPTIVE = {"adam", "adamw", "adamax", "adamaxw", "amsgrad", "adabelief", "radam", "rmsprop", "yogi", "lamb",
+_ADAPTIVE = {"adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad", "adabelief", "radam", "rmsprop", "yogi", "lamb",
              "lion", "novograd", "adagrad", "adadelta", "adafactor", "adan", "sm3", "optimistic_adam",
              "sign_sgd", "rprop", "adopt", "ademamix", "simplified_ademamix", "madgrad"}
 
