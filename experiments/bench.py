@@ -25,6 +25,7 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -446,6 +447,67 @@ def bench_cnn(data, a):
         }, a.repeats)
 
 
+def bench_input(data, a):
+    """Streamed (`--input stream`: Grain over (a) the TFDS ArrayRecord preparation, PNG-decoded on the
+    host, and (b) a uint8 .npy memmap) vs resident, in one process: the MLP's range test (one epoch,
+    batch 32) and a training epoch at batch 32 and 256, and the CNN's training epoch on `--cnn-train`
+    images. Each row is the compute phase only (`find_lr`'s wall time less its compile, `fit`'s
+    train_s: steps, input and validation), median of `--repeats` interleaved rounds after a warm-up.
+    Needs --data-dir (the TFDS preparation is made once in a temporary folder from the IDX files)."""
+    from lrjax import sources, tfds_source
+    from lrjax.idx import read_idx_folder
+
+    if not a.data_dir:
+        print("input   (skipped: needs --data-dir)")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-input-"))
+    try:
+        raw = read_idx_folder(a.data_dir, "fashion_mnist")
+        for key in ("train_images", "train_labels", "test_images", "test_labels"):
+            np.save(tmp / f"{key}.npy", raw[key])
+        mm = {k: np.load(tmp / f"{k}.npy", mmap_mode="r") for k in raw}
+        memmap = sources.array_splits(mm["train_images"], mm["train_labels"], mm["test_images"], mm["test_labels"],
+                                      name="fashion_mnist")
+        tfds_source.ensure_prepared("fashion_mnist", str(tmp / "tfds"), idx_dir=a.data_dir, progress=False)
+        tfds = sources.tfds_splits("fashion_mnist", str(tmp / "tfds"))
+        paths = {"resident": data, "stream, memmap": memmap, "stream, TFDS": tfds}
+
+        def compare(label, measure):
+            times = {name: [] for name in paths}
+            for name, d in paths.items():  # warm-up: compiles, TFDS reader and worker start-up
+                measure(d)
+            for _ in range(a.repeats):
+                for name, d in paths.items():
+                    times[name].append(measure(d))
+            base = None
+            for name, t in times.items():
+                seconds = statistics.median(t)
+                row("input", f"{label}, {name}", seconds, base)
+                base = base or seconds
+
+        def range_test(d):
+            r = lrjax.find_lr(mlp(784, seed=0), optax.sgd, d, batch_size=32, seed=0, start_lr=1e-3, factor=1.005,
+                              stop_on_divergence=False)
+            return r.wall_time_s - r.compile_time_s
+
+        def epoch(model_fn, bs):
+            def measure(d):
+                r = lrjax.fit(model_fn(), optax.sgd, d, lr=0.01, epochs=1, batch_size=bs, seed=0, progress=None)
+                return r.timings["train_s"]
+            return measure
+
+        compare("MLP range test, batch 32", range_test)
+        for bs in (32, 256):
+            compare(f"MLP epoch + validation, batch {bs}", epoch(lambda: mlp(784, seed=42), bs))
+        n = a.cnn_train  # the first n training images of every path, the same validation set
+        paths = {"resident": data.take(n, len(data.x_valid), len(data.x_test)),
+                 **{name: dataclasses.replace(d, train=dataclasses.replace(d.train, keys=d.train.keys[:n]))
+                    for name, d in (("stream, memmap", memmap), ("stream, TFDS", tfds))}}
+        compare(f"CNN epoch + validation ({n} images), batch 32", epoch(lambda: lrjax.cnn(seed=42), 32))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_run(data_dir, a):
     """`lrjax run` end to end (`workflow.run_job`, as the CLI calls it), its wall time by phase as
     metrics.json's `phases_s` reports it; one run, with JAX's in-memory caches emptied first."""
@@ -590,7 +652,8 @@ def main():
           f"repeats {a.repeats}")
     print(f"{'section':7s} {'variant':52s} {'median':>11s}  {'ratio':>7s}")
     for name, fn in (("range", bench_range), ("seeds", bench_seeds), ("epoch", bench_epoch),
-                     ("sweep", bench_sweep), ("io", bench_io), ("cnn", bench_cnn)):
+                     ("sweep", bench_sweep), ("io", bench_io), ("cnn", bench_cnn),
+                     ("input", bench_input)):
         if name in sections:
             fn(data, a)
             write_json(a.json, dev)  # after each section: a run cut short keeps what it measured
