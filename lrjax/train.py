@@ -96,8 +96,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     uint8 until the device; `epochs` x steps per epoch (from the split's length) bounds it, and the
     stream's position is in every checkpoint, so a resumed run sees the same batches. The
     validation split is streamed in order too (`stream.StreamEvaluator`, batches of `eval_batch_size`).
-    `stop_after` ends
-    the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
+
+    `stop_after` ends the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
     `TrainingDiverged` on a non-finite loss.
     """
     t_start = time.perf_counter()
@@ -179,22 +179,17 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             def compile_programs():
                 t0 = time.perf_counter()
                 if tr.feed is not None:
-                    z = tr.feed.zeros()
+                    z, ze = tr.feed.zeros(), evaluator.zeros()
                     program = steps.train_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"], np.int32(tr.feed.k),
                                                              length=tr.feed.k).compile()
+                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, ze["x"], ze["y"], ze["w"])
                 else:
                     program = steps.train_chunk.lower(tr.state, train, *epoch_order(tr.epoch + 1), np.int32(0),
                                                       np.int32(length), length=length, masked=masked).compile()
-                if tr.feed is not None:
-                    z = evaluator.zeros()
-                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"])
-                    _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
-                    compiled = lowered_eval.compile()
-                    evaluate = lambda state, _: evaluator(compiled, state)  # noqa: E731
-                else:
                     lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
-                    _check_monitor(early_stopping.monitor, lowered_eval.out_info)
-                    evaluate = lowered_eval.compile()
+                _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
+                compiled = lowered_eval.compile()
+                evaluate = compiled if tr.feed is None else lambda state, _: evaluator(compiled, state)
                 timings["compile_s"] += time.perf_counter() - t0
                 return program, evaluate
 
