@@ -630,6 +630,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
+    if a.data_dir:  # absolute: the process section's children run in another folder
+        a.data_dir = str(Path(a.data_dir).resolve())
     sections = a.sections.split(",")
     if "process" in sections:  # fresh processes, before this one loads data or starts JAX
         if not a.data_dir:
