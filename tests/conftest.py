@@ -24,6 +24,13 @@ def real_data_dir() -> Path:
 def synthetic(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int = 4, seed: int = 0,
               valid: int = 100, noise: float = 40.0):
     """A learnable toy problem: each class is a noisy fixed prototype image (uint8)."""
+    xtr, ytr, xte, yte = synthetic_arrays(n_train, n_test, size, classes, seed, valid, noise)
+    return from_arrays("synthetic", xtr, ytr, xte, yte, valid_size=valid)
+
+
+def synthetic_arrays(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int = 4, seed: int = 0,
+                     valid: int = 100, noise: float = 40.0):
+    """`synthetic`'s uint8 images and labels before the split: train (validation first), test."""
     rng = np.random.default_rng(seed)
     protos = rng.integers(0, 256, (classes, size, size))
 
@@ -33,7 +40,7 @@ def synthetic(n_train: int = 300, n_test: int = 100, size: int = 8, classes: int
         return np.clip(protos[labels] + jitter, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
     (xtr, ytr), (xte, yte) = make(n_train + valid), make(n_test)
-    return from_arrays("synthetic", xtr, ytr, xte, yte, valid_size=valid)
+    return xtr, ytr, xte, yte
 
 
 @pytest.fixture

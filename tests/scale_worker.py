@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from conftest import synthetic  # noqa: E402
+from conftest import synthetic, synthetic_arrays  # noqa: E402
+from lrjax import sources  # noqa: E402
 from lrjax import mesh as mesh_lib  # noqa: E402
 from lrjax.models import mlp  # noqa: E402
 from lrjax.monitors import EarlyStopping  # noqa: E402
@@ -73,6 +74,14 @@ def main():
         out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
         out["resumed_from"] = r.resumed_from
         print(f"RESUMED {r.resumed_from}", flush=True)  # every process: they must agree
+    elif job == "fit_stream":  # the streamed path: each process reads its rows of every global batch
+        splits = sources.array_splits(*synthetic_arrays(n_train=512, valid=128, n_test=64, size=6, classes=4,
+                                                        noise=120), valid_size=128, name="synthetic")
+        r = fit(model_fn(3), optax.sgd, splits, lr=0.05, epochs=3, batch_size=16, seed=3, stream_chunk_steps=8,
+                stream_workers=0, early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)
+        out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
+        out["test"] = r.evaluate(data.x_test, data.y_test)
+        out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
     elif job == "find_lr":
         r = find_lr(model_fn(0), optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=30.0, num_steps=96,
                     num_seeds=count, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))

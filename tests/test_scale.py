@@ -90,6 +90,19 @@ def test_two_processes_agree_with_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_stream_like_one_and_like_the_resident_path(tmp_path):
+    """Streamed input in a 2-process job: each process reads its rows of every batch (Grain's
+    sharding by JAX process) and the run equals a 1-process streamed run and the resident run."""
+    multi = json.loads([ln for ln in run_two_processes(tmp_path / "mp", job="fit_stream")[0][0].splitlines()
+                        if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert multi["processes"] == 2
+    single = run_worker(["fit_stream", tmp_path / "sp"], devices=2)
+    assert_same_training(single, multi)
+    assert multi["checkpoints"] == single["checkpoints"]
+    assert_same_training(run_worker(["fit", tmp_path / "resident"], devices=2), multi)
+
+
+@pytest.mark.slow
 def test_model_state_resumes_across_two_processes(tmp_path):
     """BatchNorm statistics and a Dropout stream's key and count checkpoint from 2 processes and resume
     there: interrupted after epoch 2 and resumed, the run equals an uninterrupted one."""
