@@ -66,8 +66,9 @@ class Dataset:
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of pass `epoch` (0-based) over `n` examples, from (seed, epoch) alone: numpy's PCG64
     seeded with ``SeedSequence([seed, epoch])`` (pass 0 is ``default_rng(seed)``'s first permutation).
-    Every path draws its batches from it: resident training, the range test, the sweep and the
-    stream's workers, on any number of devices or processes, so they all see the same batches."""
+    Training draws its batches from it on every path: resident, streamed (in the stream's workers)
+    and every sweep member, on any number of devices or processes, so they all see the same batches
+    (the range test's first pass is the same permutation too)."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(n).astype(np.int32)
 
 

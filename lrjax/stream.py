@@ -6,7 +6,8 @@ x uint8 [K, B, H, W, C], y int32 [K, B], w float32 [K, B] (0 = padding), active 
 whole padding step), steps int64 [K] (global step of each, -1 for padding), iterated through Grain's
 threads and worker processes. Its iterator state (`state()` / `restore()`, or Grain's Orbax handler
 through `get_state()` / `set_state()`) resumes to exactly the same chunks. Each epoch is a fresh
-permutation drawn from (seed, epoch) (`lrjax.data.epoch_permutation`, as resident training draws it); an epoch's last partial batch is padded with the epoch's first
+permutation drawn from (seed, epoch) (`lrjax.data.epoch_permutation`, as resident training draws
+it); an epoch's last partial batch is padded with the epoch's first
 examples at weight 0, as the resident path pads. Several processes each read only their rows of every
 global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the global arrays;
 `DevicePrefetch` stages chunks ahead in a thread. `to_float` is the device-side uint8 -> float32.
