@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, sources, steps, suggest, tasks
+from lrjax import feeds, optimizers, sources, steps, suggest, tasks
 from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -140,12 +140,12 @@ def _run_chunk(carry, start, examples, idx, w, lrs, active, val, hp, *, chunk: i
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
-@partial(jax.jit, static_argnames=("chunk",), donate_argnums=(0,))
-def _run_stream_chunk(carry, start, x, y, w, lrs, active, val, hp, *, chunk: int):
-    """`_run_chunk` of one seed over a streamed chunk of batches (x uint8 [chunk, B, ...], y, w)."""
+@partial(jax.jit, static_argnames=("chunk", "prepare"), donate_argnums=(0,))
+def _run_fed_chunk(carry, start, batch, w, lrs, active, val, hp, *, chunk: int, prepare=None):
+    """`_run_chunk` of one seed over a feed's chunk of batches (`lrjax.feeds`: [chunk, B, ...] leaves, w)."""
     pos = start + jnp.arange(chunk)
     lrs, active = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (lrs, active))
-    carry, out = _range_chunk(carry, lambda r: steps.stream_batch(*r), (x, y, w), lrs, active, pos, val, hp)
+    carry, out = _range_chunk(carry, lambda r: steps.fed_batch(*r, prepare), (batch, w), lrs, active, pos, val, hp)
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
@@ -287,7 +287,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             progress: Callable[[dict], None] | None = None,
             init_fn: Callable[[int], nnx.Module] | None = None,
             mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None,
-            loss_fn: LossFn = tasks.classification, dtype=None) -> RangeTestResult:
+            loss_fn: LossFn = tasks.classification, dtype=None, valid=None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
@@ -311,11 +311,16 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     Grain (`lrjax.stream.Stream`, shuffled by `seed`, uint8 until the device) in chunks of
     `chunk_steps` batches, the next one read while the device runs the current one, for one seed
     (`num_seeds` 1); `num_steps` defaults to one epoch of the split, as for arrays.
+
+    Your own pipeline: `data` may be any iterable of batches (a Grain `DataLoader`, a generator, ...;
+    see `fit`), for one seed; the first batch sets the batch size, `num_steps` defaults to
+    `len(data)` (required for an iterable without a length; one that ends is iterated again), and
+    the validation curve's examples are `valid` (arrays, as in `fit`).
     """
-    streamed = isinstance(data, sources.Splits)
-    if streamed and num_seeds != 1:
-        raise ValueError("find_lr: a streamed range test (data given as lrjax.sources.Splits) runs one seed; "
-                         f"got num_seeds {num_seeds}")
+    kind = feeds.kind(data)
+    if kind != "arrays" and num_seeds != 1:
+        raise ValueError(f"find_lr: a range test fed batch by batch ({'lrjax.sources.Splits' if kind == 'splits' else 'an iterable'}) "
+                         f"runs one seed; got num_seeds {num_seeds}")
     method = suggest.DEFAULT_METHOD if method == "default" else method
     if factor is None and end_lr is None and start_lr is not None:
         default_end = optimizers.range_defaults(optimizer).end_lr
@@ -326,20 +331,23 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
                 diverge_factor=diverge_factor, num_seeds=num_seeds, chunk_steps=chunk_steps, method=method)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
+    feed = feeds.BatchFeed(data, chunk_steps, feeds.chunk_sharding(mesh)) if kind == "batches" else None
+    if feed is not None:
+        batch_size = feed.batch_size * jax.process_count()
     mesh_lib.check_batch_size(batch_size, mesh)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        examples = None if streamed else mesh_lib.replicate(split_examples(data, "train"), mesh)
+        examples = mesh_lib.replicate(split_examples(data, "train"), mesh) if kind == "arrays" else None
         t_start = time.perf_counter()
-        n = len(data.train) if streamed else steps.num_examples(examples)
         # Under gradient accumulation (optimizers.Recipe) the rate rises once per optimizer step of k
         # micro-batches, and the curve records each optimizer step's mean loss over its micro-batches.
         k = getattr(optimizer, "grad_accum_steps", 1)
-        if num_steps is None:
-            num_steps = steps.steps_per_epoch(n, batch_size) // k
+        if num_steps is None:  # one epoch
+            num_steps = (feeds.steps_per_pass(data, None, "num_steps") if kind == "batches" else steps.steps_per_epoch(
+                len(data.train) if kind == "splits" else steps.num_examples(examples), batch_size)) // k
             if num_steps < 2:
-                raise ValueError(f"one epoch of {n} examples at batch size {batch_size} is a single step; the "
-                                 "range test needs num_steps >= 2 (--num-steps)")
+                raise ValueError(f"one epoch at batch size {batch_size} is a single step; the range test needs "
+                                 "num_steps >= 2 (--num-steps)")
         if end_lr is not None:
             factor = None
         lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
@@ -353,15 +361,20 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         padded = num_chunks * chunk
         carry = _init_carries(states, real=num_seeds)
-        idx, w = (None, None) if streamed else mesh_lib.replicate(
-            _batch_orders(range(seed, seed + total), n, batch_size, num_steps, padded), mesh)
+        idx, w = (None, None) if kind != "arrays" else mesh_lib.replicate(
+            _batch_orders(range(seed, seed + total), steps.num_examples(examples), batch_size, num_steps, padded), mesh)
         if num_seeds > 1:
             carry, idx, w = mesh_lib.spread_members((carry, idx, w))
         member_loop = member_loop or mesh_lib.default_member_loop(mesh)
 
         if eval_every > 0:
-            valid = (sources.resident_arrays(dataclasses.replace(data.valid, keys=data.valid.keys[:eval_examples]))
-                     if streamed else split_examples(data, "valid"))
+            if kind == "batches" and valid is None:
+                raise ValueError("find_lr: eval_every > 0 with an iterable of batches needs the validation examples "
+                                 "as valid=")
+            valid = {"splits": lambda: sources.resident_arrays(dataclasses.replace(
+                        data.valid, keys=data.valid.keys[:eval_examples])),
+                     "batches": lambda: feeds.examples(valid),
+                     "arrays": lambda: split_examples(data, "valid")}[kind]()
             m = min(eval_examples, steps.num_examples(valid))
             if m == 0:
                 raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or "
@@ -376,24 +389,24 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         active = np.arange(padded) < num_steps
 
         compile_time, outputs = 0.0, []
-        feed = None
-        if streamed:
+        if kind == "splits":
             from lrjax import stream
 
-            feed = stream.Stream(data.train, batch_size, chunk_steps=chunk, seed=seed, steps=num_steps,
-                                 epoch_aligned=False)
-            sharding = stream.chunk_sharding(mesh)
+            feed = stream.StepFeed(stream.Stream(data.train, batch_size, chunk_steps=chunk, seed=seed, steps=num_steps,
+                                                 epoch_aligned=False), feeds.chunk_sharding(mesh))
+        if feed is not None:
+            feed.k = chunk
         try:
             for c in range(num_chunks):
                 if feed is not None:
-                    ch = stream.to_device(next(feed), sharding)
-                    args = (carry, np.int32(c * chunk), ch["x"], ch["y"], ch["w"], lrs_padded, active, val, hp)
+                    fed = feed.take(min(chunk, num_steps - c * chunk))
+                    args = (carry, np.int32(c * chunk), *fed, lrs_padded, active, val, hp)
                 else:
                     args = (carry, np.int32(c * chunk), examples, idx, w, lrs_padded, active, val, hp)
                 if c == 0:
                     t0 = time.perf_counter()
-                    compiled = (_run_stream_chunk.lower(*args, chunk=chunk) if feed is not None else
-                                _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop)).compile()
+                    compiled = (_run_fed_chunk.lower(*args, chunk=chunk, prepare=feed.prepare) if feed is not None
+                                else _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop)).compile()
                     compile_time = time.perf_counter() - t0
                 carry, out = compiled(*args)  # dispatched asynchronously
                 outputs.append(out)

@@ -353,28 +353,37 @@ def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: in
     return _scan_steps(state, lambda r: gather_batch(examples, *r), rows, count, length=length, masked=masked)
 
 
-def stream_batch(x, y, w) -> tuple[Batch, jax.Array]:
-    """A streamed batch (uint8 images, int32 labels, weights) as the loss function receives it: images
-    turned into float32 on the device (`lrjax.stream.to_float`), split like a gathered batch."""
+def uint8_images(batch):
+    """The Grain stream's batch (uint8 images, int32 labels) as the default task receives it: images
+    turned into float32 on the device (`lrjax.stream.to_float`, bit-identical to the resident path's)."""
     from lrjax.stream import to_float  # grain is imported only where the streamed path is used
 
-    return (mesh_lib.shard_batch(to_float(x)), mesh_lib.shard_batch(y)), mesh_lib.shard_batch(w)
+    x, y = batch
+    return to_float(x), y
 
 
-@partial(jax.jit, static_argnames=("length", "masked"))
-def train_stream_chunk(state: TrainState, x, y, w, count, *, length: int, masked: bool = True):
-    """`train_chunk` over batches given directly: x uint8 [length, B, ...], y [length, B], w
-    [length, B] (a chunk of `lrjax.stream.Stream`), steps from `count` on skipped when `masked`."""
-    return _scan_steps(state, lambda r: stream_batch(*r), (x, y, w), count, length=length, masked=masked)
+def fed_batch(batch, w, prepare=None) -> tuple[Batch, jax.Array]:
+    """A batch handed to a program (a feed's, `lrjax.feeds`): `prepare`d, split like a gathered batch."""
+    batch = batch if prepare is None else prepare(batch)
+    return jax.tree.map(mesh_lib.shard_batch, batch), mesh_lib.shard_batch(w)
 
 
-@jax.jit
-def evaluate_stream_chunk(state: TrainState, x, y, w) -> dict[str, jax.Array]:
-    """`eval_step`'s weighted sums and example `count` over a streamed chunk of evaluation batches
-    (x uint8 [K, B, ...], y, w; padding rows and steps at weight 0), added up over the chunk."""
+@partial(jax.jit, static_argnames=("length", "masked", "prepare"))
+def train_stream_chunk(state: TrainState, batch, w, count, *, length: int, masked: bool = True, prepare=None):
+    """`train_chunk` over batches given directly (a feed's chunk, `lrjax.feeds`): `batch` a pytree of
+    [length, B, ...] leaves, w [length, B]; steps from `count` on skipped when `masked`; `prepare`
+    (static) converts each batch on the device (`uint8_images` for lrjax's Grain stream)."""
+    return _scan_steps(state, lambda r: fed_batch(*r, prepare), (batch, w), count, length=length, masked=masked)
+
+
+@partial(jax.jit, static_argnames=("prepare",))
+def evaluate_stream_chunk(state: TrainState, batch, w, *, prepare=None) -> dict[str, jax.Array]:
+    """`eval_step`'s weighted sums and example `count` over a chunk of evaluation batches ([K, B, ...]
+    leaves, w [K, B]; padding rows and steps at weight 0), added up over the chunk."""
 
     def body(acc, row):
-        return jax.tree.map(jnp.add, acc, eval_step(state, *stream_batch(*row))), None
+        return jax.tree.map(jnp.add, acc, eval_step(state, *fed_batch(*row, prepare))), None
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *stream_batch(x[0], y[0], w[0]))))
-    return jax.lax.scan(body, zero, (x, y, w))[0]
+    first = jax.tree.map(lambda a: a[0], (batch, w))
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *fed_batch(*first, prepare))))
+    return jax.lax.scan(body, zero, (batch, w))[0]

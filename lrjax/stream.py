@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax import steps as steps_lib
 from lrjax.data import epoch_permutation
 from lrjax.errors import CheckpointError, ConfigError, DataError
+from lrjax.feeds import Feed, check_process_rows, chunk_sharding, put, stack_steps  # noqa: F401
 from lrjax.sources import ArrayExamples, Split
 
 STATE_FORMAT = 1
@@ -314,11 +316,6 @@ def eval_stream(split: Split, batch_size: int, epochs: int | None = 1, **kwargs)
 # Onto the devices
 # ---------------------------------------------------------------------------------------------
 
-def chunk_sharding(mesh: jax.sharding.Mesh, axis: str = "data") -> jax.sharding.NamedSharding:
-    """Chunks [K, B, ...] split along the batch over `axis` of `mesh`."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axis))
-
-
 def to_device(chunk: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
     """A chunk as global device arrays: x, y, w along `sharding` (batch on dimension 1), active and
     steps replicated. With several processes each passes its own rows of every batch."""
@@ -330,22 +327,11 @@ def to_device(chunk: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
     for key, value in chunk.items():
         if key in ("x", "y", "w"):
             shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
-            _check_process_rows(sharding, shape)
+            check_process_rows(sharding, shape)
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         else:
             out[key] = jax.make_array_from_process_local_data(replicated, value, value.shape)
     return out
-
-
-def _check_process_rows(sharding, shape) -> None:
-    local = shape[1] // jax.process_count()
-    starts = {index[1].start or 0 for index in sharding.addressable_devices_indices_map(shape).values()}
-    stops = {index[1].stop or shape[1] for index in sharding.addressable_devices_indices_map(shape).values()}
-    p = jax.process_index()
-    if min(starts) != p * local or max(stops) != (p + 1) * local:
-        raise ConfigError(f"the sharding gives process {p} batch rows {min(starts)}:{max(stops)}, but the "
-                          f"stream reads rows {p * local}:{(p + 1) * local} (ShardByJaxProcess): split the "
-                          "batch over a mesh axis whose devices are ordered by process")
 
 
 class DevicePrefetch:
@@ -430,15 +416,17 @@ class DevicePrefetch:
 # Training from a stream: any range of global steps, in compiled calls of K steps
 # ---------------------------------------------------------------------------------------------
 
-class StepFeed:
+class StepFeed(Feed):
     """Runs the training steps [g, end) that the loop asks for (`lrjax.loop.run`'s chunks, which
     end at epoch ends and at multiples of the step cadences) from a stream whose chunks of K steps
     run straight across epochs (`epoch_aligned=False`): the steps are taken from the stream in order,
-    packed into calls of the compiled K-step program (`steps.train_stream_chunk`, its steps past a
-    call's `count` skipped), so any range works with one program.
+    packed into calls of the compiled K-step program (`lrjax.feeds.Feed`), so any range works with
+    one program.
 
     `state(g)` is the input position before step g, JSON for a checkpoint's meta: the stream's state
     before the chunk holding step g, and the steps of that chunk to skip. `restore` goes back there."""
+
+    prepare = staticmethod(steps_lib.uint8_images)
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding):
         if stream.plan.epoch_aligned:
@@ -449,39 +437,26 @@ class StepFeed:
         self._read, self._skip = 0, 0  # chunks read; steps of the next chunk already trained (a resume)
         self._states = {0: stream.state()}  # chunk index -> the stream's state before reading it
 
-    def zeros(self) -> dict[str, jax.Array]:
-        """A chunk of K padding steps on the devices (to compile the program with)."""
+    def zeros(self):
         shape = (self.k, self.stream.plan.local_batch)
-        chunk = {"x": np.zeros((*shape, *self.stream.split.example_shape), np.uint8),
-                 "y": np.zeros(shape, np.int32), "w": np.zeros(shape, np.float32)}
-        return to_device(chunk, self.sharding)
+        return put((np.zeros((*shape, *self.stream.split.example_shape), np.uint8), np.zeros(shape, np.int32)),
+                   np.zeros(shape, np.float32), self.sharding)
 
-    def _take(self, count: int) -> dict[str, np.ndarray]:
+    def _take(self, count: int):
         while len(self._buffer) < count:
             chunk = next(self.stream)
             self._read += 1
             self._states[self._read] = self.stream.state()
-            self._buffer += [{k: chunk[k][i] for k in ("x", "y", "w")} for i in range(self._skip, self.k)
+            self._buffer += [((chunk["x"][i], chunk["y"][i]), chunk["w"][i]) for i in range(self._skip, self.k)
                              if chunk["active"][i]]
             self._skip = 0
         taken, self._buffer = self._buffer[:count], self._buffer[count:]
         self._next += count
-        pad = [{k: np.zeros_like(v) for k, v in taken[0].items()}] * (self.k - count)
-        return {k: np.stack([s[k] for s in taken + pad]) for k in ("x", "y", "w")}
+        return stack_steps(taken, self.k)
 
     def __call__(self, program, state, g: int, end: int):
-        """Steps [g, end) with the compiled `program(state, x, y, w, count)`: (state, per-step metrics)."""
-        if g != self._next:
-            raise ValueError(f"the feed is at step {self._next}, asked for step {g}")
         self._states = {c: s for c, s in self._states.items() if c >= g // self.k}
-        outs = []
-        for start in range(g, end, self.k):
-            count = min(self.k, end - start)
-            chunk = to_device(self._take(count), self.sharding)
-            state, m = program(state, chunk["x"], chunk["y"], chunk["w"], np.int32(count))
-            outs.append(m)
-        metrics = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
-        return state, metrics
+        return super().__call__(program, state, g, end)
 
     def state(self, g: int) -> dict:
         return {"stream": self._states[g // self.k], "skip": g % self.k, "step": g}
@@ -509,17 +484,17 @@ class StreamEvaluator:
                                   chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
         self.sharding = sharding
 
-    def zeros(self) -> dict[str, jax.Array]:
+    def zeros(self):
         plan = self.stream.plan
         shape = (plan.chunk_steps, plan.local_batch)
-        return to_device({"x": np.zeros((*shape, *self.stream.split.example_shape), np.uint8),
-                          "y": np.zeros(shape, np.int32), "w": np.zeros(shape, np.float32)}, self.sharding)
+        return put((np.zeros((*shape, *self.stream.split.example_shape), np.uint8), np.zeros(shape, np.int32)),
+                   np.zeros(shape, np.float32), self.sharding)
 
     def __call__(self, program, state) -> dict[str, jax.Array]:
+        """`program(state, batch, w)` (`steps.evaluate_stream_chunk` with `prepare=steps.uint8_images`)."""
         sums = None
         for chunk in self.stream.epoch():
-            d = to_device({k: chunk[k] for k in ("x", "y", "w")}, self.sharding)
-            s = program(state, d["x"], d["y"], d["w"])
+            s = program(state, *put((chunk["x"], chunk["y"]), chunk["w"], self.sharding))
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         count = sums.pop("count")
         return {k: v / count for k, v in sums.items()}

@@ -27,8 +27,9 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import steps, tasks
+from lrjax import feeds, steps, tasks
 from lrjax.data import split_examples
+from lrjax.errors import ConfigError
 from lrjax.monitors import EarlyStopping
 from lrjax.steps import OptimizerFactory
 from lrjax.tasks import LossFn
@@ -71,26 +72,36 @@ def _member_step(state, live, batch, weights):
     return jax.lax.cond(live, run, skip, state)
 
 
-def _member_epoch(member, examples):
-    """One epoch of one member over its seed's batch order (idx, w): its state, whether it has
-    diverged, and the example-weighted means of its loss and metrics over the steps that ran."""
-    state, active, diverged, idx, w = member
+def _member_steps(member, fetch, rows, count):
+    """Steps of one member over `rows` (scanned along their leading axis; `fetch(row)` gives a
+    step's (batch, weights); steps from `count` on are padding and skipped): its state, whether it
+    has diverged, and the example-weighted sums of its loss and metrics over the steps that ran,
+    with their example `count`."""
+    state, active, diverged = member
 
-    def body(carry, iw):
+    def body(carry, inputs):
         state, diverged, sums = carry
-        live = active & ~diverged
-        state, m, ok = _member_step(state, live, *steps.gather_batch(examples, *iw))
+        row, i = inputs
+        live = active & ~diverged & (i < count)
+        batch, wi = fetch(row)
+        state, m, ok = _member_step(state, live, batch, wi)
         diverged = diverged | (live & ~ok)
-        count = jnp.sum(iw[1]) * ok
-        sums = jax.tree.map(jnp.add, sums, {**{k: jnp.where(ok, v, 0.0) * count for k, v in m.items()},
-                                            "count": count})
+        n = jnp.sum(wi) * ok
+        sums = jax.tree.map(jnp.add, sums, {**{k: jnp.where(ok, v, 0.0) * n for k, v in m.items()}, "count": n})
         return (state, diverged, sums), None
 
-    names = jax.eval_shape(_member_step, state, active, *steps.gather_batch(examples, idx[0], w[0]))[1]
+    names = jax.eval_shape(_member_step, state, active, *fetch(jax.tree.map(lambda a: a[0], rows)))[1]
     zero = {k: jnp.zeros([]) for k in (*names, "count")}
-    (state, diverged, sums), _ = jax.lax.scan(body, (state, diverged, zero), (idx, w))
+    length = jax.tree.leaves(rows)[0].shape[0]
+    (state, diverged, sums), _ = jax.lax.scan(body, (state, diverged, zero), (rows, jnp.arange(length)))
+    return state, diverged, sums
+
+
+def means(sums: dict) -> dict:
+    """Weighted sums (with their `count`) as means."""
+    sums = dict(sums)
     count = jnp.maximum(sums.pop("count"), 1.0)
-    return state, diverged, {k: v / count for k, v in sums.items()}
+    return {k: v / count for k, v in sums.items()}
 
 
 def _to_members(tree, S: int, L: int):
@@ -112,7 +123,25 @@ def sweep_epoch(states, active, diverged, examples, idx, w, *, member_loop: str 
     S, L = active.shape
     idx, w = (jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]) for a in (idx, w))
     members = _to_members((states, active, diverged, idx, w), S, L)
-    out = mesh_lib.map_members(_member_epoch, members, examples, loop=member_loop)
+
+    def epoch(member, examples):
+        *member, idx, w = member
+        state, diverged, sums = _member_steps(member, lambda r: steps.gather_batch(examples, *r), (idx, w),
+                                              idx.shape[0])
+        return state, diverged, means(sums)
+
+    return _from_members(mesh_lib.map_members(epoch, members, examples, loop=member_loop), S, L)
+
+
+@partial(jax.jit, static_argnames=("prepare", "member_loop"))
+def sweep_fed_chunk(states, active, diverged, batch, w, count, *, prepare=None, member_loop: str = "vmap"):
+    """Steps [0, count) of a feed's chunk (`lrjax.feeds`: [K, B, ...] leaves, w [K, B]) for every
+    member, all on the same batches: (states, diverged, weighted sums with their `count`)."""
+    S, L = active.shape
+    members = _to_members((states, active, diverged), S, L)
+    out = mesh_lib.map_members(
+        lambda m, batch, w, count: _member_steps(m, lambda r: steps.fed_batch(*r, prepare), (batch, w), count),
+        members, batch, w, count, loop=member_loop)
     return _from_members(out, S, L)
 
 
@@ -263,7 +292,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
           seeds: Sequence[int] = (42,), epochs: int = 5, batch_size: int = 32, patience: int | None = None,
           min_delta: float = 0.0, eval_batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None,
           on_epoch: Callable[[int, dict], None] | None = None, member_loop: str | None = None,
-          loss_fn: LossFn = tasks.classification, dtype=None, rank_by: str | None = None) -> SweepResult:
+          loss_fn: LossFn = tasks.classification, dtype=None, rank_by: str | None = None, valid=None,
+          steps_per_epoch: int | None = None, chunk_steps: int = 64) -> SweepResult:
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
     With `patience`, each member stops `patience` epochs after its best validation loss (an improvement
@@ -273,6 +303,10 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     else val_loss; highest wins for accuracy-like names, lowest otherwise). `on_epoch(epoch, metrics)`
     is called on the host after each epoch (progress, logging). `member_loop` ('vmap' or 'map',
     default by platform) is how each device goes through its members.
+
+    Your own pipeline: `data` may be an iterable of batches with the validation examples as `valid`,
+    as in `fit` (`steps_per_epoch` where it has no length); every member then trains on the same
+    batches, in calls of `chunk_steps` steps. With arrays each seed draws its own batch order.
     """
     t_start = time.perf_counter()
     lrs = np.asarray(lrs, np.float64)
@@ -280,6 +314,12 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     S, L = len(seeds), len(lrs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=L)
     member_loop = member_loop or mesh_lib.default_member_loop(mesh)
+    kind = feeds.kind(data)
+    if kind == "splits":
+        raise ConfigError("sweep: a lrjax.sources.Splits is not supported; give arrays or an iterable of batches")
+    feed = None
+    if kind == "batches":
+        feed, spe, batch_size, valid = feeds.for_training("sweep", data, valid, steps_per_epoch, chunk_steps, mesh)
     mesh_lib.check_batch_size(batch_size, mesh)
     # The rates fill whole blocks of the `members` axis: filler rates (copies of the last) never train.
     Lp = mesh_lib.padded_members(L, mesh)
@@ -305,20 +345,35 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
 
         states = place(states)
         best = jax.tree.map(jnp.copy, (states.params, states.rest))
-        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-        n = steps.num_examples(train)
+        if feed is None:
+            train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
+        else:
+            valid = mesh_lib.replicate(valid, mesh)
         active, diverged = place(np.broadcast_to(real, (S, Lp))), place(np.zeros((S, Lp), bool))
         for epoch in range(1, epochs + 1):
-            # each seed's batches of this epoch, as `fit` draws them
-            order = mesh_lib.replicate([np.stack(a) for a in zip(*(
-                steps.epoch_batches(int(seed), epoch, n, batch_size) for seed in seeds))], mesh)
             was_live = mesh_lib.to_host(active & ~diverged)[:, :L]
-            if epoch == 1:
-                t0 = time.perf_counter()
-                program = sweep_epoch.lower(states, active, diverged, train, *order,
-                                            member_loop=member_loop).compile()
-                compile_time = time.perf_counter() - t0
-            states, diverged, train_m = program(states, active, diverged, train, *order)
+            t0 = time.perf_counter()
+            if feed is None:
+                # each seed's batches of this epoch, as `fit` draws them
+                order = mesh_lib.replicate([np.stack(a) for a in zip(*(steps.epoch_batches(
+                    int(seed), epoch, steps.num_examples(train), batch_size) for seed in seeds))], mesh)
+                if epoch == 1:
+                    program = sweep_epoch.lower(states, active, diverged, train, *order,
+                                                member_loop=member_loop).compile()
+                    compile_time = time.perf_counter() - t0
+                states, diverged, train_m = program(states, active, diverged, train, *order)
+            else:
+                sums = None
+                for start in range(0, spe, feed.k):
+                    count = np.int32(min(feed.k, spe - start))
+                    chunk = feed.take(count)
+                    if epoch == 1 and start == 0:
+                        program = sweep_fed_chunk.lower(states, active, diverged, *chunk, count, prepare=feed.prepare,
+                                                        member_loop=member_loop).compile()
+                        compile_time = time.perf_counter() - t0
+                    states, diverged, s = program(states, active, diverged, *chunk, count)
+                    sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+                train_m = means(sums)
             val_m = sweep_evaluate(states, valid, batch_size=eval_batch_size, member_loop=member_loop)
             train_m, val_m, div = jax.tree.map(lambda a: a[:, :L],  # one sync per epoch
                                                mesh_lib.to_host((train_m, val_m, diverged)))
@@ -347,6 +402,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
             if not np.any(was_live & ~div & (stopped_epoch < 0)):
                 break
+    if feed is not None:
+        feed.close()
     if monitors is not None:
         states = states.replace(params=best[0], rest=best[1])
     if Lp > L:

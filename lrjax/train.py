@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import loop, schedules, sources, steps, tasks
+from lrjax import feeds, loop, schedules, steps, tasks
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.data import split_examples
@@ -67,7 +67,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         dtype=None, callbacks: list[Callback] = (), schedule: str = "constant",
         eval_every_steps: int | None = None, checkpoint_every_steps: int | None = None,
         log_every_steps: int | None = None, stream_chunk_steps: int = 64,
-        stream_workers: int | None = None) -> FitResult:
+        stream_workers: int | None = None, valid=None, steps_per_epoch: int | None = None) -> FitResult:
     """Trains `model` (its weights are the starting point; the object itself is not modified).
 
     `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, `lrjax.optimizers.Recipe`
@@ -97,6 +97,15 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     stream's position is in every checkpoint, so a resumed run sees the same batches. The
     validation split is streamed in order too (`stream.StreamEvaluator`, batches of `eval_batch_size`).
 
+    Your own pipeline: `data` may be any iterable of batches (a Grain `DataLoader` or `IterDataset`,
+    a generator, a list), each batch what `loss_fn` receives, with the validation examples as
+    `valid` (arrays: `(x_valid, y_valid)`, a pytree of arrays, or an object with `x_valid`). The
+    first batch sets the batch size (`batch_size` is for array data); an epoch is `len(data)`
+    batches, or `steps_per_epoch` for an iterable without a length; an iterable that ends is iterated
+    again. Batches go to the device in calls of `stream_chunk_steps` steps (`lrjax.feeds.BatchFeed`);
+    checkpoints hold the iterator's `get_state()` where it has one (Grain's do), else the count of
+    batches taken, which a resume replays.
+
     `stop_after` ends the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
     `TrainingDiverged` on a non-finite loss.
     """
@@ -107,20 +116,25 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             raise ConfigError(f"{name} must be >= 1, got {value}")
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
+    kind = feeds.kind(data)
+    feed, train = None, None
+    if kind == "batches":
+        feed, spe, batch_size, valid = feeds.for_training("fit", data, valid, steps_per_epoch, stream_chunk_steps, mesh)
+        valid = mesh_lib.replicate(valid, mesh)
+    elif kind == "splits":
+        valid, n = None, len(data.train)
+    else:
+        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
+        n = steps.num_examples(train)
+    if kind != "batches":
+        spe = steps.steps_per_epoch(n, batch_size)
     mesh_lib.check_batch_size(batch_size, mesh)
     # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
     config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor,
               "schedule": schedule, "eval_every_steps": eval_every_steps,
               "checkpoint_every_steps": checkpoint_every_steps,
-              "input": "stream" if isinstance(data, sources.Splits) else "resident"}
+              "input": {"splits": "stream", "arrays": "resident", "batches": "iterable"}[kind]}
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
-
-    if isinstance(data, sources.Splits):
-        train, valid, n = None, None, len(data.train)
-    else:
-        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-        n = steps.num_examples(train)
-    spe = steps.steps_per_epoch(n, batch_size)
     accum = getattr(optimizer, "grad_accum_steps", 1)
     sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
     state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype,
@@ -129,14 +143,16 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                       checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after,
                       meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
     tr.early_stopping = early_stopping
-    if isinstance(data, sources.Splits):
+    evaluator = None
+    if kind == "splits":
         from lrjax import stream
 
-        tr.feed = stream.StepFeed(
+        feed = stream.StepFeed(
             stream.Stream(data.train, batch_size, chunk_steps=min(stream_chunk_steps, spe), seed=seed,
                           steps=tr.total_steps, epoch_aligned=False, workers=stream_workers),
-            stream.chunk_sharding(mesh))
-        evaluator = stream.StreamEvaluator(data.valid, eval_batch_size, stream.chunk_sharding(mesh))
+            feeds.chunk_sharding(mesh))
+        evaluator = stream.StreamEvaluator(data.valid, eval_batch_size, feeds.chunk_sharding(mesh))
+    tr.feed = feed
     cbs = [early_stopping, *callbacks]
     workdir = Path(workdir) if workdir is not None else None
     ckpt = next((cb for cb in cbs if isinstance(cb, Checkpoint)), None)
@@ -178,24 +194,25 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         with jax.set_mesh(mesh):
             def compile_programs():
                 t0 = time.perf_counter()
-                if tr.feed is not None:
-                    z, ze = tr.feed.zeros(), evaluator.zeros()
-                    program = steps.train_stream_chunk.lower(tr.state, z["x"], z["y"], z["w"], np.int32(tr.feed.k),
-                                                             length=tr.feed.k).compile()
-                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, ze["x"], ze["y"], ze["w"])
+                if feed is not None:
+                    program = steps.train_stream_chunk.lower(tr.state, *feed.zeros(), np.int32(feed.k), length=feed.k,
+                                                             prepare=feed.prepare).compile()
                 else:
                     program = steps.train_chunk.lower(tr.state, train, *epoch_order(tr.epoch + 1), np.int32(0),
                                                       np.int32(length), length=length, masked=masked).compile()
+                if evaluator is not None:
+                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, *evaluator.zeros(), prepare=feed.prepare)
+                else:
                     lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
                 _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
                 compiled = lowered_eval.compile()
-                evaluate = compiled if tr.feed is None else lambda state, _: evaluator(compiled, state)
+                evaluate = compiled if evaluator is None else lambda state, _: evaluator(compiled, state)
                 timings["compile_s"] += time.perf_counter() - t0
                 return program, evaluate
 
             try:
                 interrupted = loop.run(tr, cbs, compile_programs=compile_programs, examples=train, valid=valid,
-                                       epoch_order=epoch_order, timings=timings, feed=tr.feed)
+                                       epoch_order=epoch_order, timings=timings, feed=feed)
             except TrainingDiverged as e:
                 where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
                 raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}"
@@ -206,8 +223,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
             if ckpt is not None:
                 ckpt.close()  # finishes the asynchronous save (raising its failure), on every exit path
         finally:
-            if tr.feed is not None:
-                tr.feed.close()
+            if feed is not None:
+                feed.close()
+            if evaluator is not None:
                 evaluator.close()
             for cb in cbs:
                 if isinstance(cb, TensorBoard):

@@ -17,7 +17,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from conftest import synthetic, synthetic_arrays  # noqa: E402
-from lrjax import sources  # noqa: E402
+from lrjax import sources, steps  # noqa: E402
 from lrjax import mesh as mesh_lib  # noqa: E402
 from lrjax.models import mlp  # noqa: E402
 from lrjax.monitors import EarlyStopping  # noqa: E402
@@ -82,6 +82,16 @@ def main():
         out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
         out["test"] = r.evaluate(data.x_test, data.y_test)
         out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+        # A user's iterable of the same batches, each process yielding its own rows of every batch
+        # (as a Grain loader sharded by JAX process would): the same run again.
+        rows = slice(jax.process_index() * 16 // jax.process_count(), (jax.process_index() + 1) * 16 // jax.process_count())
+        own = [(data.x_train[i[rows]], data.y_train[i[rows]])
+               for e in (1, 2, 3) for i in steps.epoch_batches(3, e, len(data.x_train), 16)[0]]
+        r = fit(model_fn(3), optax.sgd, own, valid=(data.x_valid, data.y_valid), steps_per_epoch=len(own) // 3,
+                lr=0.05, epochs=3, seed=3, stream_chunk_steps=8, early_stopping=EarlyStopping(patience=3),
+                progress=None)
+        out["iterable"] = {"history": [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history],
+                           "test": r.evaluate(data.x_test, data.y_test)}
     elif job == "find_lr":
         r = find_lr(model_fn(0), optax.sgd, data, batch_size=16, start_lr=1e-3, end_lr=30.0, num_steps=96,
                     num_seeds=count, seed=1, chunk_steps=48, init_fn=model_fn, mesh=mesh_lib.make_mesh(workdir))

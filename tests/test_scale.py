@@ -92,7 +92,8 @@ def test_two_processes_agree_with_one(tmp_path):
 @pytest.mark.slow
 def test_two_processes_stream_like_one_and_like_the_resident_path(tmp_path):
     """Streamed input in a 2-process job: each process reads its rows of every batch (Grain's
-    sharding by JAX process) and the run equals a 1-process streamed run and the resident run."""
+    sharding by JAX process) and the run equals a 1-process streamed run and the resident run; so
+    does a user's iterable of batches of which each process yields its own rows."""
     multi = json.loads([ln for ln in run_two_processes(tmp_path / "mp", job="fit_stream")[0][0].splitlines()
                         if ln.startswith("RESULT ")][-1][len("RESULT "):])
     assert multi["processes"] == 2
@@ -100,6 +101,9 @@ def test_two_processes_stream_like_one_and_like_the_resident_path(tmp_path):
     assert_same_training(single, multi)
     assert multi["checkpoints"] == single["checkpoints"]
     assert_same_training(run_worker(["fit", tmp_path / "resident"], devices=2), multi)
+    # a user's iterable, each process yielding its own rows of the same batches (lrjax.feeds.BatchFeed)
+    assert_same_training(multi["iterable"], multi)
+    assert_same_training(single["iterable"], multi)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ of a streamed run stopped mid-epoch; the `--input auto` decision."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -149,10 +150,11 @@ def test_streamed_evaluation_equals_resident_evaluation(tiny):
     state = steps.init_state(_model(), optax.sgd, 0.1)
     mesh = mesh_lib.make_mesh("auto")
     evaluator = stream.StreamEvaluator(splits.valid, 64, stream.chunk_sharding(mesh), chunk_steps=2)
+    program = functools.partial(steps.evaluate_stream_chunk, prepare=steps.uint8_images)
     try:
         with jax.set_mesh(mesh):
-            streamed = jax.device_get(evaluator(steps.evaluate_stream_chunk, state))
-            again = jax.device_get(evaluator(steps.evaluate_stream_chunk, state))  # a second pass, same workers
+            streamed = jax.device_get(evaluator(program, state))
+            again = jax.device_get(evaluator(program, state))  # a second pass, same workers
             resident = jax.device_get(steps.evaluate(state, (data.x_valid, data.y_valid), batch_size=64))
     finally:
         evaluator.close()
