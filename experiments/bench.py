@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -53,32 +54,33 @@ from lrjax.models import MLP, mlp
 ROWS: list[dict] = []
 
 
-def timed(fn, repeats: int, cold: bool = False, setup=None) -> tuple[float, list[float]]:
+def timed(fn, repeats: int, cold: bool = False, setup=None, own_seconds: bool = False) -> tuple[float, list[float]]:
     """Median wall time of `fn(*setup())`; `setup` (untimed) builds fresh inputs such as a model;
     `cold` empties JAX's in-memory compilation caches before each repeat (outside the timing), so
-    every variant pays for all the compiling it does, as in a new process."""
+    every variant pays for all the compiling it does, as in a new process. With `own_seconds`, `fn`
+    returns the seconds to count itself (a phase of what it runs, e.g. a training run's epochs)."""
     times = []
     for _ in range(repeats):
         args = setup() if setup else ()
         if cold:
             jax.clear_caches()
         t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
+        out = fn(*args)
+        times.append(float(out) if own_seconds else time.perf_counter() - t0)
     return statistics.median(times), times
 
 
 def interleaved(section, variants: dict, repeats: int, show: bool = True, cold: bool = False,
-                setup=None) -> dict[str, float]:
-    """Every variant once (warm-up), then `repeats` rounds of all variants in turn, so that the VM's
-    slow spells hit every variant alike; rows show medians, the first variant is the baseline.
-    `cold` and `setup` as in `timed`."""
-    for fn in variants.values():
+                setup=None, own_seconds: bool = False, warmup: bool = True) -> dict[str, float]:
+    """Every variant once (warm-up, unless `warmup` is False), then `repeats` rounds of all variants
+    in turn, so that the VM's slow spells hit every variant alike; rows show medians, the first
+    variant is the baseline. `cold`, `setup` and `own_seconds` as in `timed`."""
+    for fn in variants.values() if warmup else ():
         fn(*(setup() if setup else ()))
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(timed(fn, 1, cold, setup)[0])
+            times[name].append(timed(fn, 1, cold, setup, own_seconds)[0])
     medians = {name: statistics.median(t) for name, t in times.items()}
     if show:
         base = None
@@ -451,8 +453,10 @@ def bench_input(data, a):
     """Streamed (`--input stream`: Grain over (a) the TFDS ArrayRecord preparation, PNG-decoded on the
     host, and (b) a uint8 .npy memmap) vs resident, in one process: the MLP's range test (one epoch,
     batch 32) and a training epoch at batch 32 and 256, and the CNN's training epoch on `--cnn-train`
-    images. Each row is the compute phase only (`find_lr`'s wall time less its compile, `fit`'s
-    train_s: steps, input and validation), median of `--repeats` interleaved rounds after a warm-up.
+    images. Each row is the compute phase only: `find_lr`'s wall time less its compile (median of
+    `--repeats` interleaved rounds after a warm-up); for training, the median epoch (steps, input,
+    validation) from the third on of `--input-epochs`-epoch runs (the steady cost of a long run),
+    then each run's first epoch, which holds the pipeline's start-up (Grain's worker processes).
     Needs --data-dir (the TFDS preparation is made once in a temporary folder from the IDX files)."""
     from lrjax import sources, tfds_source
     from lrjax.idx import read_idx_folder
@@ -472,38 +476,40 @@ def bench_input(data, a):
         tfds = sources.tfds_splits("fashion_mnist", str(tmp / "tfds"))
         paths = {"resident": data, "stream, memmap": memmap, "stream, TFDS": tfds}
 
-        def compare(label, measure):
-            times = {name: [] for name in paths}
-            for name, d in paths.items():  # warm-up: compiles, TFDS reader and worker start-up
-                measure(d)
-            for _ in range(a.repeats):
-                for name, d in paths.items():
-                    times[name].append(measure(d))
-            base = None
-            for name, t in times.items():
-                seconds = statistics.median(t)
-                row("input", f"{label}, {name}", seconds, base)
-                base = base or seconds
+        def compare(label, measure, warmup=True):
+            return interleaved("input", {f"{label}, {name}": functools.partial(measure, name, d)
+                                         for name, d in paths.items()}, a.repeats, own_seconds=True, warmup=warmup)
 
-        def range_test(d):
+        def range_test(name, d):
             r = lrjax.find_lr(mlp(784, seed=0), optax.sgd, d, batch_size=32, seed=0, start_lr=1e-3, factor=1.005,
                               stop_on_divergence=False)
             return r.wall_time_s - r.compile_time_s
 
-        def epoch(model_fn, bs):
-            def measure(d):
-                r = lrjax.fit(model_fn(), optax.sgd, d, lr=0.01, epochs=1, batch_size=bs, seed=0, progress=None)
-                return r.timings["train_s"]
-            return measure
+        first = {}  # (label, path) -> each run's first epoch (the pipeline's start-up and warm-up in it)
+
+        def epochs(label, model_fn, bs):
+            def measure(name, d):  # a run's steady epochs (from the third on): what a long run pays per epoch
+                r = lrjax.fit(model_fn(), optax.sgd, d, lr=0.01, epochs=a.input_epochs, batch_size=bs, seed=0,
+                              progress=None)
+                times = [h["epoch_time_s"] for h in r.history]
+                first.setdefault((label, name), []).append(times[0])
+                return statistics.median(times[2:])
+
+            compare(label, measure, warmup=False)
+            base = None
+            for name in paths:
+                seconds = statistics.median(first[label, name])
+                row("input", f"  its first epoch, {name}", seconds, base, note="start-up and warm-up")
+                base = base or seconds
 
         compare("MLP range test, batch 32", range_test)
         for bs in (32, 256):
-            compare(f"MLP epoch + validation, batch {bs}", epoch(lambda: mlp(784, seed=42), bs))
+            epochs(f"MLP epoch + validation, batch {bs}", lambda: mlp(784, seed=42), bs)
         n = a.cnn_train  # the first n training images of every path, the same validation set
         paths = {"resident": data.take(n, len(data.x_valid), len(data.x_test)),
                  **{name: dataclasses.replace(d, train=dataclasses.replace(d.train, keys=d.train.keys[:n]))
                     for name, d in (("stream, memmap", memmap), ("stream, TFDS", tfds))}}
-        compare(f"CNN epoch + validation ({n} images), batch 32", epoch(lambda: lrjax.cnn(seed=42), 32))
+        epochs(f"CNN epoch + validation ({n} images), batch 32", lambda: lrjax.cnn(seed=42), 32)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -627,6 +633,8 @@ def main():
     p.add_argument("--run-epochs", type=int, default=5)
     p.add_argument("--io-epochs", type=int, default=8)
     p.add_argument("--cnn-train", type=int, default=11000, help="training images of the cnn section")
+    p.add_argument("--input-epochs", type=int, default=4, help="epochs of each run of the input section (its "
+                   "rows: the median epoch from the third on)")
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()

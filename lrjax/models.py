@@ -76,12 +76,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def conv_general_dilated(inputs, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`jax.lax.conv_general_dilated` for nnx.Conv, with a faster weight gradient on CPUs.
+    """`jax.lax.conv_general_dilated` for nnx.Conv, as matrix products on CPUs.
 
-    XLA's CPU backend computes a convolution's kernel gradient as another convolution that ran ~5x
-    slower than the forward pass here; as a sum of kh*kw matrix products of shifted input windows
-    with the output gradient it costs about one forward pass. Only plain 2-D NHWC convolutions (no
-    dilation, one feature group) on the CPU take that path; everything else is lax's own."""
+    XLA's CPU convolutions are slow where lrjax runs them: inside a compiled loop (`lax.scan`) a
+    training step of the CNN ran ~6x slower than the same step jitted alone, and a kernel gradient
+    computed as a convolution ~5x slower than the forward pass. As one matrix product of the input's
+    kh*kw shifted windows with the kernel (im2col), the forward pass and both gradients (autodiff:
+    two more matrix products) are plain dots. Only plain 2-D NHWC convolutions (no dilation, one
+    feature group) on the CPU take that path; everything else is lax's own."""
     nhwc = ("NHWC", "HWIO", "NHWC")
     plain = (jax.default_backend() == "cpu" and inputs.ndim == 4 and feature_group_count == 1
              and all(v is None for v in kwargs.values())  # nnx.Conv passes out_sharding=None
@@ -96,34 +98,16 @@ def conv_general_dilated(inputs, kernel, window_strides, padding, lhs_dilation=N
     return _conv2d(inputs, kernel, tuple(window_strides), tuple(tuple(p) for p in padding))
 
 
-def _conv_nhwc(x, k, strides, pads):
-    return jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv2d(x, k, strides, pads):
-    return _conv_nhwc(x, k, strides, pads)
-
-
-def _conv2d_fwd(x, k, strides, pads):
-    return _conv_nhwc(x, k, strides, pads), (x, k)
-
-
-def _conv2d_bwd(strides, pads, residuals, g):
-    x, k = residuals
+    """NHWC x HWIO convolution as one matrix product of the padded input's shifted windows."""
     kh, kw, cin, cout = k.shape
     (sh, sw), ((top, bottom), (left, right)) = strides, pads
-    n, h, w, _ = g.shape
-    _, input_vjp = jax.vjp(lambda x: _conv_nhwc(x, k, strides, pads), x)
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    g2 = g.reshape(n * h * w, cout)
-    # dk[i, j] = sum over (n, y, x) of window (i, j) of the input, outer the output gradient
-    windows = [[padded[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw].reshape(n * h * w, cin).T @ g2
-                for j in range(kw)] for i in range(kh)]
-    return input_vjp(g)[0], jnp.stack([jnp.stack(row) for row in windows]).astype(k.dtype)
-
-
-_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+    n, height, width, _ = padded.shape
+    h, w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    windows = jnp.concatenate([padded[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw]
+                               for i in range(kh) for j in range(kw)], axis=-1)  # [n, h, w, (i, j, c)]
+    return (windows.reshape(n * h * w, kh * kw * cin) @ k.reshape(kh * kw * cin, cout)).reshape(n, h, w, cout)
 
 
 def mlp(in_features: int, hidden_sizes: Sequence[int] = (300, 100), num_classes: int = 10,
