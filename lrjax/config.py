@@ -52,7 +52,8 @@ class Config:
     hidden_sizes: tuple[int, ...] = _f((300, 100), "hidden layer widths of the MLP, e.g. 300,100")
     dtype: str = _f("float32", "compute dtype: float32, or bfloat16 (mixed precision: parameters and optimizer "
                     "state stay float32, the loss is computed in float32)")
-    optimizer: str = _f("sgd", f"optax optimizer: {', '.join(OPTIMIZERS)}")
+    optimizer: str | None = _f(None, f"optax optimizer: {', '.join(OPTIMIZERS)} (default by model: sgd for mlp, as the "
+                               "seed article trains it; adam for cnn, as Keras-style CNNs are trained)")
     # --- range test ---
     start_lr: float | None = _f(None, "first learning rate of the range test (default by optimizer: sgd 1e-3; "
                                 "momentum, nesterov 1e-4; adam, adamw, rmsprop 1e-6)", RANGE)
@@ -161,6 +162,10 @@ class Config:
             raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
         if not self.diverge_factor > 1:
             raise ConfigError(f"--diverge-factor must be > 1, got {self.diverge_factor}")
+        from lrjax.models import MODELS, default_optimizer
+
+        if self.optimizer is None:  # by model (frozen: set once, here)
+            object.__setattr__(self, "optimizer", default_optimizer(self.model))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         # the range as find_lr will resolve it: what is not given follows the optimizer's family
@@ -179,8 +184,6 @@ class Config:
                               f"{self.monitor!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        from lrjax.models import MODELS
-
         if self.model not in MODELS:
             raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):

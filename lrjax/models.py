@@ -146,14 +146,20 @@ def _state(cls, args: tuple, key: jax.Array) -> nnx.State:
 # passes its model options (hidden_sizes) to every builder; a builder ignores the ones it has no use for.
 ModelBuilder = Callable[..., nnx.Module]
 MODELS: dict[str, ModelBuilder] = {}
+OPTIMIZER = {}  # name -> the CLI's default --optimizer for the model
 
 
-def register_model(name: str, builder: ModelBuilder | None = None):
-    """Adds `builder` to the CLI's `--model` choices (usable as a decorator); replaces a same-named one."""
+def register_model(name: str, builder: ModelBuilder | None = None, *, optimizer: str = "sgd"):
+    """Adds `builder` to the CLI's `--model` choices (usable as a decorator); replaces a same-named one.
+    `optimizer` (a name of `lrjax.optimizers.OPTIMIZERS`) is the model's default `--optimizer`."""
     if builder is None:
-        return functools.partial(register_model, name)
-    MODELS[name] = builder
+        return functools.partial(register_model, name, optimizer=optimizer)
+    MODELS[name], OPTIMIZER[name] = builder, optimizer
     return builder
+
+
+def default_optimizer(name: str) -> str:
+    return OPTIMIZER.get(name, "sgd")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int, **options) -> nnx.Module:
@@ -169,7 +175,7 @@ def _build_mlp(input_shape, num_classes, seed, hidden_sizes=(300, 100), **_):
     return mlp(math.prod(input_shape), hidden_sizes, num_classes, seed=seed)
 
 
-@register_model("cnn")
+@register_model("cnn", optimizer="adam")  # 10 epochs: test accuracy 0.9211 with adam, 0.9071 with sgd (README)
 def _build_cnn(input_shape, num_classes, seed, **_):
     if len(input_shape) != 3:
         raise ValueError(f"--model cnn needs images (height, width, channels), got examples of shape {input_shape}")

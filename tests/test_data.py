@@ -402,6 +402,27 @@ def test_a_damaged_cache_entry_is_ignored(known_mnist, tmp_path):
     assert json.loads(_entry(cache, known_mnist / FILES["train_images"]).read_text())["sha256"]  # written anew
 
 
+def test_a_remembered_file_is_read_from_its_uncompressed_copy(known_mnist, tmp_path, monkeypatch):
+    cache, images = tmp_path / "cache", known_mnist / FILES["train_images"]
+    _settle(known_mnist)
+    first = load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    copy = _entry(cache, images).with_suffix(".idx")
+    assert copy.stat().st_size == len(gzip.decompress(images.read_bytes()))
+    real_read = idx_lib._read_bytes
+    monkeypatch.setattr(idx_lib, "_read_bytes", lambda path: pytest.fail(f"decompressed {path}"))
+    again = load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10)
+    np.testing.assert_array_equal(again.x_train, first.x_train)
+    # A damaged copy (one byte changed, same size) fails its CRC-32: the .gz is read again.
+    damaged = bytearray(copy.read_bytes())
+    damaged[-1] ^= 0xFF
+    copy.write_bytes(bytes(damaged))
+    read = []
+    monkeypatch.setattr(idx_lib, "_read_bytes", lambda path: read.append(path.name) or real_read(path))
+    np.testing.assert_array_equal(load_dataset("mnist", known_mnist, cache_dir=cache, valid_size=10).x_train,
+                                  first.x_train)
+    assert FILES["train_images"] in read and copy.read_bytes() != bytes(damaged)  # and the copy written anew
+
+
 def test_multi_member_gzip_reads_whole(idx_folder):
     # gzip.open reads every member of a concatenated file; so does lrjax's one-call reader
     raw = _raw_arrays()["train_labels"]
