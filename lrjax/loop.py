@@ -27,16 +27,22 @@ from lrjax.errors import TrainingDiverged
 class Signals:
     """SIGTERM/SIGINT become a flag read between chunks; a second SIGINT interrupts at once, also
     while the host waits for the device (`faults.wait_ready` sleeps in slices so the handler runs).
-    The handler only records (no I/O: a print could re-enter one it interrupted); the loop reports it."""
+    The handler only records (no I/O: a print could re-enter one it interrupted); the loop reports it.
+
+    A KeyboardInterrupt that lands where Python cannot raise it (a garbage-collector callback, a
+    finalizer) would be printed as "Exception ignored" and lost; `sys.unraisablehook` catches that
+    one silently and `check()` (between chunks and while waiting) raises it again."""
 
     def __init__(self):
         self.received: str | None = None
         self._old = {}
+        self._hook, self._lost = None, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _handle(self, signum, frame):
@@ -44,9 +50,22 @@ class Signals:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
+    def _unraisable(self, unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._lost = True
+        else:
+            self._hook(unraisable)
+
+    def check(self) -> None:
+        if self._lost:
+            self._lost = False
+            raise KeyboardInterrupt
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._hook is not None:
+            sys.unraisablehook = self._hook
 
 
 def agreed_signal(received: str | None) -> str | None:
@@ -199,6 +218,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoc
     pending, failed, said = None, None, []
 
     def announce():  # outside the handler, which only records (see Signals)
+        signals.check()
         if signals.received and signals.received not in said:
             said.append(signals.received)
             log(f"lrjax: {signals.received} received: stopping after this chunk of steps, with a checkpoint")

@@ -577,3 +577,37 @@ def test_processes_agree_on_falling_back_and_on_refusing(tmp_path):
     assert "input/output error; it was left in place" in outs[1][1]
     assert "another process could not read checkpoint" in outs[0][1]
     assert step_dirs(tmp_path / "mp" / "checkpoints") == before
+
+
+def test_an_interrupt_lost_in_a_gc_callback_is_raised_again():
+    """A second Ctrl-C can land inside a garbage-collector callback (JAX registers one), where Python
+    prints "Exception ignored" and drops it: `Signals` keeps it and raises it between chunks."""
+    import gc
+
+    from lrjax.loop import Signals
+
+    def callback(phase, info):
+        if phase == "start":
+            raise KeyboardInterrupt
+
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(type(u.exc_value))
+    try:
+        with Signals() as signals:
+            gc.callbacks.append(callback)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(callback)
+            with pytest.raises(KeyboardInterrupt):
+                signals.check()
+            signals.check()  # raised once
+            gc.callbacks.append(lambda phase, info: 1 / 0)  # other errors still reach the previous hook
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.pop()
+    finally:
+        sys.unraisablehook = previous
+    assert seen and set(seen) == {ZeroDivisionError}  # (start and stop phases)
