@@ -322,16 +322,29 @@ def bench_seeds(data, a):
         interleaved("seeds", variants, max(1, a.repeats - 1))
 
 
+def compiled_epoch(train, valid, batch_size: int):
+    """`fit`'s programs for one epoch: the whole epoch as one `steps.train_chunk` over its host order
+    (`steps.epoch_batches`), then `steps.evaluate`; a function of the state, waited for."""
+    idx, w = (jnp.asarray(a) for a in steps.epoch_batches(0, 1, steps.num_examples(train), batch_size))
+    spe = len(idx)
+
+    def run(state):
+        state, m = steps.train_chunk(state, train, idx, w, np.int32(0), np.int32(spe), length=spe, masked=False)
+        jax.device_get((m, steps.evaluate(state, valid, batch_size=1000)))
+        return state
+
+    return run
+
+
 def bench_epoch(data, a):
     train, valid = jax.tree.map(jnp.asarray, ((data.x_train, data.y_train), (data.x_valid, data.y_valid)))
     for bs in (32, 256):
         state = steps.init_state(mlp(data.in_features, seed=42), optax.sgd, 0.01)
+        epoch = compiled_epoch(train, valid, bs)
 
-        def lrjax_epoch(bs=bs):
+        def lrjax_epoch():
             nonlocal state
-            state, m = steps.train_epoch(state, train, jax.random.key(0), batch_size=bs)
-            v = steps.evaluate(state, valid, batch_size=1000)
-            jax.device_get((m, v))
+            state = epoch(state)
 
         variants = {f"batch {bs}: jitted step, Python loop + eval": lambda bs=bs: python_loop_epoch(data, bs),
                     f"batch {bs}: lrjax compiled epoch + eval": lrjax_epoch}
@@ -431,11 +444,11 @@ def bench_cnn(data, a):
     for bs in (32, 128):
         state = steps.init_state(lrjax.cnn(seed=42), optax.sgd, 0.01)
         num_steps = -(-len(sub.x_train) // bs)
+        epoch = compiled_epoch(train, valid, bs)
 
-        def lrjax_epoch(bs=bs):
+        def lrjax_epoch():
             nonlocal state
-            state, m = steps.train_epoch(state, train, jax.random.key(0), batch_size=bs)
-            jax.device_get((m, steps.evaluate(state, valid, batch_size=1000)))
+            state = epoch(state)
 
         kw = dict(batch_size=bs, num_steps=num_steps, start_lr=1e-3, factor=1.005)
         interleaved("cnn", {

@@ -200,47 +200,38 @@ def eval_step(state: TrainState, batch: Batch, weights) -> dict[str, jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch order, drawn on device
+# Batch order, drawn on the host
 # ---------------------------------------------------------------------------------------------
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int | None = None):
-    """Index matrix (num_steps, batch_size) and weights for shuffled passes over `n` examples.
-
-    Each pass is a fresh permutation (pass p uses `fold_in(key, p)`); a pass's last partial batch is
-    padded with weight-0 rows, so every step has the same shape and no example is dropped (as Keras).
-    Traceable: the training epoch draws its order inside its compiled program.
-    """
-    return _batch_order(lambda p: jax.random.permutation(jax.random.fold_in(key, p), n), jnp, n, batch_size,
-                        num_steps)
-
-
 def host_batch_order(seed: int, n: int, batch_size: int, num_steps: int | None = None):
-    """`epoch_indices` drawn on the host (numpy's PCG64 seeded with `seed`, one permutation per pass)
-    as numpy arrays: the range test's order, where ~1 ms of numpy replaces a threefry-and-sort program
-    that took ~0.18 s to compile (see README, Performance). Its first pass is `epoch_batches(seed, 1)`'s."""
+    """Index matrix (num_steps, batch_size) and weights for shuffled passes over `n` examples, drawn
+    on the host (numpy's PCG64 seeded with `seed`, one permutation per pass; ~1 ms of numpy instead
+    of a threefry-and-sort program that took ~0.18 s to compile): the range test's order. Each pass's
+    last partial batch is padded with weight-0 rows (the pass's first examples again), so every step
+    has the same shape and no example is dropped (as Keras). Its first pass is `epoch_batches(seed, 1)`'s."""
     rng = np.random.default_rng(seed)
-    return _batch_order(lambda p: rng.permutation(n).astype(np.int32), np, n, batch_size, num_steps)
+    return _batch_order(lambda p: rng.permutation(n).astype(np.int32), n, batch_size, num_steps)
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The batches (idx, w) of training epoch `epoch` (1-based), drawn on the host from
     `data.epoch_permutation(seed, epoch - 1, n)` alone: the order of `fit` (resident or streamed)
     and of every member of a sweep with that seed."""
-    return _batch_order(lambda p: epoch_permutation(seed, epoch - 1, n), np, n, batch_size, None)
+    return _batch_order(lambda p: epoch_permutation(seed, epoch - 1, n), n, batch_size, None)
 
 
-def _batch_order(permutation, xp, n: int, batch_size: int, num_steps: int | None):
+def _batch_order(permutation, n: int, batch_size: int, num_steps: int | None):
     per_epoch = steps_per_epoch(n, batch_size)
     num_steps = per_epoch if num_steps is None else num_steps
     passes = steps_per_epoch(num_steps, per_epoch)
     padded = per_epoch * batch_size
-    wrap = xp.arange(padded) % n  # the padding repeats the pass's first examples (weight 0)
-    idx = xp.concatenate([permutation(p)[wrap] for p in range(passes)]).reshape(-1, batch_size)[:num_steps]
-    w = xp.tile(xp.arange(padded) < n, passes).reshape(-1, batch_size)[:num_steps].astype(xp.float32)
+    wrap = np.arange(padded) % n  # the padding repeats the pass's first examples (weight 0)
+    idx = np.concatenate([permutation(p)[wrap] for p in range(passes)]).reshape(-1, batch_size)[:num_steps]
+    w = np.tile(np.arange(padded) < n, passes).reshape(-1, batch_size)[:num_steps].astype(np.float32)
     return idx, w
 
 
@@ -255,39 +246,9 @@ def gather_batch(examples, idx, w) -> tuple[Batch, jax.Array]:
     return jax.tree.map(lambda a: mesh_lib.shard_batch(a[idx]), examples), mesh_lib.shard_batch(w)
 
 
-def epoch_key(seed_key: jax.Array, epoch: int | jax.Array) -> jax.Array:
-    """Data order of an epoch derives from (seed, epoch) only, so a resumed run sees the same batches."""
-    return jax.random.fold_in(seed_key, epoch)
-
-
 # ---------------------------------------------------------------------------------------------
 # Compiled programs
 # ---------------------------------------------------------------------------------------------
-
-def scan_train(state: TrainState, examples, idx, w):
-    """Runs `train_step` over the rows of (idx, w); returns the state and per-step metrics."""
-
-    def body(state, batch_idx):
-        return train_step(state, *gather_batch(examples, *batch_idx))
-
-    return jax.lax.scan(body, state, (idx, w))
-
-
-def epoch_metrics(metrics, w):
-    """Example-weighted means of per-step metrics (the loss and the task's) over an epoch."""
-    counts = jnp.sum(w, axis=-1)
-    total = jnp.sum(counts)
-    return {k: jnp.sum(v * counts) / total for k, v in metrics.items() if k != "lr"}
-
-
-# Not donated: the host keeps references to the state between epochs (async checkpoint, best weights).
-@partial(jax.jit, static_argnames=("batch_size",))
-def train_epoch(state: TrainState, examples, key, *, batch_size: int):
-    """One shuffled epoch as one compiled program: (state, epoch metrics)."""
-    idx, w = epoch_indices(key, num_examples(examples), batch_size)
-    state, metrics = scan_train(state, examples, idx, w)
-    return state, epoch_metrics(metrics, w)
-
 
 def evaluate_arrays(state: TrainState, examples, batch_size: int) -> dict[str, jax.Array]:
     """The loss and the task's metrics over all of `examples` in eval mode, scanned in padded

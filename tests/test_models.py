@@ -92,7 +92,7 @@ def test_padding_rows_are_real_examples_in_batch_statistics(data):
     loss), so BatchNorm's batch statistics are of real images, never of zeros. 10 examples, batch 8:
     the second batch holds 2 new examples and 6 repeated ones."""
     examples = (jnp.asarray(data.x_train[:10]), jnp.asarray(data.y_train[:10]))
-    idx, w = steps.epoch_indices(jax.random.key(0), 10, 8)
+    idx, w = steps.epoch_batches(0, 1, 10, 8)
     (x, _), wb = steps.gather_batch(examples, idx[1], w[1])
     assert float(wb.sum()) == 2 and np.all(np.isin(np.asarray(idx[1]), np.arange(10)))
     state = steps.init_state(bn_net(), optax.sgd, 0.1)

@@ -190,11 +190,16 @@ def test_weight_zero_rows_change_nothing():
 # --------------------------------------------------------------------------------------------
 
 
-# The training epoch draws its order on device (a jax key); the range test on the host (a numpy seed).
-ORDERS = {
-    "device": lambda seed, **kw: steps.epoch_indices(jax.random.key(seed), **kw),
-    "host": lambda seed, **kw: steps.host_batch_order(seed, **kw),
-}
+# Every order is drawn on the host: the range test's (a numpy seed), training's (`epoch_batches`,
+# which is its first pass for the same seed: see test_epoch_batches_is_the_first_pass).
+ORDERS = {"host": lambda seed, **kw: steps.host_batch_order(seed, **kw)}
+
+
+def test_epoch_batches_is_the_first_pass():
+    for seed in (0, 3, 42):
+        for a, b in zip(steps.host_batch_order(seed, 100, 8), steps.epoch_batches(seed, 1, 100, 8)):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(steps.epoch_batches(0, 2, 100, 8)[0], steps.epoch_batches(0, 1, 100, 8)[0])
 
 
 @pytest.mark.parametrize("where", ORDERS)
@@ -243,7 +248,7 @@ def test_batch_order_differs_across_seeds_and_passes(where):
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_epoch_improves_accuracy(tiny_data):
+def test_a_compiled_epoch_improves_accuracy(tiny_data):
     d = tiny_data
     model = MLP(d.in_features, (32,), d.num_classes, rngs=nnx.Rngs(0))
     state = steps.init_state(model, optax.sgd, 0.1)
@@ -251,9 +256,11 @@ def test_train_epoch_improves_accuracy(tiny_data):
     valid = jnp.asarray(d.x_valid), jnp.asarray(d.y_valid)
     before = steps.evaluate(state, valid, batch_size=64)
     losses = []
-    for epoch in range(5):
-        state, m = steps.train_epoch(state, train, steps.epoch_key(jax.random.key(0), epoch), batch_size=32)
-        losses.append(float(m["loss"]))
+    spe = steps.steps_per_epoch(len(d.x_train), 32)
+    for epoch in range(1, 6):  # fit's program and order: a whole epoch as one compiled chunk
+        idx, w = steps.epoch_batches(0, epoch, len(d.x_train), 32)
+        state, m = steps.train_chunk(state, train, idx, w, np.int32(0), np.int32(spe), length=spe, masked=False)
+        losses.append(float(np.sum(m["loss"] * m["count"]) / np.sum(m["count"])))
     after = steps.evaluate(state, valid, batch_size=64)
     assert int(state.step) == 5 * steps.steps_per_epoch(len(d.x_train), 32)
     assert losses[-1] < losses[0]
