@@ -95,6 +95,7 @@ def put(batch, w: np.ndarray, sharding: jax.sharding.NamedSharding):
     (dimension 1) by `sharding`; with several processes each passes its own rows of every batch."""
     if jax.process_count() == 1:
         return jax.device_put((batch, w), sharding)
+
     def one(a):
         shape = (a.shape[0], a.shape[1] * jax.process_count(), *a.shape[2:])
         check_process_rows(sharding, shape)
@@ -126,9 +127,8 @@ class Feed:
     _next = 0  # the global step of the next batch
 
     def zeros(self):
-        """A chunk of K padding steps on the devices (to compile the program with)."""
-        batch, w = self._take(0, peek=True)
-        return put(jax.tree.map(np.zeros_like, batch), np.zeros_like(w), self.sharding)
+        """A chunk of K padding steps on the devices, shaped like every other (to compile with)."""
+        raise NotImplementedError
 
     def take(self, count: int):
         """The next `count` (<= K) steps' (batch, w) on the devices, padded to K steps of weight 0."""
@@ -218,11 +218,14 @@ class BatchFeed(Feed):
             self._peeked = self._read()
         return self._first[2]
 
-    def _take(self, count: int, peek: bool = False):
-        if peek:
-            if self._peeked is None:
-                self._peeked = self._read()
-            return stack_steps([self._peeked], self.k)
+    def zeros(self):
+        if self._peeked is None and self._first is None:
+            self._peeked = self._read()  # the first batch shows the shapes; it is trained on later
+        treedef, specs, size = self._first
+        batch = jax.tree.unflatten(treedef, [np.zeros((self.k, size, *shape), dtype) for shape, dtype in specs])
+        return put(batch, np.zeros((self.k, size), np.float32), self.sharding)
+
+    def _take(self, count: int):
         taken = [self._read() for _ in range(count)]
         self._next += count
         return stack_steps(taken, self.k)
