@@ -66,6 +66,8 @@ class Signals:
             signal.signal(sig, old)
         if self._hook is not None:
             sys.unraisablehook = self._hook
+        if exc[0] is None:
+            self.check()  # one lost after the last check: still an interrupt
 
 
 def agreed_signal(received: str | None) -> str | None:
