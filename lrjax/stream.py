@@ -416,6 +416,13 @@ class DevicePrefetch:
 # Training from a stream: any range of global steps, in compiled calls of K steps
 # ---------------------------------------------------------------------------------------------
 
+def _zeros(stream: Stream, sharding: jax.sharding.NamedSharding):
+    """A chunk of the stream's shape (K padding steps of uint8 images, labels, weights) on the devices."""
+    shape = (stream.plan.chunk_steps, stream.plan.local_batch)
+    return put((np.zeros((*shape, *stream.split.example_shape), np.uint8), np.zeros(shape, np.int32)),
+               np.zeros(shape, np.float32), sharding)
+
+
 class StepFeed(Feed):
     """Runs the training steps [g, end) that the loop asks for (`lrjax.loop.run`'s chunks, which
     end at epoch ends and at multiples of the step cadences) from a stream whose chunks of K steps
@@ -438,9 +445,7 @@ class StepFeed(Feed):
         self._states = {0: stream.state()}  # chunk index -> the stream's state before reading it
 
     def zeros(self):
-        shape = (self.k, self.stream.plan.local_batch)
-        return put((np.zeros((*shape, *self.stream.split.example_shape), np.uint8), np.zeros(shape, np.int32)),
-                   np.zeros(shape, np.float32), self.sharding)
+        return _zeros(self.stream, self.sharding)
 
     def _take(self, count: int):
         while len(self._buffer) < count:
@@ -485,10 +490,7 @@ class StreamEvaluator:
         self.sharding = sharding
 
     def zeros(self):
-        plan = self.stream.plan
-        shape = (plan.chunk_steps, plan.local_batch)
-        return put((np.zeros((*shape, *self.stream.split.example_shape), np.uint8), np.zeros(shape, np.int32)),
-                   np.zeros(shape, np.float32), self.sharding)
+        return _zeros(self.stream, self.sharding)
 
     def __call__(self, program, state) -> dict[str, jax.Array]:
         """`program(state, batch, w)` (`steps.evaluate_stream_chunk` with `prepare=steps.uint8_images`)."""
