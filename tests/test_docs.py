@@ -196,3 +196,57 @@ def test_readme_python_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "lr_find.png").exists() and (tmp_path / "sweep.png").exists()
     assert (tmp_path / "runs" / "api" / "checkpoints").is_dir()  # fit(..., workdir="runs/api") checkpointed
+
+
+def _prose_spans(doc: Path) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", "\n".join(prose(doc.read_text())))
+
+
+MODULES = {p.stem for p in (ROOT / "lrjax").glob("*.py")}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_code_exists(doc):
+    """`lrjax.x.y` and `module.name` (an lrjax module) in the prose name something that exists."""
+    import importlib
+    missing = []
+    for span in _prose_spans(doc):
+        for mod, rest in re.findall(r"(?<![\w./])(?:lrjax\.)?([a-z_]+)((?:\.[A-Za-z_]\w*)+)", span):
+            if mod not in MODULES or rest == ".py":
+                continue
+            obj = importlib.import_module(f"lrjax.{mod}")
+            for part in rest.strip(".").split("."):
+                if not hasattr(obj, part):
+                    missing.append(f"{mod}{rest}")
+                    break
+                obj = getattr(obj, part)
+    assert not missing, f"{doc.relative_to(ROOT)} names what lrjax does not have: {missing}"
+
+
+def _expand(pattern: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    return [x for alt in m.group(1).split(",") for x in _expand(pattern[:m.start()] + alt + pattern[m.end():])]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_files_exist(doc):
+    """Repository paths in the prose (`tests/...`, `experiments/results/x.{json,txt}`, `steps.py`) exist."""
+    missing = []
+    for span in _prose_spans(doc):
+        if re.match(r"^(tests|experiments|lrjax|docs|\.ci)/\S+$", span):
+            if not all(list(ROOT.glob(p)) for p in _expand(span)):
+                missing.append(span)
+        elif re.match(r"^\w+\.py$", span):
+            if not any((ROOT / d / span).exists() for d in ("lrjax", "experiments", "tests", ".")):
+                missing.append(span)
+    assert not missing, f"{doc.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
+def test_design_draws_every_module():
+    text = (ROOT / "docs" / "design.md").read_text()
+    drawn = set(re.findall(r"(?<![/\w])(\w+)\.py\b", text))  # bare module files, not tests/x.py
+    assert not MODULES - drawn, (f"docs/design.md does not place {sorted(MODULES - drawn)} in its module drawing: "
+                                 "add each to the layer it belongs to")
+    assert not drawn - MODULES, f"docs/design.md names modules that no longer exist: {sorted(drawn - MODULES)}"
