@@ -1,14 +1,19 @@
-"""The README and docs/ stay true: every relative link resolves, and every README code block is either
-Python that compiles (and runs, in the slow test) or marked as a shell example.
+"""The README and docs/ stay true to the repository.
 
-Why the README's Python is compiled here and run only in the slow test: its examples train on the
-real Fashion-MNIST (a one-epoch range test and up to 100 epochs), which needs the data folder and
-minutes. The fast tests compile every block and check that each `lrjax.<name>` it uses exists; the
-slow one runs all README blocks in order in a fresh process, on the first examples of the real data
-with epochs capped, so an API change that breaks an example fails there.
+- Every relative link of README.md and docs/*.md resolves, anchors included.
+- Every README code block is ```python or a shell example (```sh, ```bash, ```console); none is indented.
+- Python blocks compile; the `lrjax.` names the README's code uses, the `lrjax.x.y` / `module.name`
+  names and the repository paths the prose cites exist; docs/design.md places every lrjax module.
+- Slow: the README's Python blocks run, in order, in a fresh process.
+
+Why the README's Python only compiles in the fast tests: its examples train on the real Fashion-MNIST
+(a one-epoch range test, up to 100 epochs), which needs the data folder and minutes. The slow test
+runs them unchanged on the first examples of the real data with epochs capped (~25 s), so an API
+change that breaks an example fails there.
 """
 
 import dataclasses
+import importlib
 import os
 import re
 import subprocess
@@ -150,7 +155,6 @@ def test_readme_python_names_exist():
         obj = lrjax
         for part in chain.strip(".").split("."):
             if not hasattr(obj, part):
-                import importlib
                 try:  # a submodule not re-exported yet (lrjax.callbacks, lrjax.sources, ...)
                     obj = importlib.import_module(f"{obj.__name__}.{part}")
                     continue
@@ -208,7 +212,6 @@ MODULES = {p.stem for p in (ROOT / "lrjax").glob("*.py")}
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_named_code_exists(doc):
     """`lrjax.x.y` and `module.name` (an lrjax module) in the prose name something that exists."""
-    import importlib
     missing = []
     for span in _prose_spans(doc):
         for mod, rest in re.findall(r"(?<![\w./])(?:lrjax\.)?([a-z_]+)((?:\.[A-Za-z_]\w*)+)", span):
