@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, optimizers, sources, steps, suggest, tasks
+from lrjax import feeds, optimizers, sources, steps, suggest, tasks, validate
 from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -335,6 +335,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     if feed is not None:
         batch_size = feed.batch_size * jax.process_count()
     mesh_lib.check_batch_size(batch_size, mesh)
+    validate.check_inputs("find_lr", model, data, loss_fn=loss_fn, valid=valid, feed=feed, need_valid=eval_every > 0)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
         examples = mesh_lib.replicate(split_examples(data, "train"), mesh) if kind == "arrays" else None

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, steps, tasks
+from lrjax import feeds, steps, tasks, validate
 from lrjax.data import split_examples
 from lrjax.errors import ConfigError
 from lrjax.callbacks import EarlyStopping
@@ -313,6 +313,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     if kind == "batches":
         feed, spe, batch_size, valid = feeds.for_training("sweep", data, valid, steps_per_epoch, chunk_steps, mesh)
     mesh_lib.check_batch_size(batch_size, mesh)
+    validate.check_inputs("sweep", lambda: model_fn(seeds[0]), data, loss_fn=loss_fn, valid=valid, feed=feed)
     # The rates fill whole blocks of the `members` axis: filler rates (copies of the last) never train.
     Lp = mesh_lib.padded_members(L, mesh)
     real = np.arange(Lp) < L

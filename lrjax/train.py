@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import feeds, loop, schedules, steps, tasks
+from lrjax import feeds, loop, schedules, steps, tasks, validate
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.data import split_examples
@@ -53,6 +53,7 @@ class FitResult:
     def evaluate(self, x, y=None, batch_size: int = 1000) -> dict[str, float]:
         """The loss and the task's metrics (`accuracy` for the default) on (x, y) in eval mode; with
         `y` None, `x` is the examples pytree the loss function receives."""
+        validate.check_examples("evaluate", self.model(), x, y, loss_fn=self.state.loss_fn)
         examples = jax.tree.map(jnp.asarray, x if y is None else (x, y))
         return {k: float(v) for k, v in jax.device_get(
             steps.evaluate(self.state, examples, batch_size=batch_size)).items()}
@@ -117,9 +118,11 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
     kind = feeds.kind(data)
+    validate.check_inputs("fit", model, data, loss_fn=loss_fn, valid=valid)  # arrays, splits, valid=; nothing yet written
     feed, train = None, None
     if kind == "batches":
         feed, spe, batch_size, valid = feeds.for_training("fit", data, valid, steps_per_epoch, stream_chunk_steps, mesh)
+        validate.check_first_batch("fit", model, feed, loss_fn=loss_fn)
         valid = mesh_lib.replicate(valid, mesh)
     elif kind == "splits":
         valid, n = None, len(data.train)
