@@ -431,6 +431,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
         first_div = [int(d) for d in diverged if d >= 0]
         diverged_step = min(first_div) if first_div else None
+        if diverged_step is not None and diverged_step // k == 0:  # before any update: not the rate
+            validate.not_finite_at_first_step(float(lrs[0]), models)
         if k > 1:  # back to optimizer steps: whole groups of k micro-batches, their mean loss
             length, num_steps, lrs = length // k, num_steps // k, lrs[::k]
             diverged_step = None if diverged_step is None else diverged_step // k

@@ -15,8 +15,9 @@ What is checked, per split (training, validation; `evaluate`'s x and y):
 Iterables of batches are checked on their first batch (`lrjax.feeds.BatchFeed.peek`), streamed splits
 (`lrjax.sources.Splits`) on the first examples of each split, read straight from the source.
 
-`not_finite_at_first_step` words a loss that is already non-finite at the first step (computed
-before any update, so the rate is not the cause), naming non-finite parameters where it finds them.
+`not_finite_at_first_step` (the range test) and `check_first_step` (the training loop) explain a loss
+that is already non-finite at the first step (computed before any update, so the rate is not the
+cause), naming non-finite parameters where they find them.
 
 Nothing here reads files, writes, or imports the training modules.
 """
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import tasks
-from lrjax.errors import ConfigError, DataError
+from lrjax.errors import ConfigError, DataError, TrainingDiverged
 
 # Examples of the abstract evaluation: two, so that per-example outputs (shape [2]) differ from a
 # scalar or from outputs of another leading size.
@@ -45,13 +46,14 @@ def check_inputs(who: str, model, data, *, loss_fn=tasks.classification, valid=N
     """The inputs of `who` ('find_lr', 'fit', 'sweep'): `data` as that function takes it (an object
     with x_train/y_train, a `lrjax.sources.Splits`, or an iterable of batches whose `feed`, a
     `lrjax.feeds.BatchFeed`, shows the first), `valid` the validation examples given beside an
-    iterable. `model` is an `nnx.Module`, or a function of no arguments that builds one (evaluated
-    abstractly: sweep's `model_fn`). `need_valid`: a validation split is required (fit, sweep; the
+    iterable. `model` is an `nnx.Module`, or a function of no arguments that builds one (sweep's
+    `model_fn`; built concretely: lrjax's models initialise under a top-level jit, which
+    `nnx.eval_shape` cannot nest, and the sweep runs the same compiled initialisation right after). `need_valid`: a validation split is required (fit, sweep; the
     range test only with eval_every > 0). Raises `DataError`/`ConfigError`; returns nothing."""
     from lrjax import feeds
 
     kind = feeds.kind(data)
-    model = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
+    model = model if isinstance(model, nnx.Module) else model()
     if kind == "arrays":
         splits = [("training", _pair(data, "train"))]
         if getattr(data, "x_valid", None) is not None:
@@ -75,29 +77,46 @@ def check_inputs(who: str, model, data, *, loss_fn=tasks.classification, valid=N
 def check_first_batch(who: str, model, feed, *, loss_fn=tasks.classification) -> None:
     """The first batch of an iterable (`feed`, a `lrjax.feeds.BatchFeed`), read now and still trained on
     first: the part of `check_inputs` that needs the feed (fit builds it after its array checks)."""
-    model = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
+    model = model if isinstance(model, nnx.Module) else model()
     _check_split(who, "training", model, _from_batch(feed.peek(), "data (its first batch)"), loss_fn)
 
 
 def check_examples(who: str, model, x, y=None, *, loss_fn=tasks.classification) -> None:
     """`FitResult.evaluate`'s examples: (x, y), or the examples pytree `x` where `y` is None."""
-    named = _named(x, "x") if y is None else _Named(_named(x, "x").leaves + _named(y, "y").leaves, (x, y), 1)
+    named = _from_batch(x, "x") if y is None else _from_batch((x, y), "")
+    if y is not None:  # named x and y rather than [0] and [1]
+        k = len(jax.tree.leaves(x))
+        named.leaves = [("x" + n[3:] if i < k else "y" + n[3:], a) for i, (n, a) in enumerate(named.leaves)]
     _check_split(who, "evaluation", model, named, loss_fn)
 
 
-def not_finite_at_first_step(lr: float, model=None) -> str:
-    """The message for a loss that is not finite at the first step: that loss is computed before any
-    update, so the data or the model is the cause, never the rate. With `model` (the starting one),
-    the first non-finite parameter is named."""
+def not_finite_at_first_step(lr: float, models=()) -> None:
+    """Raises `TrainingDiverged` for a loss that is not finite at the first step: that loss comes before
+    any update, so the data or the model is the cause, never the rate. The first non-finite parameter
+    of `models` (the starting ones, where the caller has them) is named."""
     msg = (f"the loss is not finite at the first step at rate {lr:.3g}: the data or the model, not the rate "
            "(the first step's loss comes before any update)")
-    if model is not None:
-        params = nnx.state(model, nnx.Param)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            bad = _first_not_finite(leaf)
+    for model in models:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
+            bad = _first_not_finite(leaf) if _is_jax_float(leaf.dtype) else None
             if bad is not None:
-                return msg + f"; the model's parameter {jax.tree_util.keystr(path)} holds {bad[1]} at {bad[0]}"
-    return msg + "; the inputs were checked finite, so look at the model's parameters and the loss function"
+                raise TrainingDiverged(msg + f"; the model's parameter {_dotted(path)} holds "
+                                       f"{bad[1]} at {list(bad[0])}: initialise it again")
+    raise TrainingDiverged(msg + "; look for inputs the checks did not see (batches after the first of a "
+                           "stream), or a loss function that is not finite on these examples (e.g. log of 0)"
+                           + ("" if models else ", or non-finite parameters"))
+
+
+def _dotted(path) -> str:
+    """A parameter's path as the model spells it: hidden.0.kernel."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def check_first_step(start: int, step_metrics: dict) -> None:
+    """For the training loop: a chunk starting at step 0 whose first loss is not finite."""
+    if start == 0 and not np.isfinite(float(np.asarray(step_metrics["loss"])[0])):
+        not_finite_at_first_step(float(np.asarray(step_metrics["lr"])[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +232,11 @@ def _first_not_finite(a) -> tuple[tuple[int, ...], float, int] | None:
         if bool(jnp.isfinite(a).all()):
             return None
     a = np.asarray(a)  # free for numpy arrays and for jax arrays on the CPU
-    if a.dtype.itemsize < 4:  # float16/bfloat16 sums overflow early: sum in float32
-        total = np.sum(a, dtype=np.float32)
-    else:
-        total = np.sum(a)
-    with np.errstate(all="ignore"):
-        if np.isfinite(total):
-            return None
+    with np.errstate(all="ignore"):  # an overflowing sum is checked element by element below
+        # float16/bfloat16 sums overflow early: those are summed in float32
+        total = np.sum(a, dtype=np.float32 if a.dtype.itemsize < 4 else None)
+    if np.isfinite(total):
+        return None
     bad = ~np.isfinite(a)
     count = int(np.count_nonzero(bad))
     if count == 0:  # the sum overflowed, every value is finite
