@@ -248,3 +248,126 @@ def test_fit_says_first_step_not_the_rate(tmp_path):
 def test_range_test_first_step_without_a_bad_parameter():
     with pytest.raises(TrainingDiverged, match="loss function that is not finite"):
         lrjax.find_lr(model(), optax.sgd, dataset(), num_steps=4, progress=None, loss_fn=nan_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches that heal: the decoded TFDS arrays (.npz) and the IDX copies
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_tfds(monkeypatch):
+    """lrjax.tfds_source without TFDS: a prepared 'mnist' of 30 train and 10 test images; counts decodes."""
+    from lrjax import tfds_source
+
+    rng = np.random.default_rng(4)
+    splits = {s: (rng.integers(0, 256, (n, 28, 28, 1), np.uint8), rng.integers(0, 10, n).astype(np.int64))
+              for s, n in (("train", 30), ("test", 10))}
+    decodes = []
+    monkeypatch.setattr(tfds_source, "prepared_version", lambda name, data_dir: "3.0.1")
+    monkeypatch.setattr(tfds_source, "prepared_fingerprint", lambda name, data_dir: "fixed")
+    monkeypatch.setattr(tfds_source, "class_names", lambda name, data_dir: None)
+    monkeypatch.setattr(tfds_source, "load_tfds_arrays", lambda *a, **k: decodes.append(1) or splits)
+    return splits, decodes
+
+
+def load_through_tfds(tmp_path):
+    return lrjax.load_dataset("mnist", cache_dir=tmp_path / "cache", tfds_data_dir=tmp_path / "tfds", valid_size=5)
+
+
+def entries(tmp_path):
+    return sorted((tmp_path / "cache" / "tfds" / "mnist").glob("*"))
+
+
+def test_a_truncated_array_cache_entry_is_removed_and_rebuilt(fake_tfds, tmp_path, capsys):
+    splits, decodes = fake_tfds
+    load_through_tfds(tmp_path)
+    [entry] = entries(tmp_path)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a partial write
+    capsys.readouterr()
+    again = load_through_tfds(tmp_path)
+    np.testing.assert_array_equal(again.y_test, splits["test"][1])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0] and str(entry) in lines[0], lines
+    assert len(decodes) == 2 and entries(tmp_path) == [entry]
+    load_through_tfds(tmp_path)  # the rebuilt entry is good: read, not decoded
+    assert len(decodes) == 2 and capsys.readouterr().err == ""
+
+
+def test_an_array_cache_entry_of_another_shape_is_rebuilt(fake_tfds, tmp_path, capsys):
+    splits, decodes = fake_tfds
+    load_through_tfds(tmp_path)
+    [entry] = entries(tmp_path)
+    np.savez(entry, train_images=splits["train"][0], train_labels=splits["train"][1][:3],
+             test_images=splits["test"][0], test_labels=splits["test"][1])
+    assert load_through_tfds(tmp_path).y_train.shape == (25,)
+    assert "damaged" in capsys.readouterr().err and len(decodes) == 2
+
+
+@pytest.mark.parametrize("errno_", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_cache_folder_means_running_without_the_cache(fake_tfds, tmp_path, capsys, monkeypatch,
+                                                                          errno_):
+    import errno
+    import os
+
+    from lrjax import data as data_lib
+
+    def refuse(path, **arrays):  # as the filesystem refuses (a chmod would not stop root)
+        open(path, "wb").close() if errno_ == "ENOSPC" else None  # a full disk leaves a partial file
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(data_lib.np, "savez", refuse)
+    ds = load_through_tfds(tmp_path)
+    np.testing.assert_array_equal(ds.y_test, fake_tfds[0]["test"][1])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "running without the cache" in lines[0] and os.strerror(getattr(errno, errno_)) in lines[0]
+    assert entries(tmp_path) == []  # the partial file is gone too
+
+
+def test_two_writers_at_once_leave_one_good_entry(fake_tfds, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = tmp_path / "cache" / "tfds" / "mnist"
+    other.mkdir(parents=True)
+    in_progress = other / "3.0.1-000000000000-000000000000.4242.1.tmp.npz"  # another process's, mid-write
+    in_progress.write_bytes(b"PK")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: load_through_tfds(tmp_path), range(2)))
+    good = [e for e in entries(tmp_path) if ".tmp" not in e.name]
+    assert len(good) == 1 and in_progress.exists()  # the other writer's file is left alone
+    with np.load(good[0]) as z:
+        np.testing.assert_array_equal(z["train_labels"], fake_tfds[0]["train"][1])
+
+
+def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
+    import gzip
+    import hashlib
+    import os
+    import time
+
+    from lrjax import idx as idx_lib
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    arrays = {"train_images": rng.integers(0, 256, (20, 28, 28)), "train_labels": rng.integers(0, 10, 20),
+              "test_images": rng.integers(0, 256, (5, 28, 28)), "test_labels": rng.integers(0, 10, 5)}
+    old = time.time() - 60  # settled files: only those are remembered
+    for key, array in arrays.items():
+        idx_lib.write_idx_gz(folder / idx_lib.FILES[key], array)
+        os.utime(folder / idx_lib.FILES[key], (old, old))
+    sums = {key: hashlib.sha256(gzip.decompress((folder / name).read_bytes())).hexdigest()
+            for key, name in idx_lib.FILES.items()}
+    monkeypatch.setitem(idx_lib.SHA256, "mnist", sums)  # checked files are the ones remembered
+    cache = tmp_path / "cache"
+    idx_lib.read_idx_folder(folder, "mnist", cache_dir=cache)
+    copies = sorted((cache / "idx").glob("*.idx"))
+    assert len(copies) == 4
+    sizes = [c.stat().st_size for c in copies]
+    big = int(np.argmax(sizes))
+    copies[big].write_bytes(copies[big].read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    out = idx_lib.read_idx_folder(folder, "mnist", cache_dir=cache)
+    np.testing.assert_array_equal(out["test_labels"], arrays["test_labels"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0] and "rebuilding" in lines[0], lines
+    assert [c.stat().st_size for c in copies] == sizes  # rebuilt
