@@ -222,15 +222,28 @@ def _first_value(a):
     return a.reshape(-1)[0].item() if a.size else None
 
 
+def _on_host(a) -> bool:
+    """numpy reads `a` in place: a numpy array, or a jax array held whole by this process's CPU devices.
+    Any other jax array (an accelerator's, another process's rows) is checked where it lives, with
+    jax.numpy reductions whose scalars alone come back."""
+    if not isinstance(a, jax.Array):
+        return True
+    return a.is_fully_addressable and all(d.platform == "cpu" for d in a.devices())
+
+
 def _first_not_finite(a) -> tuple[tuple[int, ...], float, int] | None:
     """(index, value, count) of the first non-finite value of a floating array, or None if all are finite.
     The common case costs one sum (NaN and inf propagate into it); only a non-finite sum (or an
     overflowing one) scans element by element."""
-    if isinstance(a, jax.Array) and a.devices() and next(iter(a.devices())).platform != "cpu":
+    if not _on_host(a):
         import jax.numpy as jnp
 
-        if bool(jnp.isfinite(a).all()):
+        bad = ~jnp.isfinite(a)
+        if not bool(bad.any()):
             return None
+        flat = int(jnp.argmax(bad.ravel()))
+        return (tuple(int(i) for i in np.unravel_index(flat, a.shape)), float(a.ravel()[flat]),
+                int(bad.sum()))
     a = np.asarray(a)  # free for numpy arrays and for jax arrays on the CPU
     with np.errstate(all="ignore"):  # an overflowing sum is checked element by element below
         # float16/bfloat16 sums overflow early: those are summed in float32
@@ -271,14 +284,18 @@ def _check_labels(who: str, name: str, y, classes: int) -> None:
     if y.ndim != 1:
         raise DataError(f"{who}: {name} has shape {tuple(y.shape)}; the default task takes one class index per "
                         "example, shape (examples,)" + (" (one-hot labels: y.argmax(-1))" if y.ndim == 2 else ""))
-    y = np.asarray(y)
+    if not _on_host(y):
+        import jax.numpy as jnp
+        xp = jnp
+    else:
+        y, xp = np.asarray(y), np
     low, high = int(y.min()), int(y.max())
     if low >= 0 and high < classes:
         return
     bad = (y < 0) | (y >= classes)
-    i = int(np.argmax(bad))
+    i = int(xp.argmax(bad))
     raise DataError(f"{who}: {name} holds label {int(y[i])} at index {i}, outside [0, {classes}) (the model has "
-                    f"{classes} outputs; {int(np.count_nonzero(bad))} labels are out of range): fix the labels "
+                    f"{classes} outputs; {int(bad.sum())} labels are out of range): fix the labels "
                     "or build the model with one output per class")
 
 

@@ -371,3 +371,16 @@ def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "damaged" in lines[0] and "rebuilding" in lines[0], lines
     assert [c.stat().st_size for c in copies] == sizes  # rebuilt
+
+
+def test_device_arrays_are_checked_where_they_live(monkeypatch):
+    # jax arrays off the host (an accelerator's, another process's rows) are reduced with jax.numpy;
+    # here the CPU's arrays are taken for such arrays
+    monkeypatch.setattr(validate, "_on_host", lambda a: False)
+    d = dataset()
+    x = jnp.asarray(d.x_train).at[5, 2, 3].set(jnp.inf)
+    with pytest.raises(DataError, match=r"x_train holds inf at x_train\[5, 2, 3\] \(1 of"):
+        validate.check_inputs("fit", model(), dataset(x_train=x))
+    with pytest.raises(DataError, match="y_train holds label 3 at index 4"):
+        validate.check_inputs("fit", model(), dataset(y_train=jnp.asarray(d.y_train).at[4].set(3)))
+    validate.check_inputs("fit", model(), dataset(x_train=jnp.asarray(d.x_train), y_train=jnp.asarray(d.y_train)))
