@@ -12,10 +12,12 @@ What is checked, per split (training, validation; `evaluate`'s x and y):
     the loss function returns per-example losses and metrics. Both are learned by abstract
     evaluation (`jax.eval_shape` on two examples' shapes): a trace, no compile, no device work.
 
-Iterables of batches are checked on their first batch (`lrjax.feeds.BatchFeed.peek`), streamed splits
-(`lrjax.sources.Splits`) on the first examples of each split, read straight from the source.
+Arrays are checked as they were passed, on the host, before `lrjax.inputs.make_input` copies them
+to the devices; streamed splits (`lrjax.sources.Splits`) on the first examples of each split, read
+straight from the source; iterables of batches on their first batch (`lrjax.feeds.BatchFeed.peek`,
+once the input has read it: `check_first_batch`).
 
-`not_finite_at_first_step` (the range test) and `check_first_step` (the training loop) explain a loss
+`range_first_step` (the range test) and `check_first_step` (the training loop) explain a loss
 that is already non-finite at the first step (computed before any update, so the rate is not the
 cause), naming non-finite parameters where they find them.
 
@@ -41,44 +43,49 @@ _PROBE = 2
 _STREAM_PROBE = 256
 
 
-def check_inputs(who: str, model, data, *, loss_fn=tasks.classification, valid=None, feed=None,
-                 need_valid: bool = True) -> None:
-    """The inputs of `who` ('find_lr', 'fit', 'sweep'): `data` as that function takes it (an object
-    with x_train/y_train, a `lrjax.sources.Splits`, or an iterable of batches whose `feed`, a
-    `lrjax.feeds.BatchFeed`, shows the first), `valid` the validation examples given beside an
-    iterable. `model` is an `nnx.Module`, or a function of no arguments that builds one (sweep's
-    `model_fn`; built concretely: lrjax's models initialise under a top-level jit, which
-    `nnx.eval_shape` cannot nest, and the sweep runs the same compiled initialisation right after). `need_valid`: a validation split is required (fit, sweep; the
-    range test only with eval_every > 0). Raises `DataError`/`ConfigError`; returns nothing."""
-    from lrjax import feeds
+def check_input(who: str, model, data, *, loss_fn=tasks.classification, valid=None, need_valid: bool = True) -> None:
+    """The data of `who` ('find_lr', 'fit', 'sweep') as it was passed, before `lrjax.inputs.make_input`
+    copies anything to a device: arrays (an object with x_train, ...), a streamed `lrjax.sources.Splits`
+    (its first examples), or the `valid=` given beside an iterable of batches (whose first batch
+    `check_first_batch` checks once the input has read it). Any other kind (an `Input` of a
+    researcher's own) is not checked. `model` is an `nnx.Module`, or a function of no arguments that
+    builds one (sweep's `model_fn`: built only when there is something to check, concretely, since
+    lrjax's models initialise under a top-level jit, which `nnx.eval_shape` cannot nest).
+    `need_valid`: a validation split is required (fit, sweep; the range test with eval_every > 0)."""
+    from lrjax import feeds, sources
 
-    kind = feeds.kind(data)
-    model = model if isinstance(model, nnx.Module) else model()
-    if kind == "arrays":
-        splits = [("training", _pair(data, "train"))]
-        if getattr(data, "x_valid", None) is not None:
-            v = _pair(data, "valid")
-            if need_valid or _rows(v) != 0:
-                splits.append(("validation", v))
-        elif need_valid:
-            raise DataError(f"{who}: data has no x_valid: training monitors the validation loss; give "
-                            "x_valid and y_valid (e.g. the first examples of the training set)")
-    elif kind == "splits":
-        _check_stream(who, model, data, loss_fn)
+    if isinstance(data, sources.Splits):
+        _check_stream(who, _module(model), data, loss_fn)
         return
-    else:
-        splits = [] if feed is None else [("training", _from_batch(feed.peek(), "data (its first batch)"))]
-    if valid is not None and kind != "arrays":
-        splits.append(("validation", _from_valid(valid)))
+    if isinstance(data, feeds.Input):
+        return
+    if not hasattr(data, "x_train"):  # an iterable: its valid= here, its first batch later
+        if valid is not None:
+            _check_split(who, "validation", _module(model), _from_valid(valid), loss_fn)
+        return
+    splits = [("training", _pair(data, "train"))]
+    if getattr(data, "x_valid", None) is not None:
+        v = _pair(data, "valid")
+        if need_valid or _rows(v) != 0:
+            splits.append(("validation", v))
+    elif need_valid:
+        raise DataError(f"{who}: data has no x_valid: training monitors the validation loss; give "
+                        "x_valid and y_valid (e.g. the first examples of the training set)")
+    model = _module(model)
     for what, named in splits:
         _check_split(who, what, model, named, loss_fn)
 
 
-def check_first_batch(who: str, model, feed, *, loss_fn=tasks.classification) -> None:
-    """The first batch of an iterable (`feed`, a `lrjax.feeds.BatchFeed`), read now and still trained on
-    first: the part of `check_inputs` that needs the feed (fit builds it after its array checks)."""
-    model = model if isinstance(model, nnx.Module) else model()
-    _check_split(who, "training", model, _from_batch(feed.peek(), "data (its first batch)"), loss_fn)
+def check_first_batch(who: str, model, inp, *, loss_fn=tasks.classification) -> None:
+    """The first batch of an iterable's `Input` (`lrjax.feeds.IterableInput`), read now and still the
+    first trained on; nothing for the other kinds (`check_input` has seen their data)."""
+    feed = getattr(inp, "feed", None) if inp.kind == "iterable" else None
+    if feed is not None:
+        _check_split(who, "training", _module(model), _from_batch(feed.peek(), "data (its first batch)"), loss_fn)
+
+
+def _module(model):
+    return model if isinstance(model, nnx.Module) else model()
 
 
 def check_examples(who: str, model, x, y=None, *, loss_fn=tasks.classification) -> None:
@@ -111,6 +118,12 @@ def _dotted(path) -> str:
     """A parameter's path as the model spells it: hidden.0.kernel."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def range_first_step(diverged_step: int | None, lr: float, models) -> None:
+    """For the range test: a test that stopped at its first (optimizer) step, before any update."""
+    if diverged_step == 0:
+        not_finite_at_first_step(lr, models)
 
 
 def check_first_step(start: int, step_metrics: dict) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +265,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
 
             evaluator = stream.StreamEvaluator(data.test, cfg.eval_batch_size, stream.chunk_sharding(mesh))
             try:
-                test = {k: float(v) for k, v in jax.device_get(evaluator(partial(steps.evaluate_stream_chunk, prepare=steps.uint8_images),
-                                                                         result.state)).items()}
+                evaluator.compile(result.state)
+                test = {k: float(v) for k, v in jax.device_get(evaluator(result.state)).items()}
             finally:
                 evaluator.close()
         else:

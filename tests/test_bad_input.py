@@ -78,13 +78,18 @@ def test_bad_arrays_are_refused_naming_the_argument(case, fn, tmp_path):
     assert_nothing_written(workdir)
 
 
+def check(who, model, data, **kw):
+    """`validate.check_input` on arrays, as the entry points call it."""
+    validate.check_input(who, model, data, **kw)
+
+
 def test_good_arrays_pass_the_checks_without_compiling():
     d = dataset()
-    validate.check_inputs("fit", model(), d)  # raises nothing
-    validate.check_inputs("find_lr", model(), dataset(x_valid=None, y_valid=None), need_valid=False)
+    check("fit", model(), d)  # raises nothing
+    check("find_lr", model(), dataset(x_valid=None, y_valid=None), need_valid=False)
     # bfloat16 inputs and uint8 images are numbers too
-    validate.check_inputs("fit", model(), dataset(x_train=d.x_train.astype(jnp.bfloat16)))
-    validate.check_inputs("fit", model(), dataset(x_train=(d.x_train * 255).astype(np.uint8)))
+    check("fit", model(), dataset(x_train=d.x_train.astype(jnp.bfloat16)))
+    check("fit", model(), dataset(x_train=(d.x_train * 255).astype(np.uint8)))
 
 
 def test_fit_without_validation_split_names_x_valid(tmp_path):
@@ -197,9 +202,9 @@ def test_custom_task_skips_the_label_range():
     def mse(m, batch):
         x, y = batch
         return ((m(x)[:, 0] - y) ** 2), {}
-    validate.check_inputs("fit", model(), dataset(y_train=np.full(32, 5.5), y_valid=np.full(16, -2.0)), loss_fn=mse)
+    check("fit", model(), dataset(y_train=np.full(32, 5.5), y_valid=np.full(16, -2.0)), loss_fn=mse)
     with pytest.raises(DataError, match="y_train holds nan"):
-        validate.check_inputs("fit", model(), dataset(y_train=np.full(32, np.nan)), loss_fn=mse)
+        check("fit", model(), dataset(y_train=np.full(32, np.nan)), loss_fn=mse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +385,7 @@ def test_device_arrays_are_checked_where_they_live(monkeypatch):
     d = dataset()
     x = jnp.asarray(d.x_train).at[5, 2, 3].set(jnp.inf)
     with pytest.raises(DataError, match=r"x_train holds inf at x_train\[5, 2, 3\] \(1 of"):
-        validate.check_inputs("fit", model(), dataset(x_train=x))
+        check("fit", model(), dataset(x_train=x))
     with pytest.raises(DataError, match="y_train holds label 3 at index 4"):
-        validate.check_inputs("fit", model(), dataset(y_train=jnp.asarray(d.y_train).at[4].set(3)))
-    validate.check_inputs("fit", model(), dataset(x_train=jnp.asarray(d.x_train), y_train=jnp.asarray(d.y_train)))
+        check("fit", model(), dataset(y_train=jnp.asarray(d.y_train).at[4].set(3)))
+    check("fit", model(), dataset(x_train=jnp.asarray(d.x_train), y_train=jnp.asarray(d.y_train)))

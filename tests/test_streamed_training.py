@@ -4,7 +4,6 @@ of a streamed run stopped mid-epoch; the `--input auto` decision."""
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 
@@ -150,11 +149,11 @@ def test_streamed_evaluation_equals_resident_evaluation(tiny):
     state = steps.init_state(_model(), optax.sgd, 0.1)
     mesh = mesh_lib.make_mesh("auto")
     evaluator = stream.StreamEvaluator(splits.valid, 64, stream.chunk_sharding(mesh), chunk_steps=2)
-    program = functools.partial(steps.evaluate_stream_chunk, prepare=steps.uint8_images)
     try:
         with jax.set_mesh(mesh):
-            streamed = jax.device_get(evaluator(program, state))
-            again = jax.device_get(evaluator(program, state))  # a second pass, same workers
+            evaluator.compile(state)
+            streamed = jax.device_get(evaluator(state))
+            again = jax.device_get(evaluator(state))  # a second pass, same workers
             resident = jax.device_get(steps.evaluate(state, (data.x_valid, data.y_valid), batch_size=64))
     finally:
         evaluator.close()

@@ -103,11 +103,11 @@ def test_min_delta_applies_to_every_member(data):
 
 def test_no_recompile_for_a_new_grid(data, compiles):
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=1, batch_size=16)
-    first = compiles.count("sweep_epoch")
+    first = compiles.count("sweep_chunk")
     sweeps.sweep(model_fn, optax.sgd, data, [0.03, 0.3], seeds=[0], epochs=2, batch_size=16)
-    assert compiles.count("sweep_epoch") == first
+    assert compiles.count("sweep_chunk") == first
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.03, 0.1, 0.3, 1.0], seeds=[0], epochs=1, batch_size=16)
-    assert compiles.count("sweep_epoch") == first + 1  # five members, a shape no other test uses: counted
+    assert compiles.count("sweep_chunk") == first + 1  # five members, a shape no other test uses: counted
 
 
 def test_outputs(tmp_path, data):

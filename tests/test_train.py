@@ -475,8 +475,8 @@ def test_next_epoch_runs_while_the_host_writes_and_nothing_extra_is_started(tmp_
     from lrjax import steps
 
     started = {0}  # epochs whose data order was drawn, i.e. that were started (or compiled for)
-    epoch_order = steps.epoch_order
-    monkeypatch.setattr(steps, "epoch_order", lambda seed, e, *a, **kw: started.add(int(e)) or epoch_order(seed, e, *a, **kw))
+    epoch_batches = steps.epoch_batches
+    monkeypatch.setattr(steps, "epoch_batches", lambda seed, e, *a, **kw: started.add(int(e)) or epoch_batches(seed, e, *a, **kw))
     seen = []  # at each epoch's progress line (after its TensorBoard writes and checkpoint): the last started
     r = run(data, epochs=epochs, workdir=tmp_path, early_stopping=EarlyStopping(patience=patience),
             progress=lambda line: seen.append(max(started)))
@@ -504,14 +504,14 @@ def test_epoch_times_leave_out_the_previous_epochs_writes_and_add_up(tmp_path, d
 def test_a_failure_to_start_the_next_epoch_keeps_the_finished_one(tmp_path, data, monkeypatch):
     from lrjax import steps
 
-    epoch_order = steps.epoch_order
+    epoch_batches = steps.epoch_batches
 
     def failing(seed, epoch, *args, **kwargs):
         if int(epoch) == 3:
             raise RuntimeError("device lost")
-        return epoch_order(seed, epoch, *args, **kwargs)
+        return epoch_batches(seed, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "epoch_order", failing)
+    monkeypatch.setattr(steps, "epoch_batches", failing)
     lines = []
     with pytest.raises(RuntimeError, match="device lost"):
         run(data, epochs=5, workdir=tmp_path, progress=lines.append)
