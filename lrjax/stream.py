@@ -330,7 +330,7 @@ def to_device(chunk: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
 class DevicePrefetch:
     """Chunks staged onto the devices `size` ahead by a background thread, so that reading and copying
     chunk i+1 can overlap the computation of chunk i (on a 2-core CPU it does not: XLA's program keeps
-    both cores busy; see the README, Input pipelines). `state()` is the stream's position after the last
+    both cores busy; see docs/input.md). `state()` is the stream's position after the last
     chunk returned, not after the ones staged ahead; `close()` leaves the stream there too."""
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding, size: int = 2):

@@ -237,7 +237,7 @@ def lagsafe(lrs, losses, skip_start: int = 10, skip_end: int = 5, beta: float = 
     best. On short, fast tests (a 6000-image subset, 150 steps over 3 decades) the trail is x10 or
     more, and the turn itself comes late (each rate runs too few steps to blow up): `seed` picked
     rates that trained to 75-90% of the best or collapsed, where `valley`, fastai's default, made for
-    fastai's own 100-step tests, held (experiments/suggestion_quality.py, README).
+    fastai's own 100-step tests, held (experiments/suggestion_quality.py, docs/measurements.md).
     """
     prepared = _prepare(lrs, losses, 0, 0)
     if prepared is None:
@@ -255,7 +255,7 @@ METHODS: dict[str, Callable[..., float | None]] = {
     "lagsafe": lagsafe,
 }
 
-# The default, chosen from evidence: experiments/suggestion_quality.py (the README's "Which suggestion?
+# The default, chosen from evidence: experiments/suggestion_quality.py (docs/measurements.md, "Which suggestion?
 # Measured" has the table and the command). `seed` was the best rule on every slow test (the MLP with
 # sgd, momentum, adam and adamw over one epoch of Fashion-MNIST), but on fast tests (the CNN on a
 # 6000-image subset) it picked rates that trained to 75-90% of the best grid rate's accuracy with adam,

@@ -118,7 +118,7 @@ def train_size(data) -> int:
 
 
 # `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
-# chosen by experiments/schedule_quality.py (README, Schedules).
+# chosen by experiments/schedule_quality.py (docs/measurements.md, Schedules).
 # onecycle and cosine peak at twice the suggestion (test accuracy 0.8988 and 0.8974 vs 0.8956 at the
 # suggestion itself, 3 seeds, 20 epochs); warmup_cosine takes cosine's factor (not measured apart).
 SCHEDULE_PEAK = {"constant": 1.0, "plateau": 1.0, "onecycle": 2.0, "cosine": 2.0, "warmup_cosine": 2.0}
