@@ -346,10 +346,10 @@ def _check_stream(who: str, model, splits, loss_fn) -> None:
     for split in (splits.train, splits.valid):
         m = min(len(split), _STREAM_PROBE)
         if m == 0:
-            raise DataError(f"{who}: data.{split.name} is empty (0 examples)")
+            raise DataError(f"{who}: data (its {split.name} split) is empty (0 examples)")
         x, y = split.read(np.arange(m))
         x = x.astype(np.float32)
-        name = f"data.{split.name}"
+        name = f"data (its {split.name} split)"
         _check_split(who, f"{split.name} (its first {m} examples)", model,
                      _Named([(f"{name} images", x), (f"{name} labels", y)], (x, y), 1), loss_fn)
 

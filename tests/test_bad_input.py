@@ -168,7 +168,7 @@ def test_streamed_split_labels_are_checked(tmp_path):
     for fn in ("find_lr", "fit"):
         with pytest.raises(DataError) as info:
             call(fn, splits, tmp_path / fn)
-        assert "data.train labels" in str(info.value) and f"label {CLASSES + 2}" in str(info.value)
+        assert "data (its train split) labels" in str(info.value) and f"label {CLASSES + 2}" in str(info.value)
         assert_nothing_written(tmp_path / fn)
 
 
