@@ -184,7 +184,8 @@ def _rows(named: _Named) -> int | None:
 # The checks
 # ---------------------------------------------------------------------------------------------
 
-def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> None:
+def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> int | None:
+    """Raises for the first problem of the split; returns the number of classes (default task) or None."""
     if not named.leaves:
         raise DataError(f"{who}: the {what} data holds no arrays; give arrays with the examples on the leading axis")
     arrays = []
@@ -222,8 +223,9 @@ def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> None:
                             "a loss_fn for examples of another structure")
         classes = _num_outputs(who, model, probe[0], " and ".join(name for name, _ in arrays[:named.labels]))
         _check_labels(who, *arrays[named.labels], classes)
-    else:
-        _check_loss_fn(who, model, probe, inputs, loss_fn)
+        return classes
+    _check_loss_fn(who, model, probe, inputs, loss_fn)
+    return None
 
 
 def _is_jax_float(dtype) -> bool:
@@ -342,7 +344,9 @@ def _check_loss_fn(who: str, model, probe, inputs: str, loss_fn) -> None:
 
 def _check_stream(who: str, model, splits, loss_fn) -> None:
     """A streamed `Splits`: the first examples of the training and validation splits, read from the source
-    (`_STREAM_PROBE` of them: milliseconds), as the stream hands them to the model (float32 images)."""
+    (`_STREAM_PROBE` of them: milliseconds), as the stream hands them to the model (float32 images);
+    where the labels are an array (`sources.array_splits`), all of them (a gather of the split's
+    labels, no image is read). A TFDS split's later labels are not seen before training."""
     for split in (splits.train, splits.valid):
         m = min(len(split), _STREAM_PROBE)
         if m == 0:
@@ -350,8 +354,11 @@ def _check_stream(who: str, model, splits, loss_fn) -> None:
         x, y = split.read(np.arange(m))
         x = x.astype(np.float32)
         name = f"data (its {split.name} split)"
-        _check_split(who, f"{split.name} (its first {m} examples)", model,
-                     _Named([(f"{name} images", x), (f"{name} labels", y)], (x, y), 1), loss_fn)
+        classes = _check_split(who, f"{split.name} (its first {m} examples)", model,
+                               _Named([(f"{name} images", x), (f"{name} labels", y)], (x, y), 1), loss_fn)
+        labels = getattr(split.examples, "labels", None)  # arrays and memmaps: every label, no image read
+        if classes is not None and labels is not None:
+            _check_labels(who, f"{name} labels", np.asarray(labels)[split.keys], classes)
 
 
 def _first_line(e: BaseException) -> str:
