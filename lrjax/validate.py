@@ -162,7 +162,7 @@ def _pair(data, split: str) -> _Named:
 def _from_valid(valid) -> _Named:
     if hasattr(valid, "x_valid"):
         return _pair(valid, "valid")
-    if isinstance(valid, tuple) and len(valid) == 2:
+    if isinstance(valid, (tuple, list)) and len(valid) == 2:
         xs = _named(valid[0], "valid[0]").leaves
         return _Named(xs + _named(valid[1], "valid[1]").leaves, valid,
                       len(xs) if len(jax.tree.leaves(valid[1])) == 1 else None)
@@ -171,7 +171,7 @@ def _from_valid(valid) -> _Named:
 
 def _from_batch(batch, base: str) -> _Named:
     named = _named(batch, base)
-    pair = isinstance(batch, tuple) and len(batch) == 2 and len(jax.tree.leaves(batch[1])) == 1
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2 and len(jax.tree.leaves(batch[1])) == 1
     named.labels = len(jax.tree.leaves(batch[0])) if pair else None
     return named
 

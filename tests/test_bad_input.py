@@ -145,6 +145,13 @@ def test_iterable_of_another_structure_is_refused(fn, tmp_path):
     assert_nothing_written(workdir)
 
 
+def test_iterable_of_list_pairs_is_checked_as_pairs():
+    data = [list(b) for b in batches(labels=np.full(8, -2))]
+    with pytest.raises(DataError, match=r"data \(its first batch\)\[1\] holds label -2"):
+        validate.check_first_batch("fit", model(), SimpleNamespace(kind="iterable", feed=SimpleNamespace(
+            peek=lambda: data[0])))
+
+
 def test_iterable_whose_later_batch_changes_structure_names_the_training_data():
     data = batches()
     data[2] = (data[2][0][:, :2], data[2][1])  # images of another shape in the third batch
