@@ -21,7 +21,8 @@ once the input has read it: `check_first_batch`).
 that is already non-finite at the first step (computed before any update, so the rate is not the
 cause), naming non-finite parameters where they find them.
 
-Nothing here reads files, writes, or imports the training modules.
+Nothing here writes or imports the training modules; files are read only for a streamed split's
+first examples.
 """
 
 from __future__ import annotations
@@ -90,10 +91,7 @@ def _module(model):
 
 def check_examples(who: str, model, x, y=None, *, loss_fn=tasks.classification) -> None:
     """`FitResult.evaluate`'s examples: (x, y), or the examples pytree `x` where `y` is None."""
-    named = _from_batch(x, "x") if y is None else _from_batch((x, y), "")
-    if y is not None:  # named x and y rather than [0] and [1]
-        k = len(jax.tree.leaves(x))
-        named.leaves = [("x" + n[3:] if i < k else "y" + n[3:], a) for i, (n, a) in enumerate(named.leaves)]
+    named = _from_batch(x, "x") if y is None else _xy(x, y, "x", "y")
     _check_split(who, "evaluation", model, named, loss_fn)
 
 
@@ -153,19 +151,20 @@ def _named(tree, base: str) -> _Named:
 def _pair(data, split: str) -> _Named:
     """The examples of `split` of an object with x_<split>/y_<split> (see `lrjax.data.split_examples`)."""
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}", None)
-    if y is None:
-        return _named(x, f"x_{split}")
-    xs = _named(x, f"x_{split}").leaves
-    return _Named(xs + _named(y, f"y_{split}").leaves, (x, y), len(xs) if len(jax.tree.leaves(y)) == 1 else None)
+    return _named(x, f"x_{split}") if y is None else _xy(x, y, f"x_{split}", f"y_{split}")
+
+
+def _xy(x, y, x_name: str, y_name: str) -> _Named:
+    """An (x, y) pair; `y` is the default task's labels where it is one array."""
+    xs = _named(x, x_name).leaves
+    return _Named(xs + _named(y, y_name).leaves, (x, y), len(xs) if len(jax.tree.leaves(y)) == 1 else None)
 
 
 def _from_valid(valid) -> _Named:
     if hasattr(valid, "x_valid"):
         return _pair(valid, "valid")
     if isinstance(valid, (tuple, list)) and len(valid) == 2:
-        xs = _named(valid[0], "valid[0]").leaves
-        return _Named(xs + _named(valid[1], "valid[1]").leaves, valid,
-                      len(xs) if len(jax.tree.leaves(valid[1])) == 1 else None)
+        return _xy(*valid, "valid[0]", "valid[1]")
     return _named(valid, "valid")
 
 
