@@ -21,7 +21,8 @@ once the input has read it: `check_first_batch`).
 that is already non-finite at the first step (computed before any update, so the rate is not the
 cause), naming non-finite parameters where they find them.
 
-Nothing here reads files, writes, or imports the training modules.
+Nothing here writes or imports the training modules; files are read only for a streamed split's
+first examples.
 """
 
 from __future__ import annotations
@@ -90,10 +91,7 @@ def _module(model):
 
 def check_examples(who: str, model, x, y=None, *, loss_fn=tasks.classification) -> None:
     """`FitResult.evaluate`'s examples: (x, y), or the examples pytree `x` where `y` is None."""
-    named = _from_batch(x, "x") if y is None else _from_batch((x, y), "")
-    if y is not None:  # named x and y rather than [0] and [1]
-        k = len(jax.tree.leaves(x))
-        named.leaves = [("x" + n[3:] if i < k else "y" + n[3:], a) for i, (n, a) in enumerate(named.leaves)]
+    named = _from_batch(x, "x") if y is None else _xy(x, y, "x", "y")
     _check_split(who, "evaluation", model, named, loss_fn)
 
 
@@ -153,25 +151,26 @@ def _named(tree, base: str) -> _Named:
 def _pair(data, split: str) -> _Named:
     """The examples of `split` of an object with x_<split>/y_<split> (see `lrjax.data.split_examples`)."""
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}", None)
-    if y is None:
-        return _named(x, f"x_{split}")
-    xs = _named(x, f"x_{split}").leaves
-    return _Named(xs + _named(y, f"y_{split}").leaves, (x, y), len(xs) if len(jax.tree.leaves(y)) == 1 else None)
+    return _named(x, f"x_{split}") if y is None else _xy(x, y, f"x_{split}", f"y_{split}")
+
+
+def _xy(x, y, x_name: str, y_name: str) -> _Named:
+    """An (x, y) pair; `y` is the default task's labels where it is one array."""
+    xs = _named(x, x_name).leaves
+    return _Named(xs + _named(y, y_name).leaves, (x, y), len(xs) if len(jax.tree.leaves(y)) == 1 else None)
 
 
 def _from_valid(valid) -> _Named:
     if hasattr(valid, "x_valid"):
         return _pair(valid, "valid")
-    if isinstance(valid, tuple) and len(valid) == 2:
-        xs = _named(valid[0], "valid[0]").leaves
-        return _Named(xs + _named(valid[1], "valid[1]").leaves, valid,
-                      len(xs) if len(jax.tree.leaves(valid[1])) == 1 else None)
+    if isinstance(valid, (tuple, list)) and len(valid) == 2:
+        return _xy(*valid, "valid[0]", "valid[1]")
     return _named(valid, "valid")
 
 
 def _from_batch(batch, base: str) -> _Named:
     named = _named(batch, base)
-    pair = isinstance(batch, tuple) and len(batch) == 2 and len(jax.tree.leaves(batch[1])) == 1
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2 and len(jax.tree.leaves(batch[1])) == 1
     named.labels = len(jax.tree.leaves(batch[0])) if pair else None
     return named
 
@@ -184,7 +183,8 @@ def _rows(named: _Named) -> int | None:
 # The checks
 # ---------------------------------------------------------------------------------------------
 
-def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> None:
+def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> int | None:
+    """Raises for the first problem of the split; returns the number of classes (default task) or None."""
     if not named.leaves:
         raise DataError(f"{who}: the {what} data holds no arrays; give arrays with the examples on the leading axis")
     arrays = []
@@ -222,8 +222,9 @@ def _check_split(who: str, what: str, model, named: _Named, loss_fn) -> None:
                             "a loss_fn for examples of another structure")
         classes = _num_outputs(who, model, probe[0], " and ".join(name for name, _ in arrays[:named.labels]))
         _check_labels(who, *arrays[named.labels], classes)
-    else:
-        _check_loss_fn(who, model, probe, inputs, loss_fn)
+        return classes
+    _check_loss_fn(who, model, probe, inputs, loss_fn)
+    return None
 
 
 def _is_jax_float(dtype) -> bool:
@@ -342,7 +343,9 @@ def _check_loss_fn(who: str, model, probe, inputs: str, loss_fn) -> None:
 
 def _check_stream(who: str, model, splits, loss_fn) -> None:
     """A streamed `Splits`: the first examples of the training and validation splits, read from the source
-    (`_STREAM_PROBE` of them: milliseconds), as the stream hands them to the model (float32 images)."""
+    (`_STREAM_PROBE` of them: milliseconds), as the stream hands them to the model (float32 images);
+    where the labels are an array (`sources.array_splits`), all of them (a gather of the split's
+    labels, no image is read). A TFDS split's later labels are not seen before training."""
     for split in (splits.train, splits.valid):
         m = min(len(split), _STREAM_PROBE)
         if m == 0:
@@ -350,8 +353,11 @@ def _check_stream(who: str, model, splits, loss_fn) -> None:
         x, y = split.read(np.arange(m))
         x = x.astype(np.float32)
         name = f"data (its {split.name} split)"
-        _check_split(who, f"{split.name} (its first {m} examples)", model,
-                     _Named([(f"{name} images", x), (f"{name} labels", y)], (x, y), 1), loss_fn)
+        classes = _check_split(who, f"{split.name} (its first {m} examples)", model,
+                               _Named([(f"{name} images", x), (f"{name} labels", y)], (x, y), 1), loss_fn)
+        labels = getattr(split.examples, "labels", None)  # arrays and memmaps: every label, no image read
+        if classes is not None and labels is not None:
+            _check_labels(who, f"{name} labels", np.asarray(labels)[split.keys], classes)
 
 
 def _first_line(e: BaseException) -> str:

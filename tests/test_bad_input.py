@@ -145,6 +145,13 @@ def test_iterable_of_another_structure_is_refused(fn, tmp_path):
     assert_nothing_written(workdir)
 
 
+def test_iterable_of_list_pairs_is_checked_as_pairs():
+    data = [list(b) for b in batches(labels=np.full(8, -2))]
+    with pytest.raises(DataError, match=r"data \(its first batch\)\[1\] holds label -2"):
+        validate.check_first_batch("fit", model(), SimpleNamespace(kind="iterable", feed=SimpleNamespace(
+            peek=lambda: data[0])))
+
+
 def test_iterable_whose_later_batch_changes_structure_names_the_training_data():
     data = batches()
     data[2] = (data[2][0][:, :2], data[2][1])  # images of another shape in the third batch
@@ -159,7 +166,7 @@ def test_valid_given_beside_an_iterable_is_checked(tmp_path):
     assert_nothing_written(tmp_path / "w")
 
 
-def test_streamed_split_labels_are_checked(tmp_path):
+def test_streamed_split_labels_are_checked(tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (40, H, H), np.uint8)
     labels = rng.integers(0, CLASSES, 40)
@@ -170,6 +177,12 @@ def test_streamed_split_labels_are_checked(tmp_path):
             call(fn, splits, tmp_path / fn)
         assert "data (its train split) labels" in str(info.value) and f"label {CLASSES + 2}" in str(info.value)
         assert_nothing_written(tmp_path / fn)
+    # past the first examples read: every label of an array split is checked (positions in split order)
+    monkeypatch.setattr(validate, "_STREAM_PROBE", 4)
+    labels[20], labels[39] = 0, -1
+    splits = sources.array_splits(images, labels, images[:8], labels[:8], valid_size=8)
+    with pytest.raises(DataError, match=r"data \(its train split\) labels holds label -1 at index 31"):
+        validate.check_input("fit", model(), splits)
 
 
 # ---------------------------------------------------------------------------------------------
