@@ -38,9 +38,11 @@ from lrjax.errors import ConfigError, DataError
 
 VOCAB = 256
 SPLIT_FRACTION = 0.05  # of the token stream: test (the end), validation (just before it)
-# 12,800 windows: 400 steps of batch 32; at context 128 an epoch of the acceptance corpus (~5 MB of
-# stdlib sources) took 22 s on a shared 2-core EPYC (docs/language-models.md).
-MAX_WINDOWS_PER_EPOCH = 12_800
+# 6,400 windows: 200 steps of batch 32. The default Transformer at context 128 took 0.66 s a step on
+# the shared 2-core EPYC (161 range-test steps in 107 s), so a capped epoch is ~2 minutes there under
+# load and well under one on idle cores; the acceptance corpus (stdlib email+xml+json, 0.74 MB) has
+# 5,144 windows, under the cap.
+MAX_WINDOWS_PER_EPOCH = 6_400
 MAGIC = b"LRJXTOK1"
 HEADER = struct.Struct("<8sQII32s")  # magic, token count, files read, files skipped, sha256 of the tokens
 
