@@ -220,6 +220,12 @@ class BatchFeed(Feed):
             self._peeked = self._read()
         return self._first[2]
 
+    def peek(self):
+        """The next batch as the loss function receives it, read now and still trained on next."""
+        if self._peeked is None:
+            self._peeked = self._read()
+        return self._peeked[0]
+
     def zeros(self):
         if self._peeked is None and self._first is None:
             self._peeked = self._read()  # the first batch shows the shapes; it is trained on later

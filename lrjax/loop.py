@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import faults
+from lrjax import faults, validate
 from lrjax.errors import TrainingDiverged
 
 
@@ -315,6 +315,7 @@ def _row(tr: Trainer, val_m: dict, step_m, c: _Chunk) -> dict:
            **{f"val_{k}": float(v) for k, v in ordered(val_m).items()}, "lr": lr, "epoch_time_s": tr.period_time}
     tr.sums, tr.period_time = {}, 0.0
     if not (math.isfinite(row["loss"]) and math.isfinite(row["val_loss"])):
+        validate.check_first_step(c.start, step_m)  # before any update: the data or the model, not the rate
         raise TrainingDiverged(
             f"loss became non-finite in epoch {row['epoch']} (step {row['step']}; train {row['loss']}, "
             f"validation {row['val_loss']}) at lr {lr:g}; lower the learning rate")

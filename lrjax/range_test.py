@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import inputs, optimizers, steps, suggest, tasks
+from lrjax import inputs, optimizers, steps, suggest, tasks, validate
 from lrjax.errors import ConfigError
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -282,6 +282,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
                 diverge_factor=diverge_factor, num_seeds=num_seeds, chunk_steps=chunk_steps, method=method)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
+    validate.check_input("find_lr", model, data, loss_fn=loss_fn, valid=valid, need_valid=eval_every > 0)
     inp = inputs.make_input("find_lr", data, batch_size=batch_size, mesh=mesh, valid=valid, chunk_steps=chunk_steps,
                             keyword="num_steps")
     if inp.seeds is not None and num_seeds > inp.seeds:
@@ -289,6 +290,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
                          f"{num_seeds}")
     batch_size = inp.batch_size
     mesh_lib.check_batch_size(batch_size, mesh)
+    validate.check_first_batch("find_lr", model, inp, loss_fn=loss_fn)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
         t_start = time.perf_counter()
@@ -317,9 +319,11 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
                                             num_seeds, stop_on_divergence, member_loop or mesh_lib.default_member_loop(mesh))
         finally:
             feed.close()
-        return _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method,
-                       optimizer=_name(optimizer), batch_size=batch_size, seed=seed,
-                       wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time)
+        result = _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method,
+                         optimizer=_name(optimizer), batch_size=batch_size, seed=seed,
+                         wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time)
+        validate.range_first_step(result.diverged_step, float(lrs[0]), models)  # before any update: not the rate
+        return result
 
 
 def _resolve_range(optimizer, start_lr, factor, end_lr):

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import inputs, steps, tasks
+from lrjax import inputs, steps, tasks, validate
 from lrjax.callbacks import EarlyStopping
 from lrjax.numeric import nan_reduce
 from lrjax.steps import OptimizerFactory
@@ -289,9 +289,11 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     S, L = len(seeds), len(lrs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=L)
     member_loop = member_loop or mesh_lib.default_member_loop(mesh)
+    validate.check_input("sweep", lambda: model_fn(seeds[0]), data, loss_fn=loss_fn, valid=valid)
     inp = inputs.make_input("sweep", data, batch_size=batch_size, mesh=mesh, valid=valid,
                             steps_per_epoch=steps_per_epoch, chunk_steps=chunk_steps)
     mesh_lib.check_batch_size(inp.batch_size, mesh)
+    validate.check_first_batch("sweep", lambda: model_fn(seeds[0]), inp, loss_fn=loss_fn)
     Lp = mesh_lib.padded_members(L, mesh)  # filler rates (copies of the last) fill the `members` axis, never train
     monitors = (None if patience is None
                 else [[EarlyStopping(patience=patience, min_delta=min_delta) for _ in range(L)] for _ in range(S)])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import inputs, loop, schedules, steps, tasks
+from lrjax import inputs, loop, schedules, steps, tasks, validate
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.errors import ConfigError, TrainingDiverged
@@ -52,6 +52,7 @@ class FitResult:
     def evaluate(self, x, y=None, batch_size: int = 1000) -> dict[str, float]:
         """The loss and the task's metrics (`accuracy` for the default) on (x, y) in eval mode; with
         `y` None, `x` is the examples pytree the loss function receives."""
+        validate.check_examples("evaluate", self.model(), x, y, loss_fn=self.state.loss_fn)
         examples = jax.tree.map(jnp.asarray, x if y is None else (x, y))
         return {k: float(v) for k, v in jax.device_get(
             steps.evaluate(self.state, examples, batch_size=batch_size)).items()}
@@ -86,9 +87,11 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                     checkpoint_every_steps=checkpoint_every_steps, log_every_steps=log_every_steps)
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
+    validate.check_input("fit", model, data, loss_fn=loss_fn, valid=valid)  # before any copy to a device
     inp = inputs.make_input("fit", data, batch_size=batch_size, mesh=mesh, valid=valid, steps_per_epoch=steps_per_epoch,
                             chunk_steps=stream_chunk_steps, workers=stream_workers)
     mesh_lib.check_batch_size(inp.batch_size, mesh)
+    validate.check_first_batch("fit", model, inp, loss_fn=loss_fn)  # an iterable's, before anything is written
     # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
     config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": inp.batch_size, "input": inp.kind,
               "monitor": early_stopping.monitor, "schedule": schedule, "eval_every_steps": eval_every_steps,

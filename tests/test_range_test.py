@@ -77,6 +77,7 @@ def test_default_is_one_epoch(data):
 
 
 @pytest.mark.parametrize("member_loop", ["vmap", "map"])  # accelerators' default, CPUs' default
+@pytest.mark.slow
 def test_seeds_together_equal_separate_runs(data, member_loop):
     kw = dict(start_lr=1e-3, end_lr=50.0, num_steps=120)
     together = run(data, num_seeds=3, seed=5, member_loop=member_loop, **kw)
@@ -108,6 +109,7 @@ def test_model_is_not_changed(data):
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.slow
 def test_adam_works_as_well_as_sgd():
     data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)  # not separable
     kw = dict(batch_size=16, start_lr=1e-6, end_lr=10.0, num_steps=200, seed=0)

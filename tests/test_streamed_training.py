@@ -83,6 +83,7 @@ def test_streamed_run_stopped_mid_epoch_resumes_bit_identically(tiny, tmp_path):
                                                       jax.tree.leaves(resumed.state.params)))
 
 
+@pytest.mark.slow
 def test_streamed_range_test_suggests_like_resident(tiny):
     splits, data = tiny
     kw = dict(batch_size=16, start_lr=1e-3, end_lr=10.0, num_steps=120, chunk_steps=32, seed=2)

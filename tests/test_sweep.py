@@ -44,6 +44,7 @@ LOOPS = pytest.mark.parametrize("member_loop", ["vmap", "map"])
 
 
 @LOOPS
+@pytest.mark.slow
 def test_sweep_equals_solo_runs(data, member_loop):
     lrs, seeds = [0.01, 0.05, 0.2], [3, 4]
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=seeds, epochs=3, batch_size=16, member_loop=member_loop)
@@ -60,6 +61,7 @@ def test_sweep_equals_solo_runs(data, member_loop):
 
 
 @LOOPS
+@pytest.mark.slow
 def test_diverging_member_is_frozen_and_isolated(data, member_loop):
     lrs = [0.02, 0.1, 1e20]  # 1e20 overflows in the first steps
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[7], epochs=3, batch_size=16, member_loop=member_loop)
@@ -78,6 +80,7 @@ def test_diverging_member_is_frozen_and_isolated(data, member_loop):
 
 
 @LOOPS
+@pytest.mark.slow
 def test_per_member_early_stopping_matches_solo(data, member_loop):
     lrs, patience, epochs = [0.05, 0.5, 2.0], 2, 12
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[1], epochs=epochs, batch_size=16, patience=patience,
@@ -94,6 +97,7 @@ def test_per_member_early_stopping_matches_solo(data, member_loop):
     assert (r.stopped_epoch >= 0).any(), "no member stopped: the test would not test anything"
 
 
+@pytest.mark.slow
 def test_min_delta_applies_to_every_member(data):
     # nothing improves by 100: every member stops `patience` epochs after its first
     r = sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=4, batch_size=16, patience=1,
@@ -101,6 +105,7 @@ def test_min_delta_applies_to_every_member(data):
     assert r.stopped_epoch.tolist() == [[2, 2]]
 
 
+@pytest.mark.slow
 def test_no_recompile_for_a_new_grid(data, compiles):
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=1, batch_size=16)
     first = compiles.count("sweep_chunk")
@@ -110,6 +115,7 @@ def test_no_recompile_for_a_new_grid(data, compiles):
     assert compiles.count("sweep_chunk") == first + 1  # five members, a shape no other test uses: counted
 
 
+@pytest.mark.slow
 def test_outputs(tmp_path, data):
     r = sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0, 1], epochs=2, batch_size=16)
     r.suggestions = {"valley": 0.05}
@@ -120,6 +126,7 @@ def test_outputs(tmp_path, data):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_every_member_diverged_has_no_best_rate(tmp_path, data):
     r = sweeps.sweep(model_fn, optax.sgd, data, [1e20, 1e30], seeds=[0], epochs=2, batch_size=16)
     assert r.diverged.all() and r.best_index is None and r.best_lr is None

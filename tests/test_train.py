@@ -130,6 +130,7 @@ def test_fit_leaves_the_model_untouched(data):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("epochs,k", [(12, 5), (60, 9)])  # the second stops early after the resume
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, data, epochs, k):
     es_a = EarlyStopping(patience=3)
     a = run(data, epochs=epochs, early_stopping=es_a, workdir=tmp_path / "a")
@@ -176,6 +177,7 @@ def _comparable(metrics: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     def cfg(name):
         return lrjax.Config(workdir=str(tmp_path / name), dataset="noisy", epochs=40, patience=3,
@@ -310,6 +312,7 @@ def exploding_sgd(learning_rate):
                        optax.scale_by_schedule(lambda count: jnp.where(count >= 40, 1e30, 1.0)))
 
 
+@pytest.mark.slow
 def test_divergence_keeps_earlier_checkpoints_intact(tmp_path, data):
     with pytest.raises(TrainingDiverged, match=r"epoch 4 .*checkpoint"):
         run(data, optimizer=exploding_sgd, epochs=10, workdir=tmp_path)
@@ -368,6 +371,7 @@ def step_numbers(checkpoints: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path, idx_dir):
     env = cli_env(tmp_path)
     work = tmp_path / "interrupted"
@@ -412,6 +416,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, idx_dir):
     assert strip_times(m_resumed["history"]) == strip_times(m_fresh["history"])
 
 
+@pytest.mark.slow
 def test_cli_divergence_exits_nonzero_with_one_line(tmp_path, idx_dir):
     args = train_args(tmp_path / "w", idx_dir, 3)
     args[args.index("--lr") + 1] = "1e10"

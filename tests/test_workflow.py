@@ -29,6 +29,7 @@ def scalars(logdir, tag):
     return [e.value for e in ea.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_find_lr_job_writes_every_output(tmp_path, data, capsys):
     r = workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=120, num_seeds=2), data)
     j = json.loads((tmp_path / "lr_find.json").read_text())
@@ -40,6 +41,7 @@ def test_find_lr_job_writes_every_output(tmp_path, data, capsys):
     assert "suggested lr" in out and "range test:" in out
 
 
+@pytest.mark.slow
 def test_sweep_job_writes_every_output(tmp_path, data, capsys):
     (tmp_path / "lr_find.json").write_text(json.dumps({"suggestions": {"seed": 0.05, "valley": None}}))
     r = workflow.sweep_job(cfg(tmp_path, lrs=(0.01, 1.0), num_lrs=3, epochs=2, num_seeds=2), data)
@@ -60,6 +62,7 @@ def test_sweep_job_rejects_a_missing_lr_find_json(tmp_path, data):
         workflow.sweep_job(cfg(tmp_path, lr_find_json=str(tmp_path / "nope.json"), epochs=1), data)
 
 
+@pytest.mark.slow
 def test_run_job_writes_every_output_and_fails_fast_on_a_bad_one(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     c = cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2)
@@ -79,12 +82,14 @@ def test_run_job_writes_every_output_and_fails_fast_on_a_bad_one(tmp_path, data,
     assert sorted(p.name for p in (tmp_path / "second").iterdir()) == []  # before the range test
 
 
+@pytest.mark.slow
 def test_sweep_job_with_every_member_diverged_is_an_error_after_writing(tmp_path, data):
     with pytest.raises(lrjax.LrjaxError, match="every member of the sweep diverged"):
         workflow.sweep_job(cfg(tmp_path, lrs=(1e20, 1e30), num_lrs=2, epochs=1), data)
     assert json.loads((tmp_path / "sweep.json").read_text())["best_lr"] is None
 
 
+@pytest.mark.slow
 def test_run_job_resumes_at_the_checkpointed_rate_whatever_lr_find_json_says(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     c = cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2)
