@@ -29,9 +29,10 @@ def _f(default: Any, help: str, commands: tuple[str, ...] = ALL, **kw) -> Any:
 class Config:
     # --- where things go and what data ---
     workdir: str = _f("workdir", "output folder: lr_find.* (find-lr, run), metrics.json and checkpoints/ "
-                      "(train, run; a rerun resumes), sweep.* (sweep), tensorboard/")
-    dataset: str = _f("fashion_mnist", "dataset name: fashion_mnist, mnist (IDX files or TFDS), or any "
-                      "prepared TFDS image-classification dataset")
+                      "(train, run; a rerun resumes), sweep.* (sweep), tensorboard/", ALL + ("sample",))
+    dataset: str = _f("fashion_mnist", "dataset name: fashion_mnist, mnist (IDX files or TFDS), any "
+                      "prepared TFDS image-classification dataset, or text (the UTF-8 files under --data-dir "
+                      "as bytes, for language models: docs/language-models.md)")
     data_dir: str | None = _f(None, "folder of the four IDX .gz files, or a TFDS data_dir "
                               "(default: $LRJAX_DATA_DIR, else TFDS's default)")
     tfds_data_dir: str | None = _f(None, "read the dataset through tensorflow-datasets from this data_dir "
@@ -45,11 +46,15 @@ class Config:
                                           "such as 20MB or 4GB (default: half of an accelerator's memory; on "
                                           "CPU half of host memory shared among the devices and the host's copy)",
                                           ("find-lr", "train", "run"))
-    seed: int = _f(42, "seed for model init, batch order and everything random")
+    seed: int = _f(42, "seed for model init, batch order and everything random", ALL + ("sample",))
     batch_size: int = _f(32, "global batch size (divided across devices)")
     model: str = _f("mlp", "model: mlp (the seed's MLP) or cnn (a compact CNN with BatchNorm and Dropout); "
                     "scripts add more with lrjax.models.register_model")
     hidden_sizes: tuple[int, ...] = _f((300, 100), "hidden layer widths of the MLP, e.g. 300,100")
+    context: int = _f(256, "text: tokens (bytes) the language model sees; windows of --context + 1 tokens")
+    d_model: int = _f(128, "transformer: width of the residual stream")
+    layers: int = _f(4, "transformer: number of blocks")
+    heads: int = _f(4, "transformer: attention heads (dividing --d-model)")
     dtype: str = _f("float32", "compute dtype: float32, or bfloat16 (mixed precision: parameters and optimizer "
                     "state stay float32, the loss is computed in float32)")
     optimizer: str | None = _f(None, f"optax optimizer: {', '.join(OPTIMIZERS)} (default by model: sgd for mlp, as the "
@@ -96,7 +101,8 @@ class Config:
                                             "of steps", ("train", "run"))
     log_every_steps: int | None = _f(None, "write per-step batch_loss and batch_learning_rate to "
                                      "TensorBoard's train run every this many steps", ("train", "run"))
-    weight_decay: float = _f(0.0, "weight decay (adamw's own; else L2 added to the gradient)", TRAIN)
+    weight_decay: float | None = _f(None, "weight decay (adamw's own; else L2 added to the gradient; default "
+                                    "by model: 0.1 for transformer, else 0)", TRAIN)
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step (optax.MultiSteps); the range test "
                                "raises the rate once per optimizer step", ALL)
     eval_batch_size: int = _f(1000, "batch size of the compiled evaluation", TRAIN)
@@ -116,11 +122,11 @@ class Config:
     compilation_cache: bool = _f(True, "keep compiled programs across runs (JAX's persistent compilation "
                                  "cache, under the cache folder)")
     debug: bool = _f(False, "on an error, show its traceback and the libraries' own error logs, not only "
-                     "lrjax's one line (also $LRJAX_DEBUG=1)")
+                     "lrjax's one line (also $LRJAX_DEBUG=1)", ALL + ("sample",))
 
     def __post_init__(self):
         positive = ("batch_size", "epochs", "num_seeds", "chunk_steps", "eval_batch_size", "num_lrs",
-                    "keep_latest")
+                    "keep_latest", "context", "d_model", "layers", "heads")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -139,6 +145,10 @@ class Config:
 
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        from lrjax.models import MODELS, default_optimizer, default_weight_decay
+
+        if self.weight_decay is None:  # by model (frozen: set once, here)
+            object.__setattr__(self, "weight_decay", default_weight_decay(self.model))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("patience", "eval_every", "skip_start", "skip_end", "min_delta"):
@@ -162,8 +172,6 @@ class Config:
             raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
         if not self.diverge_factor > 1:
             raise ConfigError(f"--diverge-factor must be > 1, got {self.diverge_factor}")
-        from lrjax.models import MODELS, default_optimizer
-
         if self.optimizer is None:  # by model (frozen: set once, here)
             object.__setattr__(self, "optimizer", default_optimizer(self.model))
         if self.optimizer not in OPTIMIZERS:

@@ -4,7 +4,8 @@ Three kinds, one module each, one interface (`lrjax.feeds.Input`):
 - arrays (an object with x_train, y_train, x_valid, y_valid; `lrjax.data.Dataset`): `lrjax.resident`;
 - a `lrjax.sources.Splits` (TFDS ArrayRecord or uint8 arrays/memmaps streamed through Grain): `lrjax.stream`;
 - any other iterable of batches (a Grain `DataLoader`, a generator, a list), with `valid=`: `lrjax.feeds`.
-An `Input` passed in is used as it is (a researcher's own kind).
+An `Input` passed in is used as it is (a researcher's own kind), and data that make their own
+(`input_for(who, batch_size=, mesh=, chunk_steps=)`, e.g. a `lrjax.text.Corpus`) are asked for it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def make_input(who: str, data, *, batch_size: int, mesh, valid=None, steps_per_e
     Grain worker processes for a streamed split."""
     if isinstance(data, feeds.Input):
         return data
+    if callable(getattr(data, "input_for", None)):
+        return data.input_for(who, batch_size=batch_size, mesh=mesh, chunk_steps=chunk_steps)
     if isinstance(data, sources.Splits):
         if who == "sweep":
             raise ConfigError("sweep: a lrjax.sources.Splits is not supported; give arrays or an iterable of batches")

@@ -21,6 +21,12 @@ from lrjax.steps import ONE_SHOT
 glorot_uniform = jax.nn.initializers.glorot_uniform()
 
 
+def _sharded(init, *names):
+    """`init` with logical axis names (`nnx.with_partitioning`), so that a mesh can shard the parameter.
+    Annotations only (no eager sharding): on today's data-parallel mesh parameters are replicated."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
 class MLP(nnx.Module):
     """Flatten -> Dense+ReLU for each hidden width -> Dense logits (softmax lives in the loss)."""
 
@@ -63,6 +69,76 @@ class CNN(nnx.Module):
             x = max_pool_2x2(jax.nn.relu(norm(conv(x))))
         x = self.drop_features(x.reshape(x.shape[0], -1))
         return self.out(self.drop_dense(jax.nn.relu(self.dense(x))))
+
+
+class Block(nnx.Module):
+    """A pre-LayerNorm Transformer block: x + attention(LN(x)), then x + MLP(LN(x)) (GELU, 4x wide)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float, *, rngs: nnx.Rngs):
+        if d_model % heads:
+            raise ValueError(f"--d-model {d_model} is not divisible by --heads {heads}")
+        self.heads = heads
+        dense = jax.nn.initializers.normal(0.02)
+        ln = dict(scale_init=_sharded(nnx.initializers.ones, "embed"), bias_init=_sharded(nnx.initializers.zeros, "embed"))
+        self.ln1, self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, **ln), nnx.LayerNorm(d_model, rngs=rngs, **ln)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=_sharded(dense, "embed", "heads"),
+                              bias_init=_sharded(nnx.initializers.zeros, "heads"), rngs=rngs)
+        self.proj = nnx.Linear(d_model, d_model, kernel_init=_sharded(dense, "heads", "embed"),
+                               bias_init=_sharded(nnx.initializers.zeros, "embed"), rngs=rngs)
+        self.up = nnx.Linear(d_model, 4 * d_model, kernel_init=_sharded(dense, "embed", "mlp"),
+                             bias_init=_sharded(nnx.initializers.zeros, "mlp"), rngs=rngs)
+        self.down = nnx.Linear(4 * d_model, d_model, kernel_init=_sharded(dense, "mlp", "embed"),
+                               bias_init=_sharded(nnx.initializers.zeros, "embed"), rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3 * self.heads, d // self.heads), 3, axis=2)
+        att = causal_attention(q, k, v).reshape(b, t, d)
+        x = x + self.drop(self.proj(att))
+        return x + self.drop(self.down(jax.nn.gelu(self.up(self.ln2(x)))))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention over [B, T, heads, head_dim]: `jax.nn.dot_product_attention` on
+    accelerators; on CPUs two einsums and a masked softmax, whose forward and backward pass took
+    21 ms against dot_product_attention's 52 ms (batch 32, context 128, 4 heads of 32, 2-core EPYC)."""
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    t = q.shape[1]
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class Transformer(nnx.Module):
+    """A decoder-only Transformer over tokens [B, T] (T <= `context`): token embeddings plus learned
+    positions, `layers` pre-LayerNorm blocks with causal attention, a final LayerNorm, and logits
+    from the embedding table itself (tied embeddings) -> [B, T, vocab]."""
+
+    def __init__(self, vocab: int = 256, context: int = 256, d_model: int = 128, layers: int = 4,
+                 heads: int = 4, dropout: float = 0.1, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab, d_model, embedding_init=_sharded(jax.nn.initializers.normal(0.02), "vocab", "embed"),
+                               rngs=rngs)
+        self.positions = nnx.Param(jax.nn.initializers.normal(0.02)(rngs.params(), (context, d_model)),
+                                   out_sharding=(None, "embed"), eager_sharding=False)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.blocks = nnx.List([Block(d_model, heads, dropout, rngs=rngs) for _ in range(layers)])
+        self.ln = nnx.LayerNorm(d_model, scale_init=_sharded(nnx.initializers.ones, "embed"),
+                                bias_init=_sharded(nnx.initializers.zeros, "embed"), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        t = tokens.shape[1]
+        x = self.drop(self.embed(tokens) + self.positions[:t])
+        for block in self.blocks:
+            x = block(x)
+        return self.embed.attend(self.ln(x))
+
+
+def transformer(vocab: int = 256, context: int = 256, d_model: int = 128, layers: int = 4, heads: int = 4,
+                dropout: float = 0.1, seed: int = 42) -> Transformer:
+    """The decoder-only `Transformer`, initialised from `seed`."""
+    return initialised(Transformer, vocab, context, d_model, layers, heads, dropout, seed=seed)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -147,19 +223,26 @@ def _state(cls, args: tuple, key: jax.Array) -> nnx.State:
 ModelBuilder = Callable[..., nnx.Module]
 MODELS: dict[str, ModelBuilder] = {}
 OPTIMIZER = {}  # name -> the CLI's default --optimizer for the model
+WEIGHT_DECAY = {}  # name -> the CLI's default --weight-decay for the model
 
 
-def register_model(name: str, builder: ModelBuilder | None = None, *, optimizer: str = "sgd"):
+def register_model(name: str, builder: ModelBuilder | None = None, *, optimizer: str = "sgd",
+                   weight_decay: float = 0.0):
     """Adds `builder` to the CLI's `--model` choices (usable as a decorator); replaces a same-named one.
-    `optimizer` (a name of `lrjax.optimizers.OPTIMIZERS`) is the model's default `--optimizer`."""
+    `optimizer` (a name of `lrjax.optimizers.OPTIMIZERS`) and `weight_decay` are the model's default
+    `--optimizer` and `--weight-decay`."""
     if builder is None:
-        return functools.partial(register_model, name, optimizer=optimizer)
-    MODELS[name], OPTIMIZER[name] = builder, optimizer
+        return functools.partial(register_model, name, optimizer=optimizer, weight_decay=weight_decay)
+    MODELS[name], OPTIMIZER[name], WEIGHT_DECAY[name] = builder, optimizer, weight_decay
     return builder
 
 
 def default_optimizer(name: str) -> str:
     return OPTIMIZER.get(name, "sgd")
+
+
+def default_weight_decay(name: str) -> float:
+    return WEIGHT_DECAY.get(name, 0.0)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int, **options) -> nnx.Module:
@@ -180,3 +263,12 @@ def _build_cnn(input_shape, num_classes, seed, **_):
     if len(input_shape) != 3:
         raise ValueError(f"--model cnn needs images (height, width, channels), got examples of shape {input_shape}")
     return cnn(input_shape, num_classes, seed=seed)
+
+
+# nanoGPT's recipe for small language models: AdamW with weight decay 0.1
+@register_model("transformer", optimizer="adamw", weight_decay=0.1)
+def _build_transformer(input_shape, num_classes, seed, d_model=128, layers=4, heads=4, **_):
+    if len(input_shape) != 1:
+        raise ValueError(f"--model transformer needs token sequences (--dataset text), got examples of shape "
+                         f"{input_shape}")
+    return transformer(num_classes, input_shape[0], d_model, layers, heads, seed=seed)

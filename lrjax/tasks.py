@@ -32,3 +32,16 @@ def classification(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return losses, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32)}
 
+
+
+def next_token(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Language modelling on `{"tokens": int [B, N + 1]}`: the model sees tokens [:, :N] and predicts
+    tokens [:, 1:]; per example the mean token cross-entropy (nats, float32 logits), with
+    `token_accuracy` (greedy prediction right) and `bits_per_byte` (the loss / ln 2: one token is
+    one byte in `lrjax.text`)."""
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1)
+    accuracy = (jnp.argmax(logits, -1) == targets).astype(jnp.float32).mean(-1)
+    return losses, {"token_accuracy": accuracy, "bits_per_byte": losses / jnp.log(2.0)}

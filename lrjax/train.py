@@ -29,7 +29,7 @@ from lrjax.tasks import LossFn
 # Settings that define a run: resuming a workdir with different values would mix two experiments.
 RUN_IDENTITY = ("dataset", "model", "seed", "batch_size", "hidden_sizes", "optimizer", "lr", "monitor", "dtype",
                 "schedule", "weight_decay", "grad_accum_steps", "eval_every_steps", "checkpoint_every_steps",
-                "input")
+                "input", "context", "d_model", "layers", "heads")
 
 
 @dataclasses.dataclass

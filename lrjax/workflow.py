@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, memory, optimizers, sources, steps, tb
+from lrjax import faults, memory, optimizers, sources, steps, tasks, tb, text
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
@@ -87,7 +87,13 @@ def _tfds_prepared(name: str, folder) -> bool:
 
 def load(cfg: Config) -> Dataset | sources.Splits:
     """The data by the path --input chooses (resident, or streamed where auto finds them over
-    --device-memory-budget), with the choice and its reason printed."""
+    --device-memory-budget), with the choice and its reason printed. `--dataset text`: the corpus
+    of --data-dir (`lrjax.text`), its training tokens resident."""
+    if cfg.dataset == "text":
+        t0 = time.perf_counter()
+        corpus = text.load_corpus(cfg.data_dir, cfg.context, cfg.resolved_cache_dir)
+        _say(cfg, f"{corpus.describe()} ({time.perf_counter() - t0:.2f}s)")
+        return corpus
     if cfg.input == "resident":
         data = load_resident(cfg)
         nbytes = sum(a.nbytes for a in (data.x_train, data.x_valid, data.x_test)) + 4 * (
@@ -114,7 +120,14 @@ def load(cfg: Config) -> Dataset | sources.Splits:
 
 
 def train_size(data) -> int:
+    if isinstance(data, text.Corpus):
+        return data.windows_per_epoch
     return len(data.train) if isinstance(data, sources.Splits) else len(data.x_train)
+
+
+def task_for(data) -> tasks.LossFn:
+    """The loss of the data's task: next-token prediction for text, else classification."""
+    return tasks.next_token if isinstance(data, text.Corpus) else tasks.classification
 
 
 # `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
@@ -140,11 +153,14 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
 
 def model_for(cfg: Config, data: Dataset, seed: int | None = None):
     """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
-    if isinstance(data, sources.Splits):
+    if isinstance(data, text.Corpus):
+        shape, classes = (data.context,), text.VOCAB
+    elif isinstance(data, sources.Splits):
         shape, classes = data.train.example_shape, sources.num_classes(data)
     else:
         shape, classes = data.x_train.shape[1:], data.num_classes
-    return build_model(cfg.model, shape, classes, cfg.seed if seed is None else seed, hidden_sizes=cfg.hidden_sizes)
+    return build_model(cfg.model, shape, classes, cfg.seed if seed is None else seed, hidden_sizes=cfg.hidden_sizes,
+                       d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
 
 
 class _Progress:
@@ -189,7 +205,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
             # seed s of several starts from model_for(seed + s); one seed is the model itself
             init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
-            dtype=cfg.dtype)
+            dtype=cfg.dtype, loss_fn=task_for(data))
     finally:
         bar.close()
     if jax.process_index() == 0:
@@ -255,7 +271,7 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
         progress=print if cfg.progress else None, dtype=cfg.dtype, schedule=cfg.schedule,
         eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        log_every_steps=cfg.log_every_steps)
+        log_every_steps=cfg.log_every_steps, loss_fn=task_for(data))
     if result.interrupted:
         raise Interrupted(result)
     t = time.perf_counter()
@@ -291,8 +307,9 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
+    shown = ", ".join(f"test {k.replace('_', ' ')} {v:.4f}" for k, v in test.items() if k != "loss")
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
-              f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
+              f"{shown}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
     return metrics
 
@@ -422,3 +439,35 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     _say(cfg, f"best lr {result.best_lr:.4g} (mean best val_acc {result.best_val_accuracy.mean(0).max():.4f}); "
               f"{int(result.diverged.sum())} member(s) diverged; {result.wall_time_s:.1f}s -> {workdir / 'sweep.png'}")
     return result
+
+
+def sample_job(workdir: str, prompt: str, tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:
+    """Text generated by the language model trained in `workdir` (its saved configuration, the best
+    weights of its newest checkpoint): `tokens` bytes after `prompt`, greedy at temperature 0."""
+    from lrjax.checkpoint import Checkpointer
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise LrjaxError(f"{workdir} has no checkpoints/: train a language model there first (lrjax run)")
+    if tokens < 1 or not temperature >= 0:
+        raise ConfigError(f"--tokens must be >= 1 and --temperature >= 0, got {tokens} and {temperature}")
+    ckpt = Checkpointer(directory)
+    try:
+        meta = ckpt.latest_meta()
+        if meta is None:
+            raise LrjaxError(f"no readable checkpoint in {directory}")
+        cfg = Config.from_dict({**meta["config"], "workdir": str(workdir)})
+        if cfg.dataset != "text":
+            raise LrjaxError(f"{workdir} holds a {cfg.model} trained on {cfg.dataset}, not a language model")
+        data = text.load_corpus(cfg.data_dir, cfg.context, cfg.resolved_cache_dir)
+        state = steps.init_state(model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(
+            train_size(data), cfg.batch_size)), float(meta["lr"]), loss_fn=tasks.next_token)
+        target = {"params": state.params, "rest": state.rest, "opt_state": state.opt_state, "step": state.step,
+                  "best_params": state.params, "best_rest": state.rest}
+        _, tree, _ = ckpt.restore(target)
+    finally:
+        ckpt.close()
+    model = state.replace(params=tree["best_params"], rest=tree["best_rest"]).model()
+    model.eval()
+    out = text.generate(model, prompt.encode(), tokens, cfg.context, temperature, seed)
+    return prompt + out.decode("utf-8", errors="replace")

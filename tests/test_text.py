@@ -1,0 +1,180 @@
+"""Text corpora, the next-token task and the Transformer (`lrjax.text`, `lrjax.tasks.next_token`)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lrjax import mesh as mesh_lib
+from lrjax import models, tasks, text
+from lrjax.config import Config
+from lrjax.errors import DataError
+
+
+def write_corpus(root, n_files=3, size=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "x", "y", "(", ")", ":", "\n"]
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_files):
+        p = root / ("sub" if i % 2 else ".") / f"f{i}.py"
+        p.write_text(" ".join(rng.choice(words, size // 4))[:size])
+        paths.append(p)
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02\xff\xfe")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    return sorted(paths)
+
+
+def test_tokens_are_the_text_files_bytes_in_sorted_order_and_binary_files_are_skipped(tmp_path):
+    paths = write_corpus(tmp_path / "c")
+    corpus = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    assert bytes(np.asarray(corpus.tokens)) == b"".join(p.read_bytes() for p in paths)
+    assert (corpus.files, corpus.skipped) == (3, 2)
+    # the second load reads the cache: the same tokens, the same counts
+    again = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    assert isinstance(again.tokens, np.memmap)
+    np.testing.assert_array_equal(again.tokens, corpus.tokens)
+    assert (again.files, again.skipped) == (3, 2)
+
+
+def test_splits_are_disjoint_and_cover_the_stream_test_last(tmp_path):
+    write_corpus(tmp_path / "c")
+    corpus = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    n = len(corpus.tokens)
+    (a, b), (c, d), (e, f) = (corpus.bounds[s] for s in ("train", "valid", "test"))
+    assert a == 0 and b == c and d == e and f == n
+    assert d - c == f - e == int(n * text.SPLIT_FRACTION) > 16
+    valid = corpus.windows("valid")["tokens"]
+    assert valid.dtype == np.int32 and valid.shape[1] == 17
+    np.testing.assert_array_equal(valid.reshape(-1), corpus.tokens[c:c + valid.size])
+
+
+def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, capsys):
+    write_corpus(tmp_path / "c")
+    first = np.array(text.load_corpus(tmp_path / "c", 16, tmp_path / "cache").tokens)
+    [cached] = (tmp_path / "cache" / "text").iterdir()
+    for damage in (lambda raw: raw[:5000], lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]), lambda raw: b"junk"):
+        cached.write_bytes(damage(cached.read_bytes()))
+        capsys.readouterr()
+        np.testing.assert_array_equal(text.load_corpus(tmp_path / "c", 16, tmp_path / "cache").tokens, first)
+        err = capsys.readouterr().err
+        assert "damaged" in err and "rebuilding" in err and len(err.strip().splitlines()) == 1
+        text.read_cache(cached)  # intact again
+
+
+def test_a_changed_file_gives_a_new_cache_entry(tmp_path):
+    paths = write_corpus(tmp_path / "c")
+    text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    paths[0].write_text(paths[0].read_text() + "\nmore text")
+    corpus = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    assert bytes(np.asarray(corpus.tokens)).count(b"more text") == 1
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == 2
+
+
+def test_too_little_text_and_a_missing_folder_are_one_line_errors(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.txt").write_text("hello world")
+    with pytest.raises(DataError, match="fewer than one window"):
+        text.load_corpus(tmp_path / "small", 16, tmp_path / "cache")
+    with pytest.raises(DataError, match="does not exist"):
+        text.load_corpus(tmp_path / "nope", 16, tmp_path / "cache")
+
+
+def test_windows_follow_from_seed_and_epoch():
+    a = text.epoch_starts(1, 2, 1000, 17, 100, 32)
+    b = text.epoch_starts(1, 2, 1000, 17, 100, 32)
+    c = text.epoch_starts(1, 3, 1000, 17, 100, 32)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    starts, w = a
+    assert starts.shape == w.shape == (4, 32) and w.sum() == 100
+    assert starts.min() >= 0 and starts.max() <= 1000 - 17
+
+
+def test_window_fetch_cuts_the_windows_on_the_device():
+    tokens = jnp.arange(50, dtype=jnp.uint8)
+    batch, w = jax.jit(text.window_fetch(5))(tokens, jnp.array([0, 7, 45]), jnp.ones(3))
+    np.testing.assert_array_equal(batch["tokens"], [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11], [45, 46, 47, 48, 49]])
+    assert batch["tokens"].dtype == jnp.int32
+    assert text.window_fetch(5) is text.window_fetch(5)  # one fetch per length: compiled programs shared
+
+
+class FixedLogits:
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, x):
+        return jnp.broadcast_to(self.logits, (*x.shape, self.logits.shape[-1]))
+
+
+def test_next_token_loss_is_the_hand_computed_cross_entropy():
+    # vocabulary 3, logits (1, 2, 0) at every position; batch [[0, 1, 2]]: targets 1 then 2
+    loss, m = jax.jit(lambda b: tasks.next_token(FixedLogits(jnp.array([1.0, 2.0, 0.0])), b))(
+        {"tokens": jnp.array([[0, 1, 2]])})
+    log_z = math.log(math.e + math.e ** 2 + 1)
+    want = ((log_z - 2.0) + (log_z - 0.0)) / 2
+    np.testing.assert_allclose(loss, [want], rtol=1e-6)
+    np.testing.assert_allclose(m["bits_per_byte"], [want / math.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(m["token_accuracy"], [0.5])  # argmax 1: right once
+
+
+def tiny(context=8, **kw):
+    return models.transformer(256, context, d_model=16, layers=2, heads=2, **kw)
+
+
+def test_the_transformer_is_causal():
+    model = tiny()
+    model.eval()
+    x = np.random.default_rng(0).integers(0, 256, (2, 8)).astype(np.int32)
+    y = x.copy()
+    y[:, 5] = (y[:, 5] + 1) % 256
+    from flax import nnx
+
+    run = nnx.jit(lambda m, t: m(t))
+    a, b = run(model, jnp.asarray(x)), run(model, jnp.asarray(y))
+    assert a.shape == (2, 8, 256)
+    np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_cpu_attention_matches_dot_product_attention():
+    q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(2, 6, 2, 4)), jnp.float32) for i in range(3))
+    np.testing.assert_allclose(jax.jit(models.causal_attention)(q, k, v),
+                               jax.jit(jax.nn.dot_product_attention, static_argnames="is_causal")(
+                                   q, k, v, is_causal=True), atol=1e-5)
+
+
+def test_parameters_carry_logical_axis_names():
+    from flax import nnx
+
+    model = tiny()
+    names = {tuple(v.get_metadata()["out_sharding"]) for v in jax.tree.leaves(
+        nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable))}
+    assert ("vocab", "embed") in names and ("embed", "heads") in names and ("mlp", "embed") in names
+
+
+def test_the_transformer_defaults_to_adamw_with_weight_decay():
+    cfg = Config(model="transformer", dataset="text")
+    assert (cfg.optimizer, cfg.weight_decay) == ("adamw", 0.1)
+    assert Config(model="transformer", weight_decay=0.0).weight_decay == 0.0
+    assert (Config().optimizer, Config().weight_decay) == ("sgd", 0.0)
+
+
+@pytest.mark.slow
+def test_fit_on_text_learns_and_resumes_bit_identically(tmp_path):
+    from lrjax.train import fit
+
+    write_corpus(tmp_path / "c", n_files=4, size=8000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache", max_windows=256)
+    mesh = mesh_lib.make_mesh("auto")
+    kw = dict(lr=3e-3, epochs=3, batch_size=32, loss_fn=tasks.next_token, mesh=mesh, progress=None)
+    whole = fit(tiny(), optax.adamw, corpus, workdir=tmp_path / "a", **kw)
+    assert whole.history[-1]["val_loss"] < whole.history[0]["val_loss"]
+    assert "val_bits_per_byte" in whole.history[0]
+    fit(tiny(), optax.adamw, corpus, workdir=tmp_path / "b", stop_after=1, **kw)
+    resumed = fit(tiny(), optax.adamw, corpus, workdir=tmp_path / "b", **kw)
+    for a, b in zip(jax.tree.leaves(whole.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(a, b)
