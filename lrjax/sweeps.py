@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, steps, tasks
+from lrjax import feeds, optimizers, steps, tasks
 from lrjax.data import split_examples
 from lrjax.errors import ConfigError
 from lrjax.monitors import EarlyStopping
@@ -152,6 +152,12 @@ def sweep_evaluate(states, examples, *, batch_size: int, member_loop: str = "vma
     out = mesh_lib.map_members(lambda s, examples: steps.evaluate_arrays(s, examples, batch_size),
                                _to_members(states, S, L), examples, loop=member_loop)
     return _from_members(out, S, L)
+
+
+@jax.jit
+def _eval_params(states):
+    """Every member's weights to keep as best (a schedule-free optimizer's evaluation point)."""
+    return jax.vmap(jax.vmap(optimizers.eval_params))(states.opt_state, states.params)
 
 
 @jax.jit
@@ -344,7 +350,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             return mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)
 
         states = place(states)
-        best = jax.tree.map(jnp.copy, (states.params, states.rest))
+        best = jax.tree.map(jnp.copy, (_eval_params(states), states.rest))
         if feed is None:
             train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
         else:
@@ -396,7 +402,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                             improved[s, j] = monitors[s][j].update(epoch, {"val_loss": val_m["loss"][s, j]})
                             if monitors[s][j].should_stop:
                                 stopped_epoch[s, j] = epoch
-                best = _keep_best(best, (states.params, states.rest), jnp.asarray(widen(improved, False)))
+                best = _keep_best(best, (_eval_params(states), states.rest), jnp.asarray(widen(improved, False)))
                 active = place(widen(stopped_epoch < 0, False))
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
@@ -405,7 +411,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     if feed is not None:
         feed.close()
     if monitors is not None:
-        states = states.replace(params=best[0], rest=best[1])
+        states = states.replace(params=best[0], rest=best[1], opt_state=jax.vmap(jax.vmap(optimizers.at_eval_point))(
+            states.opt_state, best[0]))
     if Lp > L:
         states = jax.tree.map(lambda a: a[:, :L], states)
     rank_by = rank_by or ("val_accuracy" if "val_accuracy" in history else "val_loss")

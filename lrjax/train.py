@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import feeds, loop, schedules, steps, tasks
+from lrjax import feeds, loop, optimizers, schedules, steps, tasks
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.data import split_examples
@@ -234,7 +234,9 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         timings["tensorboard_s"] += sum(cb.seconds for cb in cbs if isinstance(cb, TensorBoard))
 
     state = tr.state
-    final = state.replace(params=tr.best[0], rest=tr.best[1]) if early_stopping.restore_best_weights else state
+    # the best weights are already a schedule-free optimizer's evaluation point: at_eval_point keeps them so
+    final = state.replace(params=tr.best[0], rest=tr.best[1], opt_state=optimizers.at_eval_point(
+        state.opt_state, tr.best[0])) if early_stopping.restore_best_weights else state
     history = tr.history
     best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == early_stopping.best_epoch), None)
     if tr.by_step:

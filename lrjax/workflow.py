@@ -354,9 +354,13 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
             workdir.mkdir(parents=True, exist_ok=True)
             save_samples(data, workdir / "samples.png")
         phases["samples_png"] = time.perf_counter() - t
+    free = optimizers.free_rate(optimizers.get(cfg.optimizer))
     if resumed is not None:
         lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
         _say(cfg, f"resuming: the checkpointed run's rate {lr!r} (epoch {resumed['epoch']} done)")
+    elif free is not None:  # it sets its own step size: nothing for a range test to find
+        lr, method = free, "lr-free"
+        _say(cfg, f"{cfg.optimizer} sets its own step size: no range test, training at lr {lr:g}")
     else:
         t = time.perf_counter()
         result = find_lr_job(cfg, data)

@@ -151,3 +151,11 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     # given its data (lrjax run), the job loads none
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60), data)
     assert "data_load" not in json.loads((tmp_path / "lr_find.json").read_text())["phases_s"]
+
+
+def test_run_job_with_an_lr_free_optimizer_skips_the_range_test(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    metrics = workflow.run_job(cfg(tmp_path, optimizer="prodigy", epochs=1))
+    assert metrics["lr"] == 1.0 and metrics["lr_method"] == "lr-free"
+    assert not (tmp_path / "lr_find.json").exists()
+    assert "prodigy sets its own step size: no range test, training at lr 1" in capsys.readouterr().out
