@@ -199,6 +199,8 @@ class RangeTestResult:
     beta: float = 0.98  # the smoothing used
     val_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
     val_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    verification: Any = None  # `lrjax.verify.Verification` of the default method, else None
+    notes: list[str] = dataclasses.field(default_factory=list)  # how the suggestion was reached, when unusual
 
     @property
     def warnings(self) -> list[str]:
@@ -251,6 +253,11 @@ class RangeTestResult:
             "batch_size": self.batch_size, "seed": self.seed, "beta": self.beta,
             "wall_time_s": self.wall_time_s, "compile_time_s": self.compile_time_s, "warnings": self.warnings,
         }
+        if self.verification is not None:
+            d["verification"] = self.verification.to_json()
+            d["find_lr_time_s"] = self.wall_time_s + self.verification.seconds  # the test and the stage
+        if self.notes:
+            d["notes"] = list(self.notes)
         if self.num_seeds > 1:
             d["per_seed_losses"] = self.per_seed_losses.tolist()
         if len(self.val_steps):
@@ -287,7 +294,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             progress: Callable[[dict], None] | None = None,
             init_fn: Callable[[int], nnx.Module] | None = None,
             mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None,
-            loss_fn: LossFn = tasks.classification, dtype=None, valid=None) -> RangeTestResult:
+            loss_fn: LossFn = tasks.classification, dtype=None, valid=None,
+            verify_steps: int | None = None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
@@ -316,6 +324,13 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     see `fit`), for one seed; the first batch sets the batch size, `num_steps` defaults to
     `len(data)` (required for an iterable without a length; one that ends is iterated again), and
     the validation curve's examples are `valid` (arrays, as in `fit`).
+
+    The default `method`, "verified", follows the test with a short stage (`lrjax.verify`): the rates
+    `suggest.turn` x 2**-k (k < 6) trained from the starting weights for `verify_steps` batches (default
+    an eighth of an epoch, at least 40) of a random subset of the training set, the one with the lowest loss on
+    `eval_examples` validation examples is the suggestion (`result.verification` has what it measured).
+    Where it cannot run (input fed batch by batch, no validation examples) the suggestion is
+    `suggest.FALLBACK_METHOD`'s and `result.notes` says why.
     """
     kind = feeds.kind(data)
     if kind != "arrays" and num_seeds != 1:
@@ -441,12 +456,35 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         kept_lrs = lrs[:length].astype(np.float64)
         suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end, beta=beta)
         val_mask = np.isfinite(val_losses[:, :length]).all(0)
+        wall = time.perf_counter() - t_start  # the range test alone; the verification stage keeps its own time
+        verification, notes = None, []
+        if method == suggest.DEFAULT_METHOD:
+            from lrjax import verify
+
+            anchor = suggestions.get("turn")
+            reason = (None if anchor is not None else "the curve is too short for a turn") if kind == "arrays" \
+                else "input fed batch by batch"
+            if reason is None and (getattr(data, "x_valid", None) is None
+                                   or steps.num_examples(split_examples(data, "valid")) == 0):
+                reason = "no validation examples"
+            if reason is None:
+                verification = verify.verify(models[0], optimizer, data, anchor, batch_size=batch_size, seed=seed,
+                                             steps=verify_steps, valid_examples=eval_examples, loss_fn=loss_fn,
+                                             dtype=dtype)
+                suggestions[method] = verification.picked
+                if verification.picked is None:
+                    reason = "every candidate diverged"
+            if reason is not None:
+                suggestions[method] = suggestions.get(suggest.FALLBACK_METHOD)
+                notes.append(f"the suggestion is {suggest.FALLBACK_METHOD}'s: the verification stage did not run "
+                             f"or found nothing ({reason})")
         return RangeTestResult(
+            verification=verification, notes=notes,
             lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
             suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
             diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None,
             num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
-            seed=seed, beta=beta, wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time,
+            seed=seed, beta=beta, wall_time_s=wall, compile_time_s=compile_time,
             val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
 
 
@@ -468,8 +506,8 @@ def _check_args(*, start_lr, factor, end_lr, num_steps, beta, diverge_factor, nu
         problems.append(f"diverge_factor must be > 1, got {diverge_factor}")
     if num_seeds < 1 or chunk_steps < 1:
         problems.append(f"num_seeds and chunk_steps must be positive, got {num_seeds} and {chunk_steps}")
-    if method not in suggest.METHODS:
-        problems.append(f"method must be one of {', '.join(suggest.METHODS)} or 'default', got {method!r}")
+    if method not in suggest.NAMES:
+        problems.append(f"method must be one of {', '.join(suggest.NAMES)} or 'default', got {method!r}")
     if problems:
         raise ValueError("find_lr: " + "; ".join(problems))
 

@@ -133,7 +133,11 @@ def test_outputs(tmp_path, data):
                 "diverged_lr", "num_steps", "num_seeds", "optimizer", "batch_size", "wall_time_s",
                 "compile_time_s"):
         assert key in j, key
-    assert set(j["suggestions"]) == set(suggest.METHODS)
+    assert set(j["suggestions"]) == set(suggest.METHODS) | {suggest.DEFAULT_METHOD}
+    v = j["verification"]  # what the default's verification stage measured
+    assert len(v["candidates"]) == len(v["val_losses"]) == 6 and v["picked"] in v["candidates"]
+    assert v["anchor"] == j["suggestions"]["turn"] == v["candidates"][0]
+    assert j["find_lr_time_s"] > j["wall_time_s"]
     assert j["suggestion"] == j["suggestions"][j["method"]]
     rows = (tmp_path / "lr_find.csv").read_text().splitlines()
     assert rows[0] == "step,lr,loss,smoothed,loss_seed0,loss_seed1" and len(rows) == len(j["lrs"]) + 1
