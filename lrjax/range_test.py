@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, optimizers, sources, steps, suggest, tasks
+from lrjax import feeds, optimizers, sources, steps, suggest, tasks, verify
 from lrjax.data import split_examples
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -459,8 +459,6 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         wall = time.perf_counter() - t_start  # the range test alone; the verification stage keeps its own time
         verification, notes = None, []
         if method == suggest.DEFAULT_METHOD:
-            from lrjax import verify
-
             anchor = suggestions.get("turn")
             reason = (None if anchor is not None else "the curve is too short for a turn") if kind == "arrays" \
                 else "input fed batch by batch"

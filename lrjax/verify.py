@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lrjax import sweeps, tasks
 from lrjax.data import split_examples
 
 NUM_CANDIDATES = 6  # turn, turn/2, ..., turn/32: the LM's best sat at turn/8 - turn/16
@@ -81,8 +82,6 @@ def verify(model, optimizer, data, anchor: float, *, batch_size: int = 32, seed:
     `default_steps` of one epoch) of a random subset of `data`'s training examples (drawn from `seed`),
     all at once in one `sweep`, and scores each by its loss on the first `valid_examples` validation
     examples. `data` as for `find_lr` with arrays (x_/y_ train and valid)."""
-    from lrjax import sweeps, tasks  # sweeps sits above the range test: imported when the stage runs
-
     t0 = time.perf_counter()
     train = split_examples(data, "train")
     valid = split_examples(data, "valid")

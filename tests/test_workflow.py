@@ -143,7 +143,8 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60))
     j = json.loads((tmp_path / "lr_find.json").read_text())
-    assert set(j["phases_s"]) == {"data_load", "range_test_compile", "range_test", "outputs", "other"}
+    assert set(j["phases_s"]) == {"data_load", "range_test_compile", "range_test", "verification", "outputs", "other"}
+    assert j["phases_s"]["verification"] == j["verification"]["seconds"]  # the default's candidate stage
     assert all(v >= 0 for v in j["phases_s"].values())
     assert j["phases_s"]["range_test_compile"] == j["compile_time_s"]
     assert j["phases_s"]["range_test"] == pytest.approx(j["wall_time_s"] - j["compile_time_s"])
