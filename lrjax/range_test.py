@@ -211,7 +211,8 @@ class RangeTestResult:
         rose 10% above its lowest ended before the turn the suggestions look for (the rates stopped
         too low). Besides either: the rate grew more than `suggest.LAG_GROWTH_LIMIT` (4x) over the
         smoothing's lag (``beta / (1 - beta)`` steps, 49 at 0.98), so the smoothed curve trails the raw
-        loss by that much and the rules that read its turn suggest too high."""
+        loss by that much and the rules that read its turn suggest too high (not said when the verification
+        stage picked the rate: it reads the curve with a smoothing scaled to the test, `suggest.turn`)."""
         sm = np.asarray(self.smoothed, np.float64)
         if not np.all(np.isfinite(sm)) or self.suggestion is None:
             return []
@@ -231,7 +232,8 @@ class RangeTestResult:
                        f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
                        "further (--end-lr, --factor or --num-steps)")
         lag, growth = self.beta / (1 - self.beta), suggest.lag_growth(self.lrs, self.beta)
-        if growth > suggest.LAG_GROWTH_LIMIT:
+        # the verified default reads the curve with a smoothing scaled to the test (suggest.turn): no lag to warn of
+        if growth > suggest.LAG_GROWTH_LIMIT and self.verification is None:
             out.append(f"the rate grows x{growth:.3g} over the smoothing's lag (~{lag:.0f} steps at --beta "
                        f"{self.beta:g}): the smoothed curve trails the raw loss and the rules that read its "
                        "turn (seed, minimum) suggest too high, so lagsafe gives valley's rate; for a sharper "
