@@ -329,7 +329,8 @@ def compiled_epoch(train, valid, batch_size: int):
     spe = len(idx)
 
     def run(state):
-        state, m = steps.train_chunk(state, train, idx, w, np.int32(0), np.int32(spe), length=spe, masked=False)
+        state, m = steps.train_chunk(state, train, idx, w, np.int32(spe), length=spe, masked=False,
+                                     fetch=steps.gather_batch)
         jax.device_get((m, steps.evaluate(state, valid, batch_size=1000)))
         return state
 

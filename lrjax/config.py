@@ -88,7 +88,7 @@ class Config:
     keep_latest: int = _f(2, "latest checkpoints kept (the best one is always kept too)", ("train", "run"))
     schedule: str = _f("constant", "learning-rate schedule (optax): constant, onecycle, cosine, warmup_cosine "
                        "or plateau (reduce on plateau of the training loss); its peak is --lr, or in `lrjax run` "
-                       "the range test's rate by the rule in the README", ("train", "run"))
+                       "the range test's rate by the rule in docs/guide.md", ("train", "run"))
     eval_every_steps: int | None = _f(None, "evaluate every this many steps instead of every epoch: each "
                                       "evaluation is one history row and one unit of early-stopping patience",
                                       ("train", "run"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -184,8 +186,9 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None,
 
     path = entry()
     if path.exists():
-        with np.load(path) as z:
-            return dict(z)
+        raw = _read_entry(path)
+        if raw is not None:
+            return raw
     splits = tfds_source.load_tfds_arrays(name, data_dir, idx_dir=idx_dir, progress=progress)
     path = entry()  # load_tfds_arrays may just have prepared the files
     raw = {"train_images": splits["train"][0], "train_labels": splits["train"][1],
@@ -193,17 +196,53 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None,
     names = tfds_source.class_names(name, data_dir)
     if names:
         raw["class_names"] = np.asarray(names)
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of this process's own: two processes filling the same entry at once each write a whole
+    # file, and the last rename leaves one good entry.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, **raw)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
         for stale in folder.glob(f"{prefix}-*.npz"):  # earlier preparations of the same data_dir
-            if stale != path:
+            if stale != path and ".tmp" not in stale.name:  # never another process's file in progress
                 stale.unlink(missing_ok=True)
-    except OSError:  # a read-only or full cache is only slower
+    except OSError as e:  # a read-only or full cache is only slower
+        print(f"lrjax: cannot write the array cache in {folder} ({e.strerror or e}); running without the cache",
+              file=sys.stderr)
         try:
             tmp.unlink(missing_ok=True)  # a partial file would keep the space
         except OSError:
             pass
     return raw
+
+
+_ENTRY_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _read_entry(path: Path) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays, verified: the zip's CRC-32 of every array (checked as numpy reads it),
+    the four splits present, uint8 images with one label per image. A damaged or partial entry (a
+    killed writer on a filesystem without atomic rename, a disk error, a hand edit) is removed with
+    one line and None is returned, so the caller rebuilds it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = dict(z)
+        missing = [k for k in _ENTRY_KEYS if k not in raw]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        for split in ("train", "test"):
+            images, labels = raw[f"{split}_images"], raw[f"{split}_labels"]
+            if images.dtype != np.uint8 or images.ndim not in (3, 4) or labels.shape != images.shape[:1]:
+                raise ValueError(f"{split} images {images.dtype} {images.shape} with labels {labels.shape}")
+        return raw
+    except Exception as e:  # noqa: BLE001 - zipfile, zlib, numpy's format reader: each raises its own
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        print(f"lrjax: the cached arrays {path} are damaged ({type(e).__name__}: {reason}); removed, rebuilding "
+              "them", file=sys.stderr)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only cache: rebuilt in memory, the write below says so
+        return None
+
+

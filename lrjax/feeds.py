@@ -1,11 +1,14 @@
-"""Training batches handed over one step at a time instead of gathered from resident arrays: a
-researcher's own input pipeline (a Grain `DataLoader` or dataset, a generator, a list of batches)
-and lrjax's own Grain stream (`lrjax.stream.StepFeed`) both feed the compiled K-step programs here.
+"""What every kind of input gives the entry points (`Input`, `Feed`), and a user's own iterable of
+batches (`IterableInput`, `BatchFeed`).
 
-A `Feed` runs the training steps [g, end) that `lrjax.loop` asks for: it takes the batches in order,
-stacks K of them (a short call padded with weight-0 steps) and calls the compiled program once per
-K steps, so there is no host round trip per step. `BatchFeed` wraps any iterable of batches:
+A `Feed` runs the training steps [g, end) that the entry points ask for: it takes the next K steps'
+rows (a chunk; a short call padded with weight-0 steps) and calls the compiled K-step program
+`program(state, feed.context, rows, w, count)` once per K steps, so there is no host round trip per
+step. `feed.fetch(context, row, w) -> (batch, w)` (static) is how the program turns a step's row
+into its batch: a gather from resident examples (`lrjax.resident`), or the row itself where whole
+batches are handed over (an iterable here, lrjax's Grain stream in `lrjax.stream`).
 
+`BatchFeed` wraps any iterable of batches (a Grain `DataLoader` or dataset, a generator, a list):
 - a batch is what the loss function receives (`(x, y)`, a dict, any pytree of arrays with the batch
   on the leading axis); lrjax converts nothing, so dtypes are the pipeline's business;
 - each batch has the first batch's size; a smaller one (an epoch's remainder) is padded with
@@ -29,33 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax import mesh as mesh_lib
+from lrjax import steps
 from lrjax.errors import CheckpointError, ConfigError, DataError
-
-
-def kind(data) -> str:
-    """How `data` reaches the steps: 'arrays' (an object with x_train, resident), 'splits' (a
-    `lrjax.sources.Splits`, streamed through Grain) or 'batches' (any other iterable of batches)."""
-    from lrjax import sources
-
-    if isinstance(data, sources.Splits):
-        return "splits"
-    if hasattr(data, "x_train"):
-        return "arrays"
-    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict, tuple, np.ndarray)):
-        return "batches"
-    raise ConfigError(f"the training data must be an object with x_train and y_train arrays (e.g. "
-                      f"lrjax.load_dataset), a lrjax.sources.Splits, or an iterable of batches (e.g. a Grain "
-                      f"DataLoader); got {type(data).__name__}")
-
-
-def for_training(who: str, data, valid, steps_per_epoch: int | None, chunk_steps: int, mesh):
-    """An iterable's feed for `fit`/`sweep` (`who`): (feed, steps per epoch, global batch size,
-    validation examples)."""
-    spe = steps_per_pass(data, steps_per_epoch, "steps_per_epoch")
-    feed = BatchFeed(data, min(chunk_steps, spe), chunk_sharding(mesh))
-    if valid is None:
-        raise ConfigError(f"{who}: training from an iterable of batches needs the validation examples as valid=")
-    return feed, spe, feed.batch_size * jax.process_count(), examples(valid)
 
 
 def steps_per_pass(data, given: int | None, keyword: str) -> int:
@@ -115,15 +94,35 @@ def check_process_rows(sharding, shape) -> None:
                           "batch over a mesh axis whose devices are ordered by process")
 
 
+class Input:
+    """Training data of any kind as the entry points see it (`lrjax.inputs.make_input` makes one):
+    `kind` ('resident', 'stream' or 'iterable': the run's `input`), `batch_size` (global),
+    `steps_per_epoch`, `num_examples` (None where unknown), and
+    - `train_feed(seed, cadence, total_steps)`: `fit`'s feed (`cadence`: the loop's longest chunk);
+    - `range_feed(seeds, chunk, num_steps)`: the range test's (several seeds: resident only);
+    - `sweep_feed(seeds, chunk)`: a sweep's (every member of a seed on the same batches);
+    - `valid_examples(count)`: the first `count` validation examples on the host;
+    - `evaluator(batch_size)`: the validation pass (`compile(state)`, then `evaluator(state)`)."""
+
+    kind: str
+    batch_size: int
+    steps_per_epoch: int
+    num_examples: int | None = None
+    seeds = 1  # how many seeds a range test may run at once (None: any)
+
+
 class Feed:
-    """Steps packed into calls of a compiled K-step program `program(state, batch, w, count)`.
-    Subclasses give `_take(count)` (host batch and weights of the next `count` steps, padded to K)
-    and the position (`state(g)`, `restore`); `prepare` is the device-side conversion the programs
-    apply to each batch (static; None: the batch as it comes)."""
+    """Steps packed into calls of a compiled K-step program `program(state, context, rows, w, count)`.
+    Subclasses give `_take(count)` (host rows and weights of the next `count` steps, padded to K) and
+    the position (`state(g)`, `restore`); `fetch` is the programs' static row -> batch."""
 
     k: int
     sharding: jax.sharding.NamedSharding
-    prepare = None
+    context = None  # what `fetch` reads besides the row (resident examples), or None
+    fetch = staticmethod(steps.given)
+    masked = True  # whether the program skips the steps from `count` on (False: every call is K steps)
+    seed_axis = False  # whether rows lead with a seed axis (each seed its own batches)
+    host_bound = True  # whether taking a chunk reads it on the host (its time counts from the dispatch)
     _next = 0  # the global step of the next batch
 
     def zeros(self):
@@ -131,7 +130,7 @@ class Feed:
         raise NotImplementedError
 
     def take(self, count: int):
-        """The next `count` (<= K) steps' (batch, w) on the devices, padded to K steps of weight 0."""
+        """The next `count` (<= K) steps' (rows, w) on the devices, padded to K steps of weight 0."""
         return put(*self._take(count), self.sharding)
 
     def __call__(self, program, state, g: int, end: int):
@@ -141,9 +140,12 @@ class Feed:
         outs = []
         for start in range(g, end, self.k):
             count = min(self.k, end - start)
-            state, m = program(state, *self.take(count), np.int32(count))
+            state, m = program(state, self.context, *self.take(count), np.int32(count))
             outs.append(m)
         return state, outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+
+    def close(self) -> None:
+        pass
 
 
 def stack_steps(taken: list, k: int):
@@ -217,6 +219,12 @@ class BatchFeed(Feed):
         if self._first is None:
             self._peeked = self._read()
         return self._first[2]
+
+    def peek(self):
+        """The next batch as the loss function receives it, read now and still trained on next."""
+        if self._peeked is None:
+            self._peeked = self._read()
+        return self._peeked[0]
 
     def zeros(self):
         if self._peeked is None and self._first is None:
@@ -293,3 +301,55 @@ def _encode(state, name: str):
 
 def _decode(saved: dict):
     return base64.b64decode(saved["bytes"]) if "bytes" in saved else saved["json"]
+
+
+class Evaluator:
+    """Evaluation over examples resident on the devices: one compiled program (`steps.evaluate`)."""
+
+    def __init__(self, examples, batch_size: int):
+        self.examples, self.batch_size = examples, batch_size
+
+    def compile(self, state) -> set[str]:
+        """Compiles the evaluation for `state`'s shapes; returns the names of what it reports."""
+        lowered = steps.evaluate.lower(state, self.examples, batch_size=self.batch_size)
+        self._program = lowered.compile()
+        return set(lowered.out_info)
+
+    def __call__(self, state) -> dict[str, jax.Array]:
+        return self._program(state, self.examples)
+
+    def close(self) -> None:
+        pass
+
+
+class IterableInput(Input):
+    """A user's iterable of batches, with the validation examples given beside it (`valid`)."""
+
+    kind = "iterable"
+
+    def __init__(self, who: str, data, valid, steps_per_epoch: int | None, chunk_steps: int, mesh,
+                 keyword: str = "steps_per_epoch"):
+        self.who, self.valid, self.mesh, self.chunk_steps = who, valid, mesh, chunk_steps
+        self.steps_per_epoch = steps_per_pass(data, steps_per_epoch, keyword)
+        self.feed = BatchFeed(data, min(chunk_steps, self.steps_per_epoch), chunk_sharding(mesh))
+        self.batch_size = self.feed.batch_size * jax.process_count()
+
+    def train_feed(self, seed: int, cadence: int, total_steps: int) -> BatchFeed:
+        return self.feed
+
+    def range_feed(self, seeds: list[int], chunk: int, num_steps: int) -> BatchFeed:
+        self.feed.k = chunk
+        return self.feed
+
+    def sweep_feed(self, seeds: list[int], chunk: int) -> BatchFeed:
+        return self.feed
+
+    def valid_examples(self, count: int | None = None):
+        if self.valid is None:
+            raise ConfigError(f"{self.who}: training from an iterable of batches needs the validation examples "
+                              "as valid=")
+        valid = examples(self.valid)
+        return valid if count is None else jax.tree.map(lambda a: np.asarray(a[:count]), valid)
+
+    def evaluator(self, batch_size: int):
+        return Evaluator(mesh_lib.replicate(self.valid_examples(), self.mesh), batch_size)

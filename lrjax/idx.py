@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -119,11 +120,16 @@ def _content_and_digest(path: Path, st: os.stat_result, cache_dir: Path | None) 
             raw = copy.read_bytes()
             if len(raw) == known["size"] and zlib.crc32(raw) == known["crc32"]:
                 return raw, known["sha256"]
-        except (OSError, KeyError, TypeError):
-            pass
+            _say(f"lrjax: the cached copy {copy} is damaged ({len(raw)} bytes, its CRC-32 does not match); "
+                 f"reading {path.name} again and rebuilding it")
+        except FileNotFoundError:
+            pass  # removed by hand: rebuilt below
+        except (OSError, KeyError, TypeError) as e:
+            _say(f"lrjax: the cached copy {copy} is unreadable ({e}); reading {path.name} again and rebuilding it")
     raw = _read_bytes(path)
     digest = known["sha256"] if known is not None else hashlib.sha256(raw).hexdigest()
     if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+        tmp = None
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             for target, data in ((copy, raw), (entry, json.dumps({
@@ -132,9 +138,27 @@ def _content_and_digest(path: Path, st: os.stat_result, cache_dir: Path | None) 
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
                 tmp.write_bytes(data)
                 tmp.replace(target)  # atomic: concurrent runs each write a whole file
-        except OSError:
-            pass  # a read-only or full cache is only slower
+        except OSError as e:  # a read-only or full cache is only slower
+            try:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)  # a partial file would keep the space
+            except OSError:
+                pass
+            _say(f"lrjax: cannot write the IDX cache in {cache_dir} ({e.strerror or e}); running without the cache",
+                 once=str(cache_dir))
     return raw, digest
+
+
+_said: set[str] = set()
+
+
+def _say(line: str, once: str | None = None) -> None:
+    """One line on stderr; with `once`, only the first time in this process (four files share a folder)."""
+    if once is not None:
+        if once in _said:
+            return
+        _said.add(once)
+    print(line, file=sys.stderr)
 
 
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:

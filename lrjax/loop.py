@@ -1,8 +1,8 @@
 """The training loop: compiled chunks of steps, host work between them, callbacks, signals.
 
 `Trainer` is what the callbacks see (state, best state, history, position); `run` drives it. A
-chunk is one call of `steps.train_chunk`; chunk boundaries fall on every epoch's end and on every
-multiple of the step cadences (evaluation, checkpoint). At a boundary with an evaluation the host
+chunk is run by the input's feed (`lrjax.feeds.Feed`, calls of `steps.train_chunk`); chunk
+boundaries fall on every epoch's end and on every multiple of the step cadences (evaluation, checkpoint). At a boundary with an evaluation the host
 reads the validation metrics, lets the deciding callbacks (early stopping, the user's) act, then
 dispatches the next chunk, and only then does the writing callbacks' work (TensorBoard,
 checkpoint, progress) while the device computes. Nothing is dispatched that is not kept.
@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import faults, optimizers
+from lrjax import faults, optimizers, validate
 from lrjax.errors import TrainingDiverged
 
 
@@ -105,7 +105,7 @@ class Trainer:
         self.early_stopping = None  # the EarlyStopping callback whose state checkpoints carry
         self.last_was_best = False
         self.callbacks: list = []
-        self.feed = None  # a streamed input (`lrjax.stream.StepFeed`) whose position checkpoints carry
+        self.feed = None  # the input's `lrjax.feeds.Feed`: runs the chunks; checkpoints carry its position
 
     @property
     def epoch(self) -> int:
@@ -138,8 +138,9 @@ class Trainer:
         meta = {**self.meta, "epoch": self.epoch, "step": self.step, "history": list(self.history),
                 "pending": {"sums": dict(self.sums), "time": self.period_time},
                 "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None}
-        if self.feed is not None:
-            meta["input"] = self.feed.state(self.step)
+        position = self.feed.state(self.step) if self.feed is not None else None
+        if position is not None:  # a resident input's position follows from the step: nothing saved
+            meta["input"] = position
         return tree, meta
 
     def restore(self, tree: dict, meta: dict) -> None:
@@ -152,7 +153,7 @@ class Trainer:
         self.sums, self.period_time = dict(pending.get("sums", {})), float(pending.get("time", 0.0))
         if self.early_stopping is not None and meta.get("early_stopping"):
             self.early_stopping.load_state_dict(meta["early_stopping"])
-        if self.feed is not None:
+        if self.feed is not None and meta.get("input") is not None:
             self.feed.restore(meta["input"])
         self.resumed = True
 
@@ -190,36 +191,24 @@ class _Chunk:
         self.dispatched = dispatched
 
 
-def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoch_order, timings: dict,
-        feed=None) -> str | None:
+def run(tr: Trainer, callbacks: list, *, compile_programs, timings: dict) -> str | None:
     """Trains from `tr.step` to the end (or a stop); returns why it ended early ('SIGTERM',
-    'SIGINT', 'stop-after') or None. `compile_programs()` gives the compiled chunk and evaluation
-    programs; it is called only when there is something to train (after the callbacks' train begin).
-    With a `feed` (`lrjax.stream.StepFeed`), `feed(program, state, g, end)` runs the steps from the
-    streamed batches instead of gathering rows of the resident `examples`."""
+    'SIGINT', 'stop-after') or None. `compile_programs()` gives the compiled chunk program (run by
+    `tr.feed`, see `lrjax.feeds.Feed`) and the evaluation (`evaluate(state)`); it is called only when
+    there is something to train (after the callbacks' train begin)."""
     deciders = [cb for cb in callbacks if not cb.overlaps_next_chunk]
     writers = [cb for cb in callbacks if cb.overlaps_next_chunk]
-    order = {}  # epoch -> its (idx, w) on device
+    feed = tr.feed
 
     def dispatch(g: int) -> _Chunk:
-        t = time.perf_counter()
-        end, epoch = tr.next_boundary(g), g // tr.steps_per_epoch + 1
-        if feed is not None:
-            state, metrics = feed(program, tr.state, g, end)
-            return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
-        if epoch not in order:
-            order.clear()
-            order[epoch] = epoch_order(epoch)
-        pos = g - (epoch - 1) * tr.steps_per_epoch
-        state, metrics = program(tr.state, examples, *order[epoch], np.int32(pos), np.int32(end - g))
-        return _Chunk(g, end, state, metrics, evaluate(state, valid) if tr.is_eval(end) else None, t)
+        t, end = time.perf_counter(), tr.next_boundary(g)
+        state, metrics = feed(program, tr.state, g, end)
+        return _Chunk(g, end, state, metrics, evaluate(state) if tr.is_eval(end) else None, t)
 
     def since(c: _Chunk) -> float:
-        # A chunk's time runs from when the host was free to wait for it; a streamed chunk's from
-        # its dispatch, which reads its batches from the host pipeline.
-        return c.dispatched if feed is not None else max(c.dispatched, free)
-
-    pending, failed, said = None, None, []
+        # A chunk's time runs from when the host was free to wait for it; a chunk read on the host
+        # (streamed, iterable) from its dispatch, which reads its batches.
+        return c.dispatched if feed.host_bound else max(c.dispatched, free)
 
     def announce():  # outside the handler, which only records (see Signals)
         signals.check()
@@ -227,6 +216,7 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoc
             said.append(signals.received)
             log(f"lrjax: {signals.received} received: stopping after this chunk of steps, with a checkpoint")
 
+    pending, failed, said = None, None, []
     with Signals() as signals:
         for cb in callbacks:
             cb.on_train_begin({})
@@ -235,20 +225,16 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoc
             program, evaluate = compile_programs()
             t = time.perf_counter()
             pending = dispatch(tr.step)
-            if feed is not None:  # a streamed dispatch reads its batches: training time
+            if feed.host_bound:  # the dispatch read its batches: training time
                 timings["train_s"] += time.perf_counter() - t
         free = time.perf_counter()  # when the host was last free to wait for a chunk
         while pending is not None:
             t1 = time.perf_counter()
             c, tr.state = pending, pending.state
-            wait_decider_batches = any(cb.every_n_steps for cb in deciders)
             step_m, val_m = (jax.device_get(faults.wait_ready((c.metrics, c.val), between=announce))
-                             if c.val is not None or wait_decider_batches else (None, None))
-            batches = []
-            if step_m is not None:
-                tr.period_time += time.perf_counter() - since(c)
-                batches = _accumulate(tr, step_m, c)
-                _batch_hooks(deciders, batches)
+                             if c.val is not None or any(cb.every_n_steps for cb in deciders) else (None, None))
+            batches = [] if step_m is None else _read_chunk(tr, step_m, c, since(c))
+            _batch_hooks(deciders, batches)
             row, tr.last_was_best = None, False
             if val_m is not None:
                 row = _row(tr, val_m, step_m, c)
@@ -268,28 +254,36 @@ def run(tr: Trainer, callbacks: list, *, compile_programs, examples, valid, epoc
                 except BaseException as e:  # noqa: BLE001 - this chunk is complete: its outputs first
                     failed = e
             timings["train_s"] += time.perf_counter() - t1
-            # the finished chunk's outputs, while the device computes the next one
             if step_m is None:  # a chunk without evaluation: read now, while the next one runs
                 t = time.perf_counter()
                 step_m = jax.device_get(faults.wait_ready(c.metrics, between=announce))
-                tr.period_time += time.perf_counter() - since(c)
-                batches = _accumulate(tr, step_m, c)
+                batches = _read_chunk(tr, step_m, c, since(c))
                 timings["train_s"] += time.perf_counter() - t
-            _batch_hooks(writers, batches)
-            if row is not None:
-                for cb in writers:
-                    cb.on_epoch_end(row["epoch"], row)
-            if tr.is_checkpoint(tr.step) or not go:
-                latest = tr.history[-1] if tr.history else {}
-                metrics = {k: v for k, v in latest.items() if k not in ("epoch", "step")} if row is not None else {}
-                for cb in callbacks:
-                    cb.on_checkpoint(tr.checkpoint_number(tr.step), metrics)
+            _write(tr, callbacks, writers, batches, row, go)
             if failed is not None:
                 raise failed
             free = time.perf_counter()
         for cb in callbacks:
             cb.on_train_end(tr.history[-1] if tr.history else {})
     return interrupted
+
+
+def _read_chunk(tr: Trainer, step_m: dict, c: _Chunk, since: float) -> list[tuple[int, dict]]:
+    tr.period_time += time.perf_counter() - since
+    return _accumulate(tr, step_m, c)
+
+
+def _write(tr: Trainer, callbacks: list, writers: list, batches: list, row: dict | None, go: bool) -> None:
+    """The finished chunk's writing work (TensorBoard, progress, checkpoint) while the device runs the next."""
+    _batch_hooks(writers, batches)
+    if row is not None:
+        for cb in writers:
+            cb.on_epoch_end(row["epoch"], row)
+    if tr.is_checkpoint(tr.step) or not go:
+        latest = tr.history[-1] if tr.history else {}
+        metrics = {k: v for k, v in latest.items() if k not in ("epoch", "step")} if row is not None else {}
+        for cb in callbacks:
+            cb.on_checkpoint(tr.checkpoint_number(tr.step), metrics)
 
 
 def _accumulate(tr: Trainer, step_m: dict, c: _Chunk) -> list[tuple[int, dict]]:
@@ -323,6 +317,7 @@ def _row(tr: Trainer, val_m: dict, step_m, c: _Chunk) -> dict:
            **{f"val_{k}": float(v) for k, v in ordered(val_m).items()}, "lr": lr, "epoch_time_s": tr.period_time}
     tr.sums, tr.period_time = {}, 0.0
     if not (math.isfinite(row["loss"]) and math.isfinite(row["val_loss"])):
+        validate.check_first_step(c.start, step_m)  # before any update: the data or the model, not the rate
         raise TrainingDiverged(
             f"loss became non-finite in epoch {row['epoch']} (step {row['step']}; train {row['loss']}, "
             f"validation {row['val_loss']}) at lr {lr:g}; lower the learning rate")

@@ -113,7 +113,7 @@ def spread_members(tree, axis: int = 0):
 def default_member_loop(mesh: jax.sharding.Mesh | None = None) -> str:
     """How a device goes through its members: 'vmap' (all at once) on accelerators, 'map' (one after
     another) on CPUs, where vmapping 16 members measured 0.94-1.03x the speed of running them one by
-    one while looping lets a diverged member skip its steps (README, Performance)."""
+    one while looping lets a diverged member skip its steps (docs/measurements.md)."""
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     return "map" if platform == "cpu" else "vmap"
 

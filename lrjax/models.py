@@ -175,7 +175,7 @@ def _build_mlp(input_shape, num_classes, seed, hidden_sizes=(300, 100), **_):
     return mlp(math.prod(input_shape), hidden_sizes, num_classes, seed=seed)
 
 
-@register_model("cnn", optimizer="adam")  # 10 epochs: test accuracy 0.9211 with adam, 0.9071 with sgd (README)
+@register_model("cnn", optimizer="adam")  # 10 epochs: test accuracy 0.9211 with adam, 0.9071 with sgd (docs/measurements.md)
 def _build_cnn(input_shape, num_classes, seed, **_):
     if len(input_shape) != 3:
         raise ValueError(f"--model cnn needs images (height, width, channels), got examples of shape {input_shape}")

@@ -3,7 +3,7 @@
 Each factory takes `learning_rate` (what `optax.inject_hyperparams` needs) and is a module-level object,
 so compiled programs keyed on it are reused across calls. `family` sorts any factory (these, optax's,
 a `functools.partial` of either) into plain SGD, momentum SGD or adaptive; `range_defaults` gives the
-range test that suits the family (the table is in the README)."""
+range test that suits the family (the table is in docs/guide.md)."""
 
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, optimizers, sources, steps, suggest, tasks, verify
+from lrjax import inputs, optimizers, steps, suggest, tasks, validate, verify
 from lrjax.data import split_examples
+from lrjax.errors import ConfigError
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
 
@@ -117,35 +118,22 @@ def _range_chunk(carry: _Carry, fetch, rows, lrs, active, pos, val, hp):
     return jax.lax.scan(body, carry, (rows, lrs, active, pos))
 
 
-@partial(jax.jit, static_argnames=("chunk", "member_loop"), donate_argnums=(0,))
-def _run_chunk(carry, start, examples, idx, w, lrs, active, val, hp, *, chunk: int, member_loop: str = "vmap"):
-    """Steps [start, start + chunk) of the test. `start` is traced, so every chunk runs one program;
-    with several seeds (a leading seed axis on carry, idx and w) the chunk runs for each seed, all
-    at once or one after another per device (`member_loop`, see `mesh.map_members`)."""
-
-    def take(a, axis=0):
-        return jax.lax.dynamic_slice_in_dim(a, start, chunk, axis)
-
+@partial(jax.jit, static_argnames=("chunk", "fetch", "member_loop"), donate_argnums=(0,))
+def _run_chunk(carry, start, context, rows, w, lrs, active, val, hp, *, chunk: int, fetch, member_loop: str = "vmap"):
+    """Steps [start, start + chunk) of the test over a feed's chunk (`lrjax.feeds.Feed`: step i's batch
+    is `fetch(context, rows[i], w[i])`). `start` is traced, so every chunk runs one program; with
+    several seeds (a leading seed axis on carry, rows and w) the chunk runs for each seed, all at once
+    or one after another per device (`member_loop`, see `mesh.map_members`)."""
     pos = start + jnp.arange(chunk)  # step numbers
-    lrs, active = take(lrs), take(active)
+    lrs, active = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (lrs, active))
+    batch_of = lambda context: lambda r: fetch(context, *r)  # noqa: E731
     if carry.t.ndim == 0:  # one seed, no vmap: lax.cond really skips the steps after divergence
-        carry, out = _range_chunk(carry, lambda r: steps.gather_batch(examples, *r), (take(idx), take(w)), lrs,
-                                  active, pos, val, hp)
+        carry, out = _range_chunk(carry, batch_of(context), (rows, w), lrs, active, pos, val, hp)
     else:
         carry, out = mesh_lib.map_members(
-            lambda m, examples, *shared: _range_chunk(m[0], lambda r: steps.gather_batch(examples, *r),
-                                                      (m[1], m[2]), *shared),
-            (carry, take(idx, 1), take(w, 1)), examples, lrs, active, pos, val, hp, loop=member_loop)
+            lambda m, context, *shared: _range_chunk(m[0], batch_of(context), (m[1], m[2]), *shared),
+            (carry, rows, w), context, lrs, active, pos, val, hp, loop=member_loop)
     # The carry is donated to the next chunk: the host reads divergence from this output instead.
-    return carry, {**out, "diverged_step": carry.diverged_step + 0}
-
-
-@partial(jax.jit, static_argnames=("chunk", "prepare"), donate_argnums=(0,))
-def _run_fed_chunk(carry, start, batch, w, lrs, active, val, hp, *, chunk: int, prepare=None):
-    """`_run_chunk` of one seed over a feed's chunk of batches (`lrjax.feeds`: [chunk, B, ...] leaves, w)."""
-    pos = start + jnp.arange(chunk)
-    lrs, active = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (lrs, active))
-    carry, out = _range_chunk(carry, lambda r: steps.fed_batch(*r, prepare), (batch, w), lrs, active, pos, val, hp)
     return carry, {**out, "diverged_step": carry.diverged_step + 0}
 
 
@@ -159,15 +147,6 @@ def _init_carries(states, *, real: int) -> _Carry:
     carry = jax.vmap(_init_carry)(jax.tree.map(lambda *a: jnp.stack(a), *states))
     filler = jnp.arange(len(states)) >= real
     return carry.replace(diverged_step=jnp.where(filler, 0, carry.diverged_step))
-
-
-def _batch_orders(seeds, n: int, batch_size: int, num_steps: int, padded: int):
-    """Every seed's batch order on the host, padded to whole chunks (the padding steps never run);
-    (steps, batch) arrays for one seed, (seeds, steps, batch) for several."""
-    orders = [steps.host_batch_order(int(s), n, batch_size, num_steps) for s in seeds]
-    pad = ((0, padded - num_steps), (0, 0))
-    idx, w = (np.stack([np.pad(o[i], pad) for o in orders]) for i in (0, 1))
-    return (idx[0], w[0]) if len(seeds) == 1 else (idx, w)
 
 
 def _chunking(num_steps: int, chunk_steps: int) -> tuple[int, int]:
@@ -300,192 +279,175 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             verify_steps: int | None = None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
-    `model` gives the architecture (its state is never changed); seed s of `num_seeds` starts from
-    `init_fn(seed + s)` when given, else from `model`'s own weights (all seeds alike). `optimizer` is
-    a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, ...). `data` has `x_train`,
-    `y_train` (and `x_valid`, `y_valid` when `eval_every` > 0) as arrays, or example pytrees with
-    `y_*` None (see `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)` is the
-    task (`lrjax.tasks`; default: softmax cross-entropy); `dtype` the compute dtype (e.g.
-    `jnp.bfloat16`: mixed precision, parameters stay float32). A BatchNorm's statistics and an RNG
-    stream's counter advance with the steps like the weights; the validation curve uses eval mode. With `end_lr` given, the
-    rate grows from `start_lr` to `end_lr` over `num_steps`; otherwise by `factor` per step. Left as
-    None, `start_lr` and the growth follow the optimizer's family (`optimizers.range_defaults`: plain
-    SGD 1e-3 x1.005 per step, momentum SGD 1e-4 -> 1, adaptive optimizers such as Adam 1e-6 -> 1). The
-    default `num_steps` is one epoch. Batches are split over the `data` axis of `mesh` (default
-    `mesh.make_mesh("auto", members=num_seeds)`) and the seeds over its `members` axis.
-    `member_loop` ('vmap' or 'map', default by platform) is how each device goes through its seeds.
-    `stop_on_divergence=False` runs every chunk even after all seeds diverged (a fixed amount of work,
-    for benchmarks); the steps after a seed's divergence are skipped and unrecorded either way.
-
-    Streamed input: `data` may be a `lrjax.sources.Splits`; the training set is then read through
-    Grain (`lrjax.stream.Stream`, shuffled by `seed`, uint8 until the device) in chunks of
-    `chunk_steps` batches, the next one read while the device runs the current one, for one seed
-    (`num_seeds` 1); `num_steps` defaults to one epoch of the split, as for arrays.
-
-    Your own pipeline: `data` may be any iterable of batches (a Grain `DataLoader`, a generator, ...;
-    see `fit`), for one seed; the first batch sets the batch size, `num_steps` defaults to
-    `len(data)` (required for an iterable without a length; one that ends is iterated again), and
-    the validation curve's examples are `valid` (arrays, as in `fit`).
-
-    The default `method`, "verified", follows the test with a short stage (`lrjax.verify`): the rates
-    `suggest.turn` x 2**-k (k < 6) trained from the starting weights for `verify_steps` batches (default
-    an eighth of an epoch, at least 40) of a random subset of the training set, the one with the lowest loss on
-    `eval_examples` validation examples is the suggestion (`result.verification` has what it measured).
-    Where it cannot run (input fed batch by batch, no validation examples) the suggestion is
-    `suggest.FALLBACK_METHOD`'s and `result.notes` says why.
+    `model` gives the architecture (never changed); seed s of `num_seeds` starts from `init_fn(seed + s)`
+    when given, else from `model`'s weights. `optimizer` is a factory taking `learning_rate`. `data` is
+    arrays, a `lrjax.sources.Splits` or an iterable of batches with `valid=` (as `fit`; not arrays: one
+    seed). The rate grows from `start_lr` to `end_lr` over `num_steps` (default one epoch), or by
+    `factor` per step; left as None they follow the optimizer's family (`optimizers.range_defaults`).
+    `eval_every` > 0 adds a validation curve on `eval_examples` examples. `method` picks the suggestion
+    (`lrjax.suggest`). Batches split over `mesh`'s `data` axis, seeds over `members` (`member_loop`:
+    'vmap' or 'map'). `stop_on_divergence=False` runs every chunk (benchmarks). See docs/guide.md.
+    The default method, "verified", adds a short stage after the test (`lrjax.verify`, docs/suggestion.md):
+    rates below the curve's turn trained from the starting weights for `verify_steps` (default an eighth
+    of an epoch), the lowest validation loss wins; `result.verification` holds what it measured.
     """
-    kind = feeds.kind(data)
-    if kind != "arrays" and num_seeds != 1:
-        raise ValueError(f"find_lr: a range test fed batch by batch ({'lrjax.sources.Splits' if kind == 'splits' else 'an iterable'}) "
-                         f"runs one seed; got num_seeds {num_seeds}")
     method = suggest.DEFAULT_METHOD if method == "default" else method
-    if factor is None and end_lr is None and start_lr is not None:
-        default_end = optimizers.range_defaults(optimizer).end_lr
-        if default_end is not None and not default_end > start_lr:
-            raise ValueError(f"find_lr: start_lr {start_lr} is not below {default_end}, where the range test of "
-                             f"a {optimizers.family(optimizer)} optimizer ends by default; give end_lr or factor")
-    start_lr, factor, end_lr = dataclasses.astuple(optimizers.resolve_range(optimizer, start_lr, factor, end_lr))
+    start_lr, factor, end_lr = _resolve_range(optimizer, start_lr, factor, end_lr)
     _check_args(start_lr=start_lr, factor=factor, end_lr=end_lr, num_steps=num_steps, beta=beta,
                 diverge_factor=diverge_factor, num_seeds=num_seeds, chunk_steps=chunk_steps, method=method)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=num_seeds)
-    feed = feeds.BatchFeed(data, chunk_steps, feeds.chunk_sharding(mesh)) if kind == "batches" else None
-    if feed is not None:
-        batch_size = feed.batch_size * jax.process_count()
+    validate.check_input("find_lr", model, data, loss_fn=loss_fn, valid=valid, need_valid=eval_every > 0)
+    inp = inputs.make_input("find_lr", data, batch_size=batch_size, mesh=mesh, valid=valid, chunk_steps=chunk_steps,
+                            keyword="num_steps")
+    if inp.seeds is not None and num_seeds > inp.seeds:
+        raise ValueError(f"find_lr: a range test fed batch by batch ({inp.kind} input) runs one seed; got num_seeds "
+                         f"{num_seeds}")
+    batch_size = inp.batch_size
     mesh_lib.check_batch_size(batch_size, mesh)
+    validate.check_first_batch("find_lr", model, inp, loss_fn=loss_fn)
     # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
     with jax.set_mesh(mesh):
-        examples = mesh_lib.replicate(split_examples(data, "train"), mesh) if kind == "arrays" else None
         t_start = time.perf_counter()
         # Under gradient accumulation (optimizers.Recipe) the rate rises once per optimizer step of k
         # micro-batches, and the curve records each optimizer step's mean loss over its micro-batches.
         k = getattr(optimizer, "grad_accum_steps", 1)
-        if num_steps is None:  # one epoch
-            num_steps = (feeds.steps_per_pass(data, None, "num_steps") if kind == "batches" else steps.steps_per_epoch(
-                len(data.train) if kind == "splits" else steps.num_examples(examples), batch_size)) // k
-            if num_steps < 2:
-                raise ValueError(f"one epoch at batch size {batch_size} is a single step; the range test needs "
-                                 "num_steps >= 2 (--num-steps)")
-        if end_lr is not None:
-            factor = None
-        lrs = exponential_lrs(start_lr, num_steps, factor=factor, end_lr=end_lr)
-        num_steps, lrs = num_steps * k, np.repeat(lrs, k)  # micro-steps from here to the curve
-
+        num_steps = num_steps if num_steps is not None else _one_epoch(inp, k)
+        lrs = np.repeat(exponential_lrs(start_lr, num_steps, factor=None if end_lr is not None else factor,
+                                        end_lr=end_lr), k)
+        num_steps *= k  # micro-steps from here to the curve
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
         # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
         total = mesh_lib.padded_members(num_seeds, mesh) if num_seeds > 1 else 1
         states = [steps.init_state(m, optimizer, start_lr, loss_fn=loss_fn, dtype=dtype)
                   for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
-        padded = num_chunks * chunk
         carry = _init_carries(states, real=num_seeds)
-        idx, w = (None, None) if kind != "arrays" else mesh_lib.replicate(
-            _batch_orders(range(seed, seed + total), steps.num_examples(examples), batch_size, num_steps, padded), mesh)
-        if num_seeds > 1:
-            carry, idx, w = mesh_lib.spread_members((carry, idx, w))
-        member_loop = member_loop or mesh_lib.default_member_loop(mesh)
-
-        if eval_every > 0:
-            if kind == "batches" and valid is None:
-                raise ValueError("find_lr: eval_every > 0 with an iterable of batches needs the validation examples "
-                                 "as valid=")
-            valid = {"splits": lambda: sources.resident_arrays(dataclasses.replace(
-                        data.valid, keys=data.valid.keys[:eval_examples])),
-                     "batches": lambda: feeds.examples(valid),
-                     "arrays": lambda: split_examples(data, "valid")}[kind]()
-            m = min(eval_examples, steps.num_examples(valid))
-            if m == 0:
-                raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or "
-                                 "eval_examples is 0)")
-            val = (mesh_lib.replicate(jax.tree.map(lambda a: np.asarray(a[:m]), valid), mesh),
-                   jnp.ones(m, jnp.float32))
-        else:
-            val = (None, None)
+        carry = mesh_lib.spread_members(carry) if num_seeds > 1 else carry
+        feed = inp.range_feed(list(range(seed, seed + total)), chunk, num_steps)
         hp = {"beta": np.float32(beta), "diverge_factor": np.float32(diverge_factor),
               "eval_every": np.int32(max(eval_every, 1))}
-        lrs_padded = np.concatenate([lrs, np.full(padded - num_steps, lrs[-1], np.float32)])
-        active = np.arange(padded) < num_steps
-
-        compile_time, outputs = 0.0, []
-        if kind == "splits":
-            from lrjax import stream
-
-            feed = stream.StepFeed(stream.Stream(data.train, batch_size, chunk_steps=chunk, seed=seed, steps=num_steps,
-                                                 epoch_aligned=False), feeds.chunk_sharding(mesh))
-        if feed is not None:
-            feed.k = chunk
+        args = (np.concatenate([lrs, np.full(num_chunks * chunk - num_steps, lrs[-1], np.float32)]),
+                np.arange(num_chunks * chunk) < num_steps, _validation(inp, eval_every, eval_examples, mesh), hp)
         try:
-            for c in range(num_chunks):
-                if feed is not None:
-                    fed = feed.take(min(chunk, num_steps - c * chunk))
-                    args = (carry, np.int32(c * chunk), *fed, lrs_padded, active, val, hp)
-                else:
-                    args = (carry, np.int32(c * chunk), examples, idx, w, lrs_padded, active, val, hp)
-                if c == 0:
-                    t0 = time.perf_counter()
-                    compiled = (_run_fed_chunk.lower(*args, chunk=chunk, prepare=feed.prepare) if feed is not None
-                                else _run_chunk.lower(*args, chunk=chunk, member_loop=member_loop)).compile()
-                    compile_time = time.perf_counter() - t0
-                carry, out = compiled(*args)  # dispatched asynchronously
-                outputs.append(out)
-                # Read the previous chunk while this one runs; stop once every seed has diverged.
-                if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps, num_seeds) and stop_on_divergence:
-                    break
-            else:
-                _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
+            outputs, compile_time = _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs,
+                                            num_seeds, stop_on_divergence, member_loop or mesh_lib.default_member_loop(mesh))
         finally:
-            if feed is not None:
-                feed.close()
+            feed.close()
+        result = _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method,
+                         optimizer=_name(optimizer), batch_size=batch_size, seed=seed,
+                         wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time)
+        validate.range_first_step(result.diverged_step, float(lrs[0]), models)  # before any update: not the rate
+    if method == suggest.DEFAULT_METHOD:
+        _verify(result, models[0], optimizer, data, inp.kind, verify_steps=verify_steps, eval_examples=eval_examples,
+                loss_fn=loss_fn, dtype=dtype)
+    return result
 
-        # (seeds, steps) on the host, also for a single unbatched seed
-        out = [jax.tree.map(lambda a: np.asarray(a).reshape(total, -1)[:num_seeds], o)
-               for o in mesh_lib.to_host(outputs)]
-        per_seed = np.concatenate([o["loss"] for o in out], axis=1)[:, :num_steps]
-        valid = np.concatenate([o["valid"] for o in out], axis=1)[:, :num_steps]
-        val_losses = np.concatenate([o["val_loss"] for o in out], axis=1)[:, :num_steps]
-        diverged = out[-1]["diverged_step"].ravel()
-        # The mean curve needs every seed: it ends where the first seed stopped being valid.
-        length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
-        first_div = [int(d) for d in diverged if d >= 0]
-        diverged_step = min(first_div) if first_div else None
-        if k > 1:  # back to optimizer steps: whole groups of k micro-batches, their mean loss
-            length, num_steps, lrs = length // k, num_steps // k, lrs[::k]
-            diverged_step = None if diverged_step is None else diverged_step // k
-            per_seed = per_seed[:, :length * k].reshape(num_seeds, length, k).mean(-1)
-            val_losses = val_losses[:, :length * k:k]
-        per_seed = per_seed[:, :length]
-        losses = per_seed.mean(0)
-        smoothed = suggest.smooth(losses, beta)
-        kept_lrs = lrs[:length].astype(np.float64)
-        suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end, beta=beta)
-        val_mask = np.isfinite(val_losses[:, :length]).all(0)
-        wall = time.perf_counter() - t_start  # the range test alone; the verification stage keeps its own time
-        verification, notes = None, []
-        if method == suggest.DEFAULT_METHOD:
-            anchor = suggestions.get("turn")
-            reason = (None if anchor is not None else "the curve is too short for a turn") if kind == "arrays" \
-                else "input fed batch by batch"
-            if reason is None and (getattr(data, "x_valid", None) is None
-                                   or steps.num_examples(split_examples(data, "valid")) == 0):
-                reason = "no validation examples"
-            if reason is None:
-                verification = verify.verify(models[0], optimizer, data, anchor, batch_size=batch_size, seed=seed,
-                                             steps=verify_steps, valid_examples=eval_examples, loss_fn=loss_fn,
-                                             dtype=dtype)
-                suggestions[method] = verification.picked
-                if verification.picked is None:
-                    reason = "every candidate diverged"
-            if reason is not None:
-                suggestions[method] = suggestions.get(suggest.FALLBACK_METHOD)
-                notes.append(f"the suggestion is {suggest.FALLBACK_METHOD}'s: the verification stage did not run "
-                             f"or found nothing ({reason})")
-        return RangeTestResult(
-            verification=verification, notes=notes,
-            lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
-            suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
-            diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None,
-            num_steps=num_steps, num_seeds=num_seeds, optimizer=_name(optimizer), batch_size=batch_size,
-            seed=seed, beta=beta, wall_time_s=wall, compile_time_s=compile_time,
-            val_steps=np.nonzero(val_mask)[0], val_losses=val_losses[:, :length].mean(0)[val_mask])
+
+def _verify(result: RangeTestResult, model, optimizer, data, kind: str, **kw) -> None:
+    """The default's verification stage (`lrjax.verify`) after the test: its pick becomes the suggestion,
+    or, where it cannot run or finds nothing, `suggest.FALLBACK_METHOD`'s (with a note saying why)."""
+    anchor = result.suggestions.get("turn")
+    reason = None
+    if kind != "resident":
+        reason = f"{kind} input"
+    elif anchor is None:
+        reason = "the curve is too short for a turn"
+    elif getattr(data, "x_valid", None) is None or steps.num_examples(split_examples(data, "valid")) == 0:
+        reason = "no validation examples"
+    if reason is None:
+        result.verification = verify.verify(model, optimizer, data, anchor, batch_size=result.batch_size,
+                                            seed=result.seed, steps=kw["verify_steps"],
+                                            valid_examples=kw["eval_examples"], loss_fn=kw["loss_fn"], dtype=kw["dtype"])
+        if result.verification.picked is None:
+            reason = "every candidate diverged"
+    picked = result.verification.picked if reason is None else result.suggestions.get(suggest.FALLBACK_METHOD)
+    if reason is not None:
+        result.notes.append(f"the suggestion is {suggest.FALLBACK_METHOD}'s: the verification stage did not run "
+                            f"or found nothing ({reason})")
+    result.suggestions[suggest.DEFAULT_METHOD] = picked
+    result.suggestion = picked
+
+
+def _resolve_range(optimizer, start_lr, factor, end_lr):
+    """(start_lr, factor, end_lr) with the optimizer family's defaults for what was left None."""
+    if factor is None and end_lr is None and start_lr is not None:
+        default_end = optimizers.range_defaults(optimizer).end_lr
+        if default_end is not None and not default_end > start_lr:
+            raise ValueError(f"find_lr: start_lr {start_lr} is not below {default_end}, where the range test of "
+                             f"a {optimizers.family(optimizer)} optimizer ends by default; give end_lr or factor")
+    return dataclasses.astuple(optimizers.resolve_range(optimizer, start_lr, factor, end_lr))
+
+
+def _one_epoch(inp, k: int) -> int:
+    num_steps = inp.steps_per_epoch // k
+    if num_steps < 2:
+        raise ValueError(f"one epoch at batch size {inp.batch_size} is a single step; the range test needs "
+                         "num_steps >= 2 (--num-steps)")
+    return num_steps
+
+
+def _validation(inp, eval_every: int, eval_examples: int, mesh):
+    """The validation curve's examples on the devices and their weights, or (None, None) without one."""
+    if eval_every <= 0:
+        return None, None
+    try:
+        valid = inp.valid_examples(eval_examples)
+    except ConfigError:
+        raise ValueError("find_lr: eval_every > 0 with an iterable of batches needs the validation examples "
+                         "as valid=") from None
+    m = steps.num_examples(valid)
+    if m == 0:
+        raise ValueError("eval_every > 0 needs validation examples (data.x_valid is empty or eval_examples is 0)")
+    return mesh_lib.replicate(valid, mesh), jnp.ones(m, jnp.float32)
+
+
+def _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs, num_seeds, stop_on_divergence,
+            member_loop):
+    """Runs the chunks (compiling the first), reading each one's output while the next runs; stops
+    once every seed has diverged. Returns (outputs, compile seconds)."""
+    compile_time, outputs = 0.0, []
+    for c in range(num_chunks):
+        call = (carry, np.int32(c * chunk), feed.context, *feed.take(min(chunk, num_steps - c * chunk)), *args)
+        if c == 0:
+            t0 = time.perf_counter()
+            compiled = _run_chunk.lower(*call, chunk=chunk, fetch=feed.fetch, member_loop=member_loop).compile()
+            compile_time = time.perf_counter() - t0
+        carry, out = compiled(*call)  # dispatched asynchronously
+        outputs.append(out)
+        if c > 0 and _report(c - 1, outputs[-2], progress, lrs, num_steps, num_seeds) and stop_on_divergence:
+            break
+    else:
+        _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
+    return outputs, compile_time
+
+
+def _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method, **fields):
+    """The curve (before the first seed stopped being valid, in optimizer steps), its suggestions."""
+    # (seeds, steps) on the host, also for a single unbatched seed
+    out = [jax.tree.map(lambda a: np.asarray(a).reshape(total, -1)[:num_seeds], o) for o in mesh_lib.to_host(outputs)]
+    per_seed, valid, val_losses = (np.concatenate([o[key] for o in out], axis=1)[:, :num_steps]
+                                   for key in ("loss", "valid", "val_loss"))
+    # The mean curve needs every seed: it ends where the first seed stopped being valid.
+    length = int(np.argmin(valid.all(0))) if not valid.all() else valid.shape[1]
+    first_div = [int(d) for d in out[-1]["diverged_step"].ravel() if d >= 0]
+    diverged_step = min(first_div) if first_div else None
+    if k > 1:  # back to optimizer steps: whole groups of k micro-batches, their mean loss
+        length, num_steps, lrs = length // k, num_steps // k, lrs[::k]
+        diverged_step = None if diverged_step is None else diverged_step // k
+        per_seed = per_seed[:, :length * k].reshape(num_seeds, length, k).mean(-1)
+        val_losses = val_losses[:, :length * k:k]
+    per_seed = per_seed[:, :length]
+    losses = per_seed.mean(0)
+    smoothed = suggest.smooth(losses, beta)
+    kept_lrs = lrs[:length].astype(np.float64)
+    suggestions = suggest.suggest_all(kept_lrs, smoothed, skip_start=skip_start, skip_end=skip_end, beta=beta)
+    val_mask = np.isfinite(val_losses[:, :length]).all(0)
+    return RangeTestResult(
+        lrs=kept_lrs, losses=losses, smoothed=smoothed, per_seed_losses=per_seed, suggestions=suggestions,
+        suggestion=suggestions.get(method), method=method, diverged_step=diverged_step,
+        diverged_lr=float(lrs[diverged_step]) if diverged_step is not None else None, num_steps=num_steps,
+        num_seeds=num_seeds, beta=beta, val_steps=np.nonzero(val_mask)[0],
+        val_losses=val_losses[:, :length].mean(0)[val_mask], **fields)
 
 
 def _check_args(*, start_lr, factor, end_lr, num_steps, beta, diverge_factor, num_seeds, chunk_steps,

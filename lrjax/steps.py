@@ -281,14 +281,6 @@ def evaluate_arrays(state: TrainState, examples, batch_size: int) -> dict[str, j
 evaluate = jax.jit(evaluate_arrays, static_argnames=("batch_size",))
 
 
-def epoch_order(seed: int, epoch: int, n: int, *, batch_size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """The batches (idx, w) of training epoch `epoch` (1-based: pass epoch - 1) with its first `pad`
-    rows repeated at the end, so a chunk of `pad` steps may start anywhere in the epoch (its steps past
-    the epoch's end are skipped). Host arrays, from (seed, epoch) only: a resumed run sees the same."""
-    idx, w = epoch_batches(seed, epoch, n, batch_size)
-    return np.concatenate([idx, idx[:pad]]), np.concatenate([w, w[:pad]])
-
-
 def _scan_steps(state: TrainState, fetch, rows, count, *, length: int, masked: bool):
     """`train_step` over `length` rows (a pytree scanned along its leading axis; `fetch(row)` gives
     the (batch, weights) of a row), skipping rows from `count` on when `masked`: (state, per-step
@@ -312,16 +304,13 @@ def _scan_steps(state: TrainState, fetch, rows, count, *, length: int, masked: b
 
 
 # Not donated: the host keeps references to the state between chunks (async checkpoint, best weights).
-@partial(jax.jit, static_argnames=("length", "masked"))
-def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: int, masked: bool):
-    """Training steps [start, start + count) of an epoch whose batch order is (idx, w), as one
-    program of `length` steps: (state, per-step metrics with each step's example `count`).
-
-    `start` and `count` are traced, so every chunk of an epoch, and of every epoch, runs one
-    program; with `masked` the steps from `count` on are skipped (lax.cond), otherwise all
-    `length` steps run (a chunk that is a whole epoch)."""
-    rows = tuple(jax.lax.dynamic_slice_in_dim(a, start, length) for a in (idx, w))
-    return _scan_steps(state, lambda r: gather_batch(examples, *r), rows, count, length=length, masked=masked)
+@partial(jax.jit, static_argnames=("length", "masked", "fetch"))
+def train_chunk(state: TrainState, context, rows, w, count, *, length: int, masked: bool, fetch):
+    """`length` training steps as one program: step i trains on `fetch(context, rows[i], w[i])` (an
+    input's static fetch: `gather_batch` of resident examples, `given` for batches handed over), and
+    with `masked` the steps from `count` (traced) on are skipped (lax.cond), otherwise all run.
+    Returns (state, per-step metrics with each step's example `count`)."""
+    return _scan_steps(state, lambda r: fetch(context, *r), (rows, w), count, length=length, masked=masked)
 
 
 def to_float(x: jax.Array) -> jax.Array:
@@ -339,28 +328,29 @@ def uint8_images(batch):
     return to_float(x), y
 
 
-def fed_batch(batch, w, prepare=None) -> tuple[Batch, jax.Array]:
-    """A batch handed to a program (a feed's, `lrjax.feeds`): `prepare`d, split like a gathered batch."""
-    batch = batch if prepare is None else prepare(batch)
+def fed_batch(batch, w) -> tuple[Batch, jax.Array]:
+    """A batch handed to a program whole (a feed's, `lrjax.feeds`), split like a gathered batch."""
     return jax.tree.map(mesh_lib.shard_batch, batch), mesh_lib.shard_batch(w)
 
 
-@partial(jax.jit, static_argnames=("length", "masked", "prepare"))
-def train_stream_chunk(state: TrainState, batch, w, count, *, length: int, masked: bool = True, prepare=None):
-    """`train_chunk` over batches given directly (a feed's chunk, `lrjax.feeds`): `batch` a pytree of
-    [length, B, ...] leaves, w [length, B]; steps from `count` on skipped when `masked`; `prepare`
-    (static) converts each batch on the device (`uint8_images` for lrjax's Grain stream)."""
-    return _scan_steps(state, lambda r: fed_batch(*r, prepare), (batch, w), count, length=length, masked=masked)
+def given(_, batch, w) -> tuple[Batch, jax.Array]:
+    """The fetch of inputs that hand whole batches over (no resident examples): the batch as it is."""
+    return fed_batch(batch, w)
 
 
-@partial(jax.jit, static_argnames=("prepare",))
-def evaluate_stream_chunk(state: TrainState, batch, w, *, prepare=None) -> dict[str, jax.Array]:
-    """`eval_step`'s weighted sums and example `count` over a chunk of evaluation batches ([K, B, ...]
-    leaves, w [K, B]; padding rows and steps at weight 0), added up over the chunk."""
+def given_uint8(_, batch, w) -> tuple[Batch, jax.Array]:
+    """The fetch of lrjax's Grain stream: uint8 images turned float32 on the device (`uint8_images`)."""
+    return fed_batch(uint8_images(batch), w)
+
+
+@partial(jax.jit, static_argnames=("fetch",))
+def evaluate_chunk(state: TrainState, context, rows, w, *, fetch) -> dict[str, jax.Array]:
+    """`eval_step`'s weighted sums and example `count` over a chunk of evaluation batches (rows [K, ...],
+    w [K, B]; padding rows and steps at weight 0), added up over the chunk."""
 
     def body(acc, row):
-        return jax.tree.map(jnp.add, acc, eval_step(state, *fed_batch(*row, prepare))), None
+        return jax.tree.map(jnp.add, acc, eval_step(state, *fetch(context, *row))), None
 
-    first = jax.tree.map(lambda a: a[0], (batch, w))
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *fed_batch(*first, prepare))))
-    return jax.lax.scan(body, zero, (batch, w))[0]
+    first = jax.tree.map(lambda a: a[0], (rows, w))
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: eval_step(state, *fetch(context, *first))))
+    return jax.lax.scan(body, zero, (rows, w))[0]

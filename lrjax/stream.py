@@ -31,6 +31,7 @@ import numpy as np
 from lrjax import steps as steps_lib
 from lrjax.steps import epoch_permutation, to_float  # noqa: F401 (to_float: stream's public name too)
 from lrjax.errors import CheckpointError, ConfigError, DataError
+from lrjax import feeds, sources
 from lrjax.feeds import Feed, check_process_rows, chunk_sharding, put, stack_steps  # noqa: F401
 from lrjax.sources import ArrayExamples, Split
 
@@ -329,7 +330,7 @@ def to_device(chunk: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
 class DevicePrefetch:
     """Chunks staged onto the devices `size` ahead by a background thread, so that reading and copying
     chunk i+1 can overlap the computation of chunk i (on a 2-core CPU it does not: XLA's program keeps
-    both cores busy; see the README, Input pipelines). `state()` is the stream's position after the last
+    both cores busy; see docs/input.md). `state()` is the stream's position after the last
     chunk returned, not after the ones staged ahead; `close()` leaves the stream there too."""
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding, size: int = 2):
@@ -425,7 +426,7 @@ class StepFeed(Feed):
     `state(g)` is the input position before step g, JSON for a checkpoint's meta: the stream's state
     before the chunk holding step g, and the steps of that chunk to skip. `restore` goes back there."""
 
-    prepare = staticmethod(steps_lib.uint8_images)
+    fetch = staticmethod(steps_lib.given_uint8)
 
     def __init__(self, stream: Stream, sharding: jax.sharding.NamedSharding):
         if stream.plan.epoch_aligned:
@@ -470,8 +471,8 @@ class StepFeed(Feed):
 
 class StreamEvaluator:
     """Evaluation passes over a split streamed in order (`eval_stream`, endless, so its workers start
-    once): `evaluator(program, state)` adds up the compiled `program(state, x, y, w)`'s weighted
-    sums over one pass and returns the means (device arrays, nothing waited for)."""
+    once): after `compile(state)`, `evaluator(state)` adds up the compiled `steps.evaluate_chunk`'s
+    weighted sums over one pass and returns the means (device arrays, nothing waited for)."""
 
     def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
                  workers: int | None = None):
@@ -484,14 +485,49 @@ class StreamEvaluator:
     def zeros(self):
         return _zeros(self.stream, self.sharding)
 
-    def __call__(self, program, state) -> dict[str, jax.Array]:
-        """`program(state, batch, w)` (`steps.evaluate_stream_chunk` with `prepare=steps.uint8_images`)."""
+    def compile(self, state) -> set[str]:
+        """Compiles the evaluation of a chunk for `state`'s shapes; returns the names it reports."""
+        lowered = steps_lib.evaluate_chunk.lower(state, None, *self.zeros(), fetch=steps_lib.given_uint8)
+        self._program = lowered.compile()
+        return {k for k in lowered.out_info if k != "count"}
+
+    def __call__(self, state) -> dict[str, jax.Array]:
         sums = None
         for chunk in self.stream.epoch():
-            s = program(state, *put((chunk["x"], chunk["y"]), chunk["w"], self.sharding))
+            s = self._program(state, None, *put((chunk["x"], chunk["y"]), chunk["w"], self.sharding))
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         count = sums.pop("count")
         return {k: v / count for k, v in sums.items()}
 
     def close(self) -> None:
         self.stream.close()
+
+
+class StreamInput(feeds.Input):
+    """A `lrjax.sources.Splits` streamed through Grain: uint8 chunks read on the host, shuffled by
+    (seed, epoch), in calls of `chunk_steps` steps; `workers` processes (default `default_workers`)."""
+
+    kind = "stream"
+
+    def __init__(self, splits: sources.Splits, batch_size: int, mesh, chunk_steps: int, workers: int | None):
+        self.splits, self.batch_size, self.mesh = splits, batch_size, mesh
+        self.chunk_steps, self.workers = chunk_steps, workers
+        self.num_examples = len(splits.train)
+        self.steps_per_epoch = steps_lib.steps_per_epoch(self.num_examples, batch_size)
+
+    def _feed(self, seed: int, chunk: int, total_steps: int, workers=None) -> StepFeed:
+        return StepFeed(Stream(self.splits.train, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
+                               epoch_aligned=False, workers=workers), chunk_sharding(self.mesh))
+
+    def train_feed(self, seed: int, cadence: int, total_steps: int) -> StepFeed:
+        return self._feed(seed, min(self.chunk_steps, self.steps_per_epoch), total_steps, self.workers)
+
+    def range_feed(self, seeds: list[int], chunk: int, num_steps: int) -> StepFeed:
+        return self._feed(seeds[0], chunk, num_steps)
+
+    def valid_examples(self, count: int | None = None):
+        valid = self.splits.valid
+        return sources.resident_arrays(valid if count is None else dataclasses.replace(valid, keys=valid.keys[:count]))
+
+    def evaluator(self, batch_size: int) -> StreamEvaluator:
+        return StreamEvaluator(self.splits.valid, batch_size, chunk_sharding(self.mesh))

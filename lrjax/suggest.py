@@ -246,7 +246,7 @@ def lagsafe(lrs, losses, skip_start: int = 10, skip_end: int = 5, beta: float = 
     best. On short, fast tests (a 6000-image subset, 150 steps over 3 decades) the trail is x10 or
     more, and the turn itself comes late (each rate runs too few steps to blow up): `seed` picked
     rates that trained to 75-90% of the best or collapsed, where `valley`, fastai's default, made for
-    fastai's own 100-step tests, held (experiments/suggestion_quality.py, README).
+    fastai's own 100-step tests, held (experiments/suggestion_quality.py, docs/measurements.md).
     """
     prepared = _prepare(lrs, losses, 0, 0)
     if prepared is None:

@@ -26,9 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, optimizers, steps, tasks
-from lrjax.data import split_examples
-from lrjax.errors import ConfigError
+from lrjax import inputs, optimizers, steps, tasks, validate
 from lrjax.callbacks import EarlyStopping
 from lrjax.numeric import nan_reduce
 from lrjax.steps import OptimizerFactory
@@ -106,34 +104,25 @@ def _from_members(tree, S: int, L: int):
     return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(L, S, *a.shape[1:]), 0, 1), tree)
 
 
-@partial(jax.jit, static_argnames=("member_loop",))
-def sweep_epoch(states, active, diverged, examples, idx, w, *, member_loop: str = "vmap"):
-    """One epoch of every member. states/active/diverged: (seeds, lrs, ...); idx, w: (seeds, steps,
-    batch), each seed's batches (`steps.host_batch_order`), which the members of a seed share.
-    `member_loop` ('vmap' or 'map') is how each device goes through its members (see `mesh.map_members`).
-    """
+@partial(jax.jit, static_argnames=("fetch", "seed_axis", "member_loop"))
+def sweep_chunk(states, active, diverged, context, rows, w, count, *, fetch, seed_axis: bool,
+                member_loop: str = "vmap"):
+    """Steps [0, count) of a feed's chunk (`lrjax.feeds.Feed`: step i's batch is `fetch(context,
+    rows[i], w[i])`) for every member: (states, diverged, weighted sums with their `count`).
+    states/active/diverged: (seeds, lrs, ...). With `seed_axis` rows and w lead with the seeds (each
+    seed its own batches, shared by its rates), else every member trains on the same batches.
+    `member_loop` ('vmap' or 'map') is how each device goes through its members (`mesh.map_members`)."""
     S, L = active.shape
-    idx, w = (jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]) for a in (idx, w))
-    members = _to_members((states, active, diverged, idx, w), S, L)
-
-    def epoch(member, examples):
-        *member, idx, w = member
-        state, diverged, sums = _member_steps(member, lambda r: steps.gather_batch(examples, *r), (idx, w),
-                                              idx.shape[0])
-        return state, diverged, means(sums)
-
-    return _from_members(mesh_lib.map_members(epoch, members, examples, loop=member_loop), S, L)
-
-
-@partial(jax.jit, static_argnames=("prepare", "member_loop"))
-def sweep_fed_chunk(states, active, diverged, batch, w, count, *, prepare=None, member_loop: str = "vmap"):
-    """Steps [0, count) of a feed's chunk (`lrjax.feeds`: [K, B, ...] leaves, w [K, B]) for every
-    member, all on the same batches: (states, diverged, weighted sums with their `count`)."""
-    S, L = active.shape
-    members = _to_members((states, active, diverged), S, L)
-    out = mesh_lib.map_members(
-        lambda m, batch, w, count: _member_steps(m, lambda r: steps.fed_batch(*r, prepare), (batch, w), count),
-        members, batch, w, count, loop=member_loop)
+    steps_of = lambda m, context, rows, w, count: _member_steps(  # noqa: E731
+        m, lambda r: fetch(context, *r), (rows, w), count)
+    if seed_axis:
+        rows, w = (jax.tree.map(lambda a: jnp.broadcast_to(a[:, None], (S, L) + a.shape[1:]), t) for t in (rows, w))
+        members = _to_members((states, active, diverged, rows, w), S, L)
+        out = mesh_lib.map_members(lambda m, context, count: steps_of(m[:3], context, m[3], m[4], count),
+                                   members, context, count, loop=member_loop)
+    else:
+        out = mesh_lib.map_members(steps_of, _to_members((states, active, diverged), S, L), context, rows, w, count,
+                                   loop=member_loop)
     return _from_members(out, S, L)
 
 
@@ -294,119 +283,67 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
           steps_per_epoch: int | None = None, chunk_steps: int = 64) -> SweepResult:
     """Trains one model per (lr, seed) at once; `model_fn(seed)` builds a freshly initialised model.
 
-    With `patience`, each member stops `patience` epochs after its best validation loss (an improvement
-    is a fall of more than `min_delta`) and keeps its best state (weights and non-parameter state,
-    e.g. batch statistics, of the same epoch). `loss_fn` and `dtype` as in `fit`; `rank_by` is the
-    validation metric that ranks the rates (default val_accuracy where the task reports accuracy,
-    else val_loss; highest wins for accuracy-like names, lowest otherwise). `on_epoch(epoch, metrics)`
-    is called on the host after each epoch (progress, logging). `member_loop` ('vmap' or 'map',
-    default by platform) is how each device goes through its members.
-
-    Your own pipeline: `data` may be an iterable of batches with the validation examples as `valid`,
-    as in `fit` (`steps_per_epoch` where it has no length); every member then trains on the same
-    batches, in calls of `chunk_steps` steps. With arrays each seed draws its own batch order.
+    With `patience`, each member stops `patience` epochs after its best validation loss (a fall of more
+    than `min_delta`) and keeps its best state. `loss_fn` and `dtype` as in `fit`; `rank_by` is the
+    validation metric that ranks the rates (default val_accuracy where the task reports accuracy, else
+    val_loss). `on_epoch(epoch, metrics)` is called on the host after each epoch. `data` is arrays
+    (each seed its own batch order) or an iterable of batches with `valid=` (every member on the same
+    batches, in calls of `chunk_steps`), as in `fit`. `member_loop`: 'vmap' or 'map' (default by platform).
     """
     t_start = time.perf_counter()
-    lrs = np.asarray(lrs, np.float64)
-    seeds = [int(s) for s in seeds]
+    lrs, seeds = np.asarray(lrs, np.float64), [int(s) for s in seeds]
     S, L = len(seeds), len(lrs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto", members=L)
     member_loop = member_loop or mesh_lib.default_member_loop(mesh)
-    kind = feeds.kind(data)
-    if kind == "splits":
-        raise ConfigError("sweep: a lrjax.sources.Splits is not supported; give arrays or an iterable of batches")
-    feed = None
-    if kind == "batches":
-        feed, spe, batch_size, valid = feeds.for_training("sweep", data, valid, steps_per_epoch, chunk_steps, mesh)
-    mesh_lib.check_batch_size(batch_size, mesh)
-    # The rates fill whole blocks of the `members` axis: filler rates (copies of the last) never train.
-    Lp = mesh_lib.padded_members(L, mesh)
-    real = np.arange(Lp) < L
-
-    def widen(a: np.ndarray, fill) -> np.ndarray:  # (S, L) -> (S, Lp)
-        return np.concatenate([a, np.full((S, Lp - L), fill, a.dtype)], axis=1)
+    validate.check_input("sweep", lambda: model_fn(seeds[0]), data, loss_fn=loss_fn, valid=valid)
+    inp = inputs.make_input("sweep", data, batch_size=batch_size, mesh=mesh, valid=valid,
+                            steps_per_epoch=steps_per_epoch, chunk_steps=chunk_steps)
+    mesh_lib.check_batch_size(inp.batch_size, mesh)
+    validate.check_first_batch("sweep", lambda: model_fn(seeds[0]), inp, loss_fn=loss_fn)
+    Lp = mesh_lib.padded_members(L, mesh)  # filler rates (copies of the last) fill the `members` axis, never train
     monitors = (None if patience is None
                 else [[EarlyStopping(patience=patience, min_delta=min_delta) for _ in range(L)] for _ in range(S)])
     history: dict[str, np.ndarray] = {}  # filled from the first epoch's metric names
-    diverged_epoch = np.full((S, L), -1)
-    stopped_epoch = np.full((S, L), -1)
-    compile_time = 0.0
-
+    diverged_epoch, stopped_epoch = np.full((S, L), -1), np.full((S, L), -1)
+    place = lambda tree: mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)  # noqa: E731 - by rate
     with jax.set_mesh(mesh):
-        per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0, loss_fn=loss_fn, dtype=dtype)
-                    for seed in seeds]
-        states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (Lp,) + v.shape) for v in a]), *per_seed)
-        member_lrs = np.concatenate([lrs, np.full(Lp - L, lrs[-1])]).astype(np.float32)
-        states = states.with_lr(jnp.broadcast_to(jnp.asarray(member_lrs), (S, Lp)))
-        def place(tree):  # replicated, then split over the `members` axis by rate
-            return mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)
-
-        states = place(states)
+        states = place(_member_states(model_fn, optimizer, seeds, lrs, Lp, loss_fn, dtype))
         best = jax.tree.map(jnp.copy, (_eval_params(states), states.rest))
-        if feed is None:
-            train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-        else:
-            valid = mesh_lib.replicate(valid, mesh)
-        active, diverged = place(np.broadcast_to(real, (S, Lp))), place(np.zeros((S, Lp), bool))
+        feed, valid = inp.sweep_feed(seeds, chunk_steps), mesh_lib.replicate(inp.valid_examples(), mesh)
+        active, diverged = place(np.broadcast_to(np.arange(Lp) < L, (S, Lp))), place(np.zeros((S, Lp), bool))
+        program, compile_time = None, 0.0
         for epoch in range(1, epochs + 1):
             was_live = mesh_lib.to_host(active & ~diverged)[:, :L]
-            t0 = time.perf_counter()
-            if feed is None:
-                # each seed's batches of this epoch, as `fit` draws them
-                order = mesh_lib.replicate([np.stack(a) for a in zip(*(steps.epoch_batches(
-                    int(seed), epoch, steps.num_examples(train), batch_size) for seed in seeds))], mesh)
-                if epoch == 1:
-                    program = sweep_epoch.lower(states, active, diverged, train, *order,
+            sums = None
+            for start in range(0, inp.steps_per_epoch, feed.k):
+                count = np.int32(min(feed.k, inp.steps_per_epoch - start))
+                call = (states, active, diverged, feed.context, *feed.take(count), count)
+                if program is None:
+                    t0 = time.perf_counter()
+                    program = sweep_chunk.lower(*call, fetch=feed.fetch, seed_axis=feed.seed_axis,
                                                 member_loop=member_loop).compile()
                     compile_time = time.perf_counter() - t0
-                states, diverged, train_m = program(states, active, diverged, train, *order)
-            else:
-                sums = None
-                for start in range(0, spe, feed.k):
-                    count = np.int32(min(feed.k, spe - start))
-                    chunk = feed.take(count)
-                    if epoch == 1 and start == 0:
-                        program = sweep_fed_chunk.lower(states, active, diverged, *chunk, count, prepare=feed.prepare,
-                                                        member_loop=member_loop).compile()
-                        compile_time = time.perf_counter() - t0
-                    states, diverged, s = program(states, active, diverged, *chunk, count)
-                    sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-                train_m = means(sums)
+                states, diverged, s = program(*call)
+                sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
             val_m = sweep_evaluate(states, valid, batch_size=eval_batch_size, member_loop=member_loop)
             train_m, val_m, div = jax.tree.map(lambda a: a[:, :L],  # one sync per epoch
-                                               mesh_lib.to_host((train_m, val_m, diverged)))
+                                               mesh_lib.to_host((means(sums), val_m, diverged)))
             newly = div & (diverged_epoch < 0)
             diverged_epoch[newly] = epoch
-            trained = was_live & ~newly
-            # a state that overflowed in its last finite step has no meaningful metrics (an argmax of NaNs
-            # scores some accuracy): validation values count only where the validation loss is finite
-            scored = was_live & np.isfinite(val_m["loss"])
-            values = {**{k: np.where(trained, v, np.nan) for k, v in train_m.items()},
-                      "val_loss": np.where(was_live, val_m["loss"], np.nan),
-                      **{f"val_{k}": np.where(scored, v, np.nan) for k, v in val_m.items() if k != "loss"}}
-            for k, v in values.items():
-                history.setdefault(k, np.full((epochs, S, L), np.nan))[epoch - 1] = v
+            _record(history, epochs, epoch, was_live, was_live & ~newly, train_m, val_m)
             if monitors is not None:
-                improved = np.zeros((S, L), bool)
-                for s in range(S):
-                    for j in range(L):
-                        if was_live[s, j] and not div[s, j]:
-                            improved[s, j] = monitors[s][j].update(epoch, {"val_loss": val_m["loss"][s, j]})
-                            if monitors[s][j].should_stop:
-                                stopped_epoch[s, j] = epoch
-                best = _keep_best(best, (_eval_params(states), states.rest), jnp.asarray(widen(improved, False)))
-                active = place(widen(stopped_epoch < 0, False))
+                improved = _monitor(monitors, epoch, was_live & ~div, val_m["loss"], stopped_epoch)
+                best = _keep_best(best, (_eval_params(states), states.rest), jnp.asarray(_widen(improved, Lp, False)))
+                active = place(_widen(stopped_epoch < 0, Lp, False))
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
             if not np.any(was_live & ~div & (stopped_epoch < 0)):
                 break
-    if feed is not None:
-        feed.close()
+    feed.close()
     if monitors is not None:
         states = states.replace(params=best[0], rest=best[1], opt_state=jax.vmap(jax.vmap(optimizers.at_eval_point))(
             states.opt_state, best[0]))
-    if Lp > L:
-        states = jax.tree.map(lambda a: a[:, :L], states)
+    states = jax.tree.map(lambda a: a[:, :L], states) if Lp > L else states
     rank_by = rank_by or ("val_accuracy" if "val_accuracy" in history else "val_loss")
     if rank_by not in history:
         raise ValueError(f"sweep: rank_by {rank_by!r} is not a validation metric of this task "
@@ -414,6 +351,41 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     return SweepResult(lrs=lrs, seeds=seeds, metrics=history, diverged_epoch=diverged_epoch,
                        stopped_epoch=stopped_epoch, epochs=epochs, wall_time_s=time.perf_counter() - t_start,
                        compile_time_s=compile_time, states=states, rank_by=rank_by)
+
+
+def _member_states(model_fn, optimizer, seeds, lrs, Lp: int, loss_fn, dtype):
+    """The (seeds, Lp) members' states on the host side: seed s's fresh model at each rate."""
+    per_seed = [steps.init_state(model_fn(seed), optimizer, 0.0, loss_fn=loss_fn, dtype=dtype) for seed in seeds]
+    states = jax.tree.map(lambda *a: jnp.stack([jnp.broadcast_to(v, (Lp,) + v.shape) for v in a]), *per_seed)
+    member_lrs = np.concatenate([lrs, np.full(Lp - len(lrs), lrs[-1])]).astype(np.float32)
+    return states.with_lr(jnp.broadcast_to(jnp.asarray(member_lrs), (len(seeds), Lp)))
+
+
+def _widen(a: np.ndarray, Lp: int, fill) -> np.ndarray:  # (S, L) -> (S, Lp)
+    return np.concatenate([a, np.full((a.shape[0], Lp - a.shape[1]), fill, a.dtype)], axis=1)
+
+
+def _record(history: dict, epochs: int, epoch: int, was_live, trained, train_m: dict, val_m: dict) -> None:
+    """The epoch's (S, L) metrics into the history, NaN for members that did not train."""
+    # a state that overflowed in its last finite step has no meaningful metrics (an argmax of NaNs
+    # scores some accuracy): validation values count only where the validation loss is finite
+    scored = was_live & np.isfinite(val_m["loss"])
+    values = {**{k: np.where(trained, v, np.nan) for k, v in train_m.items()},
+              "val_loss": np.where(was_live, val_m["loss"], np.nan),
+              **{f"val_{k}": np.where(scored, v, np.nan) for k, v in val_m.items() if k != "loss"}}
+    S, L = was_live.shape
+    for k, v in values.items():
+        history.setdefault(k, np.full((epochs, S, L), np.nan))[epoch - 1] = v
+
+
+def _monitor(monitors, epoch: int, live, val_loss, stopped_epoch) -> np.ndarray:
+    """Each live member's early stopping updated; returns where it improved, marks where it stopped."""
+    improved = np.zeros(live.shape, bool)
+    for s, j in zip(*np.nonzero(live)):
+        improved[s, j] = monitors[s][j].update(epoch, {"val_loss": val_loss[s, j]})
+        if monitors[s][j].should_stop:
+            stopped_epoch[s, j] = epoch
+    return improved
 
 
 def write_sweep_events(result: SweepResult, logdir: Path, hparams: dict | None = None) -> None:

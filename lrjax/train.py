@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import feeds, loop, optimizers, schedules, steps, tasks
+from lrjax import inputs, loop, optimizers, schedules, steps, tasks, validate
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
-from lrjax.data import split_examples
 from lrjax.errors import ConfigError, TrainingDiverged
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -53,6 +52,7 @@ class FitResult:
     def evaluate(self, x, y=None, batch_size: int = 1000) -> dict[str, float]:
         """The loss and the task's metrics (`accuracy` for the default) on (x, y) in eval mode; with
         `y` None, `x` is the examples pytree the loss function receives."""
+        validate.check_examples("evaluate", self.model(), x, y, loss_fn=self.state.loss_fn)
         examples = jax.tree.map(jnp.asarray, x if y is None else (x, y))
         return {k: float(v) for k, v in jax.device_get(
             steps.evaluate(self.state, examples, batch_size=batch_size)).items()}
@@ -68,74 +68,37 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         eval_every_steps: int | None = None, checkpoint_every_steps: int | None = None,
         log_every_steps: int | None = None, stream_chunk_steps: int = 64,
         stream_workers: int | None = None, valid=None, steps_per_epoch: int | None = None) -> FitResult:
-    """Trains `model` (its weights are the starting point; the object itself is not modified).
+    """Trains `model` from its weights (the object itself is not modified) and returns a `FitResult`.
 
-    `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `optax.adam`, `lrjax.optimizers.Recipe`
-    for weight decay, accumulation and plateau reduction, ...). `data` has `x_train`, `y_train`,
-    `x_valid`, `y_valid` (arrays of any dtype and shape, or example pytrees with `y_*` None: see
-    `lrjax.data.split_examples`). `loss_fn(model, batch) -> (losses, metrics)` (per-example arrays;
-    default softmax cross-entropy with accuracy, see `lrjax.tasks`) defines the task; history,
-    TensorBoard and the early-stopping monitor name its metrics `<name>` and `val_<name>`. `dtype`
-    (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision. Training steps run the model in
-    train mode, evaluation in eval mode; the best weights kept and checkpointed come with the same
-    evaluation's non-parameter state (batch statistics, RNG streams).
-
-    `callbacks` are `lrjax.callbacks.Callback`s; `early_stopping` and `progress` (a function taking
-    a line; None: silent) build the matching built-ins, and with a `workdir` so do `checkpoints`
-    (`workdir/checkpoints`, resumed when present) and `tensorboard` (`workdir/tensorboard/run_*`).
-    `schedule` (`lrjax.schedules.SCHEDULES`) peaks at `lr`. Evaluation is per epoch, or every
-    `eval_every_steps` steps (each one history row and one unit of patience); checkpoints at each
-    evaluation and every `checkpoint_every_steps` steps (Orbax steps are then global steps);
-    `log_every_steps` writes per-step `batch_loss`/`batch_learning_rate` to TensorBoard. SIGTERM
-    and SIGINT stop the run after the current chunk of steps, with a checkpoint.
-
-    Streamed input: `data` may be a `lrjax.sources.Splits` (`sources.tfds_splits` for a TFDS
-    ArrayRecord preparation, `sources.array_splits` for uint8 arrays or memmaps). The training set is
-    then read through Grain (`lrjax.stream.Stream`, shuffled by (seed, epoch), `stream_workers`
-    processes, default `stream.default_workers`) in chunks of `stream_chunk_steps` batches that stay
-    uint8 until the device; `epochs` x steps per epoch (from the split's length) bounds it, and the
-    stream's position is in every checkpoint, so a resumed run sees the same batches. The
-    validation split is streamed in order too (`stream.StreamEvaluator`, batches of `eval_batch_size`).
-
-    Your own pipeline: `data` may be any iterable of batches (a Grain `DataLoader` or `IterDataset`,
-    a generator, a list), each batch what `loss_fn` receives, with the validation examples as
-    `valid` (arrays: `(x_valid, y_valid)`, a pytree of arrays, or an object with `x_valid`). The
-    first batch sets the batch size (`batch_size` is for array data); an epoch is `len(data)`
-    batches, or `steps_per_epoch` for an iterable without a length; an iterable that ends is iterated
-    again. Batches go to the device in calls of `stream_chunk_steps` steps (`lrjax.feeds.BatchFeed`);
-    checkpoints hold the iterator's `get_state()` where it has one (Grain's do), else the count of
-    batches taken, which a resume replays.
-
-    `stop_after` ends the run after that epoch as a preemption would (tests, time-boxed jobs). Raises
-    `TrainingDiverged` on a non-finite loss.
+    `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `lrjax.optimizers.Recipe`, ...).
+    `data` is arrays (`x_train`, `y_train`, `x_valid`, `y_valid`), a `lrjax.sources.Splits` (streamed
+    through Grain in chunks of `stream_chunk_steps`, `stream_workers` processes) or any iterable of
+    batches with the validation examples as `valid` (`steps_per_epoch` where it has no length): see
+    `lrjax.inputs.make_input` and docs/input.md. `loss_fn(model, batch) -> (losses, metrics)` is the
+    task (`lrjax.tasks`); `dtype` the compute dtype. `early_stopping`, `callbacks` and `progress`
+    (a function taking a line; None: silent) act per evaluation (each epoch, or every
+    `eval_every_steps`); with a `workdir`, `checkpoints` (resumed when present) and `tensorboard`
+    (`log_every_steps` for per-step scalars). `schedule` (`lrjax.schedules`) peaks at `lr`.
+    `stop_after` ends after that epoch as a preemption would. SIGTERM/SIGINT stop after the current
+    chunk, with a checkpoint. Raises `TrainingDiverged` on a non-finite loss. See docs/guide.md.
     """
     t_start = time.perf_counter()
-    for name, value in (("stop_after (--stop-after)", stop_after), ("eval_every_steps", eval_every_steps),
-                        ("checkpoint_every_steps", checkpoint_every_steps), ("log_every_steps", log_every_steps)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+    _check_positive(stop_after=stop_after, eval_every_steps=eval_every_steps,
+                    checkpoint_every_steps=checkpoint_every_steps, log_every_steps=log_every_steps)
     early_stopping = early_stopping if early_stopping is not None else EarlyStopping(patience=epochs)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh("auto")
-    kind = feeds.kind(data)
-    feed, train = None, None
-    if kind == "batches":
-        feed, spe, batch_size, valid = feeds.for_training("fit", data, valid, steps_per_epoch, stream_chunk_steps, mesh)
-        valid = mesh_lib.replicate(valid, mesh)
-    elif kind == "splits":
-        valid, n = None, len(data.train)
-    else:
-        train, valid = mesh_lib.replicate((split_examples(data, "train"), split_examples(data, "valid")), mesh)
-        n = steps.num_examples(train)
-    if kind != "batches":
-        spe = steps.steps_per_epoch(n, batch_size)
-    mesh_lib.check_batch_size(batch_size, mesh)
+    validate.check_input("fit", model, data, loss_fn=loss_fn, valid=valid)  # before any copy to a device
+    inp = inputs.make_input("fit", data, batch_size=batch_size, mesh=mesh, valid=valid, steps_per_epoch=steps_per_epoch,
+                            chunk_steps=stream_chunk_steps, workers=stream_workers)
+    mesh_lib.check_batch_size(inp.batch_size, mesh)
+    validate.check_first_batch("fit", model, inp, loss_fn=loss_fn)  # an iterable's, before anything is written
     # What identifies the run (checked on resume, see RUN_IDENTITY), also for callers without a config.
-    config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": batch_size, "monitor": early_stopping.monitor,
-              "schedule": schedule, "eval_every_steps": eval_every_steps,
-              "checkpoint_every_steps": checkpoint_every_steps,
-              "input": {"splits": "stream", "arrays": "resident", "batches": "iterable"}[kind]}
+    config = {**(config or {}), "lr": lr, "seed": seed, "batch_size": inp.batch_size, "input": inp.kind,
+              "monitor": early_stopping.monitor, "schedule": schedule, "eval_every_steps": eval_every_steps,
+              "checkpoint_every_steps": checkpoint_every_steps}
     timings = {"compile_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "tensorboard_s": 0.0}
     accum = getattr(optimizer, "grad_accum_steps", 1)
+    spe = inp.steps_per_epoch
     sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
     state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype,
                                                 schedule=sched), mesh)
@@ -143,38 +106,21 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
                       checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after,
                       meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
     tr.early_stopping = early_stopping
-    evaluator = None
-    if kind == "splits":
-        from lrjax import stream
-
-        feed = stream.StepFeed(
-            stream.Stream(data.train, batch_size, chunk_steps=min(stream_chunk_steps, spe), seed=seed,
-                          steps=tr.total_steps, epoch_aligned=False, workers=stream_workers),
-            feeds.chunk_sharding(mesh))
-        evaluator = stream.StreamEvaluator(data.valid, eval_batch_size, feeds.chunk_sharding(mesh))
-    tr.feed = feed
-    cbs = [early_stopping, *callbacks]
+    # One program for every chunk: a whole epoch, or the longest gap between step cadences.
+    tr.feed = inp.train_feed(seed, min(tr.cadences()), tr.total_steps)
+    evaluator = inp.evaluator(eval_batch_size)
     workdir = Path(workdir) if workdir is not None else None
+    cbs = [early_stopping, *callbacks]
     ckpt = next((cb for cb in cbs if isinstance(cb, Checkpoint)), None)
     if ckpt is None and workdir is not None and checkpoints:
         ckpt = Checkpoint(workdir / "checkpoints", keep_latest=keep_latest, by_step=tr.by_step)
         cbs.append(ckpt)
-    resumed_from = None
+    resumed_from, board = None, None
     try:
-        if ckpt is not None:
-            manager = ckpt.open(early_stopping.monitor, early_stopping.mode)
-            if manager.latest_step() is not None:
-                target, _ = tr.snapshot()
-                resumed_from, tree, meta = manager.restore(
-                    target, check_meta=lambda m: _check_meta(m, config, manager.directory))
-                tr.restore(tree, meta)
-                tr.meta["run_name"] = meta["run_name"]
-                loop.log(f"lrjax: resuming {workdir} from epoch {tr.epoch}"
-                         + (f", step {tr.step}" if tr.by_step else "") + f" (checkpoint {resumed_from})")
+        resumed_from = _resume(tr, ckpt, config, workdir)
         from lrjax import tb
 
         tr.meta["run_name"] = tr.meta["run_name"] or tb.new_run_name()
-        board = None
         if workdir is not None and tensorboard:
             board = TensorBoard(workdir / "tensorboard" / tr.meta["run_name"], log_every_steps,
                                 hparams={**config, "epochs": epochs})
@@ -184,69 +130,82 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         for cb in cbs:
             cb.set_trainer(tr)
         tr.callbacks = cbs
-
-        def epoch_order(epoch: int):  # the epoch's batches (host, from (seed, epoch)), on every device
-            return mesh_lib.replicate(steps.epoch_order(seed, epoch, n, batch_size=batch_size, pad=length), mesh)
-
-        # One program for every chunk: a whole epoch, or the longest gap between step cadences.
-        length = min(tr.cadences())
-        masked = length != spe
         with jax.set_mesh(mesh):
-            def compile_programs():
-                t0 = time.perf_counter()
-                if feed is not None:
-                    program = steps.train_stream_chunk.lower(tr.state, *feed.zeros(), np.int32(feed.k), length=feed.k,
-                                                             prepare=feed.prepare).compile()
-                else:
-                    program = steps.train_chunk.lower(tr.state, train, *epoch_order(tr.epoch + 1), np.int32(0),
-                                                      np.int32(length), length=length, masked=masked).compile()
-                if evaluator is not None:
-                    lowered_eval = steps.evaluate_stream_chunk.lower(tr.state, *evaluator.zeros(), prepare=feed.prepare)
-                else:
-                    lowered_eval = steps.evaluate.lower(tr.state, valid, batch_size=eval_batch_size)
-                _check_monitor(early_stopping.monitor, {k for k in lowered_eval.out_info if k != "count"})
-                compiled = lowered_eval.compile()
-                evaluate = compiled if evaluator is None else lambda state, _: evaluator(compiled, state)
-                timings["compile_s"] += time.perf_counter() - t0
-                return program, evaluate
-
-            try:
-                interrupted = loop.run(tr, cbs, compile_programs=compile_programs, examples=train, valid=valid,
-                                       epoch_order=epoch_order, timings=timings, feed=feed)
-            except TrainingDiverged as e:
-                where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
-                raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}"
-                                                 if where else "")) from None
+            interrupted = _train(tr, cbs, evaluator, timings, ckpt)
     finally:
-        t6 = time.perf_counter()
-        try:
-            if ckpt is not None:
-                ckpt.close()  # finishes the asynchronous save (raising its failure), on every exit path
-        finally:
-            if feed is not None:
-                feed.close()
-            if evaluator is not None:
-                evaluator.close()
-            for cb in cbs:
-                if isinstance(cb, TensorBoard):
-                    cb.close()
-        timings["checkpoint_s"] += (ckpt.seconds if ckpt is not None else 0.0) + time.perf_counter() - t6
-        timings["tensorboard_s"] += sum(cb.seconds for cb in cbs if isinstance(cb, TensorBoard))
+        _close(ckpt, tr.feed, evaluator, cbs, timings)
+    return _result(tr, interrupted, board, resumed_from, time.perf_counter() - t_start, timings)
 
-    state = tr.state
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}{' (--stop-after)' if name == 'stop_after' else ''} must be >= 1, got {value}")
+
+
+def _resume(tr: loop.Trainer, ckpt: Checkpoint | None, config: dict, workdir) -> int | None:
+    """The run continued from its newest checkpoint, if it has one: the checkpoint's number."""
+    if ckpt is None:
+        return None
+    manager = ckpt.open(tr.early_stopping.monitor, tr.early_stopping.mode)
+    if manager.latest_step() is None:
+        return None
+    target, _ = tr.snapshot()
+    resumed_from, tree, meta = manager.restore(target, check_meta=lambda m: _check_meta(m, config, manager.directory))
+    tr.restore(tree, meta)
+    tr.meta["run_name"] = meta["run_name"]
+    loop.log(f"lrjax: resuming {workdir} from epoch {tr.epoch}" + (f", step {tr.step}" if tr.by_step else "")
+             + f" (checkpoint {resumed_from})")
+    return resumed_from
+
+
+def _train(tr: loop.Trainer, cbs: list, evaluator, timings: dict, ckpt) -> str | None:
+    """Compiles the chunk and evaluation programs (when there is something to train) and runs the loop."""
+    feed = tr.feed
+
+    def compile_programs():
+        t0 = time.perf_counter()
+        program = steps.train_chunk.lower(tr.state, feed.context, *feed.zeros(), np.int32(feed.k), length=feed.k,
+                                          masked=feed.masked, fetch=feed.fetch).compile()
+        _check_monitor(tr.early_stopping.monitor, evaluator.compile(tr.state))
+        timings["compile_s"] += time.perf_counter() - t0
+        return program, evaluator
+
+    try:
+        return loop.run(tr, cbs, compile_programs=compile_programs, timings=timings)
+    except TrainingDiverged as e:
+        where = ckpt.directory if ckpt is not None and ckpt.manager.latest_step() is not None else None
+        raise TrainingDiverged(str(e) + (f"; the best checkpoint so far is intact in {where}" if where else "")) from None
+
+
+def _close(ckpt, feed, evaluator, cbs: list, timings: dict) -> None:
+    """Every exit path: the asynchronous save finished (raising its failure), the input and writers closed."""
+    t = time.perf_counter()
+    try:
+        if ckpt is not None:
+            ckpt.close()
+    finally:
+        feed.close()
+        evaluator.close()
+        for cb in cbs:
+            if isinstance(cb, TensorBoard):
+                cb.close()
+    timings["checkpoint_s"] += (ckpt.seconds if ckpt is not None else 0.0) + time.perf_counter() - t
+    timings["tensorboard_s"] += sum(cb.seconds for cb in cbs if isinstance(cb, TensorBoard))
+
+
+def _result(tr: loop.Trainer, interrupted, board, resumed_from, wall_time_s: float, timings: dict) -> FitResult:
+    es, state, history = tr.early_stopping, tr.state, tr.history
     # the best weights are already a schedule-free optimizer's evaluation point: at_eval_point keeps them so
     final = state.replace(params=tr.best[0], rest=tr.best[1], opt_state=optimizers.at_eval_point(
-        state.opt_state, tr.best[0])) if early_stopping.restore_best_weights else state
-    history = tr.history
-    best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == early_stopping.best_epoch), None)
+        state.opt_state, tr.best[0])) if es.restore_best_weights else state
+    best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == es.best_epoch), None)
     if tr.by_step:
-        best_val_loss = next((h["val_loss"] for h in history if h[early_stopping.monitor] == early_stopping.best),
-                             best_val_loss)
-    return FitResult(
-        state=final, history=history, best_epoch=early_stopping.best_epoch, best_val_loss=best_val_loss,
-        epochs_run=len(history), stopped_early=early_stopping.should_stop, interrupted=interrupted,
-        run_dir=board.run_dir if board else None, resumed_from=resumed_from,
-        wall_time_s=time.perf_counter() - t_start, timings=timings)
+        best_val_loss = next((h["val_loss"] for h in history if h[es.monitor] == es.best), best_val_loss)
+    return FitResult(state=final, history=history, best_epoch=es.best_epoch, best_val_loss=best_val_loss,
+                     epochs_run=len(history), stopped_early=es.should_stop, interrupted=interrupted,
+                     run_dir=board.run_dir if board else None, resumed_from=resumed_from,
+                     wall_time_s=wall_time_s, timings=timings)
 
 
 META_KEYS = ("epoch", "early_stopping", "history", "run_name")

@@ -94,9 +94,12 @@ def verify(model, optimizer, data, anchor: float, *, batch_size: int = 32, seed:
     if steps < 1:
         raise ValueError(f"verify: steps must be positive, got {steps}")
     rows = np.random.default_rng(seed).permutation(n)[: min(n, steps * batch_size)]
-    sub = types.SimpleNamespace(
-        x_train=jax.tree.map(lambda a: np.asarray(a)[rows], train), y_train=None,
-        x_valid=jax.tree.map(lambda a: np.asarray(a)[:m], valid), y_valid=None)
+    def subset(split, take):  # the split's rows, in the shape it came in ((x, y) arrays or an examples pytree)
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}", None)
+        return jax.tree.map(lambda a: np.asarray(a)[take], x), None if y is None else np.asarray(y)[take]
+
+    (x_train, y_train), (x_valid, y_valid) = subset("train", rows), subset("valid", slice(0, m))
+    sub = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid)
     rates = candidate_rates(anchor, num_candidates)
     result = sweeps.sweep(lambda s: model, optimizer, sub, rates, seeds=[seed], epochs=1, batch_size=batch_size,
                           loss_fn=loss_fn or tasks.classification, dtype=dtype, mesh=mesh, rank_by="val_loss",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +118,7 @@ def train_size(data) -> int:
 
 
 # `lrjax run` with a schedule: its peak rate is the range test's suggestion times this factor,
-# chosen by experiments/schedule_quality.py (README, Schedules).
+# chosen by experiments/schedule_quality.py (docs/measurements.md, Schedules).
 # onecycle and cosine peak at twice the suggestion (test accuracy 0.8988 and 0.8974 vs 0.8956 at the
 # suggestion itself, 3 seeds, 20 epochs); warmup_cosine takes cosine's factor (not measured apart).
 SCHEDULE_PEAK = {"constant": 1.0, "plateau": 1.0, "onecycle": 2.0, "cosine": 2.0, "warmup_cosine": 2.0}
@@ -276,8 +275,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
 
             evaluator = stream.StreamEvaluator(data.test, cfg.eval_batch_size, stream.chunk_sharding(mesh))
             try:
-                test = {k: float(v) for k, v in jax.device_get(evaluator(partial(steps.evaluate_stream_chunk, prepare=steps.uint8_images),
-                                                                         result.state)).items()}
+                evaluator.compile(result.state)
+                test = {k: float(v) for k, v in jax.device_get(evaluator(result.state)).items()}
             finally:
                 evaluator.close()
         else:

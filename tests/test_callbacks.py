@@ -90,6 +90,7 @@ def test_evaluation_every_n_steps_is_a_history_row_and_a_unit_of_patience(data):
     assert len(stopped.history) == 3 and stopped.history[-1]["step"] == 21
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoints_resume_bit_identically(tmp_path, data):
     from lrjax.checkpoint import Checkpointer
 
@@ -139,6 +140,7 @@ def test_schedules_are_optax_and_peak_at_lr(data, name):
     assert abs(rates.max() - 0.2) < 0.02
 
 
+@pytest.mark.slow
 def test_a_schedule_continues_exactly_after_a_resume(tmp_path, data):
     kw = dict(epochs=4, schedule="onecycle", lr=0.2, early_stopping=EarlyStopping(patience=100))
     a = run(data, workdir=tmp_path / "a", **kw)
@@ -147,6 +149,7 @@ def test_a_schedule_continues_exactly_after_a_resume(tmp_path, data):
     assert strip_times(a.history) == strip_times(b.history) and b.resumed_from == 2
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_updates_once_per_k_batches(data):
     rec = Record()
     rec.every_n_steps = 1

@@ -38,6 +38,7 @@ def _no_env_data_dir(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_subprocess(tmp_path):
     proc = _run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -171,6 +172,7 @@ def test_truncated_file_in_process(tmp_path, capsys):
     assert "train-images-idx3-ubyte.gz: truncated or corrupt gzip" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_truncated_file_subprocess(tmp_path):
     # The whole program, as a user runs it: exit status 1 and no traceback anywhere.
     folder = _truncated_mnist(tmp_path / "mnist")

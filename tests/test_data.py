@@ -57,6 +57,7 @@ def test_real_class_balance(real):
     assert np.bincount(real.y_test, minlength=10).tolist() == [1000] * 10
 
 
+@pytest.mark.slow
 def test_real_validation_is_first_5000_official_images(real, real_raw):
     # Golden number: the official first training label is 9 (Ankle boot).
     assert real_raw["train_labels"][0] == 9

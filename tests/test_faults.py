@@ -313,6 +313,7 @@ def train(workdir, epochs=6, **kw):
                early_stopping=EarlyStopping(patience=100), workdir=workdir, keep_latest=100, progress=None, **kw)
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_then_resume_equals_an_uninterrupted_run(tmpfs, tmp_path, capfd):
     fs = tmpfs("400k")
     with pytest.raises(WriteError, match="space") as info:
@@ -530,6 +531,7 @@ def test_sigkill_at_five_random_moments_then_resume_equals_an_uninterrupted_run(
     assert strip_times(a["history"]) == strip_times(b["history"])
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_interrupts_and_leaves_intact_checkpoints(tmp_path, idx_dir):
     argv = [*lrjax_cmd(), *train_argv(tmp_path / "w", idx_dir, 100000)]
     proc = subprocess.Popen(argv, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

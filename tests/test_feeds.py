@@ -48,6 +48,7 @@ def _valid(data):
     return data.x_valid, data.y_valid
 
 
+@pytest.mark.slow
 def test_fit_on_the_resident_batches_equals_resident_fit(data):
     spe = steps.steps_per_epoch(len(data.x_train), BS)
     kw = dict(lr=0.05, epochs=3, batch_size=BS, seed=7, progress=None)
@@ -63,6 +64,7 @@ def test_fit_on_the_resident_batches_equals_resident_fit(data):
     assert all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in leaves)
 
 
+@pytest.mark.slow
 def test_find_lr_on_the_resident_batches_equals_resident_find_lr(data):
     resident = find_lr(_model(), optax.sgd, data, batch_size=BS, seed=3, start_lr=1e-3, factor=1.2, num_steps=40)
     order = [(data.x_train[i[w > 0]], data.y_train[i[w > 0]])
@@ -73,6 +75,7 @@ def test_find_lr_on_the_resident_batches_equals_resident_find_lr(data):
     assert fed.suggestion == pytest.approx(resident.suggestion)
 
 
+@pytest.mark.slow
 def test_sweep_on_the_resident_batches_equals_resident_sweep(data):
     spe = steps.steps_per_epoch(len(data.x_train), BS)
     kw = dict(lrs=[0.01, 0.1], seeds=[5], epochs=2, batch_size=BS)
@@ -119,6 +122,7 @@ def _map_dataset(data):  # a Grain dataset with a length: an epoch is len(ds) ba
 
 @pytest.mark.parametrize("make, iterator_state", [(_loader, "bytes"), (_map_dataset, "json"),
                                                   (lambda d: list(_map_dataset(d)), None)])
+@pytest.mark.slow
 def test_grain_loaders_train_and_resume_exactly(tmp_path, data, make, iterator_state):
     """A Grain DataLoader (bytes state), a Grain dataset (dict state) and a plain list (replayed):
     dict batches with their own loss, stopped after an epoch and resumed, end as an uninterrupted run."""
@@ -156,6 +160,7 @@ def test_a_short_batch_is_padded_with_weight_zero_rows(data):
     assert w[0].sum() == BS and w[1].sum() == 5 and not bx[1, 5:].any()
 
 
+@pytest.mark.slow
 def test_bad_iterables_fail_with_one_clear_error(data):
     x, y = data.x_train, data.y_train
     kw = dict(lr=0.1, epochs=1, progress=None)

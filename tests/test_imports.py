@@ -38,10 +38,12 @@ def test_import_lrjax_loads_none_of_the_heavy_dependencies():
     assert loaded_after(code) == []
 
 
+@pytest.mark.slow
 def test_the_cli_and_its_jobs_import_none_until_they_run():
     assert loaded_after("import lrjax.cli, lrjax.workflow\nlrjax.cli.build_parser()") == []
 
 
+@pytest.mark.slow
 def test_reading_an_idx_folder_does_not_import_tfds(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("test", 10)):

@@ -64,6 +64,7 @@ def batch_of(data, n=32):
 # BatchNorm and Dropout in the steps
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_batchnorm_statistics_update_in_training_and_not_in_evaluation(data):
     state = steps.init_state(bn_net(), optax.sgd, 0.1)
     batch, w = batch_of(data)
@@ -101,6 +102,7 @@ def test_padding_rows_are_real_examples_in_batch_statistics(data):
     np.testing.assert_allclose(np.asarray(new.rest["bn"]["mean"][...]), 0.5 * h.mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_is_fresh_every_training_step_and_off_in_evaluation(data):
     state = steps.init_state(bn_net(rate=0.5), optax.sgd, 0.0)  # lr 0: the weights never change
     batch, w = batch_of(data)
@@ -130,6 +132,7 @@ def fit_bn(data, **kw):
     return lrjax.fit(bn_net(rate=0.3), optax.sgd, data, lr=0.5, batch_size=16, progress=None, **kw)
 
 
+@pytest.mark.slow
 def test_fit_keeps_the_best_epochs_statistics_with_its_weights(data):
     f = fit_bn(data, epochs=30)
     assert f.stopped_early and f.best_epoch < f.epochs_run, "no epoch after the best: nothing to check"
@@ -147,6 +150,7 @@ def test_fit_keeps_the_best_epochs_statistics_with_its_weights(data):
     assert abs(loss - best["val_loss"]) > 1e-6
 
 
+@pytest.mark.slow
 def test_batchnorm_dropout_resume_is_bit_identical(tmp_path, data):
     a = fit_bn(data, epochs=6, workdir=tmp_path / "a")
     fit_bn(data, epochs=6, workdir=tmp_path / "b", stop_after=3)
@@ -160,6 +164,7 @@ def test_batchnorm_dropout_resume_is_bit_identical(tmp_path, data):
     assert jax.dtypes.issubdtype(rng["key"][...].dtype, jax.dtypes.prng_key) and int(rng["count"][...]) > 0
 
 
+@pytest.mark.slow
 def test_find_lr_and_sweep_take_a_batchnorm_dropout_model(data):
     model = bn_net(rate=0.3)
     before = bits(nnx.state(model))
@@ -232,6 +237,7 @@ def test_loss_fn_must_return_per_example_arrays(data):
         lrjax.fit(lrjax.mlp(64, (8,), 4), optax.sgd, data, loss_fn=mean_loss, lr=0.1, epochs=1, progress=None)
 
 
+@pytest.mark.slow
 def test_a_dict_batch_dataset(data):
     """Examples as one pytree (TFDS's {"image", "label"} dicts): y_* None, the loss reads the dict."""
     as_dicts = types.SimpleNamespace(**{f"x_{s}": {"image": getattr(data, f"x_{s}"), "label": getattr(data, f"y_{s}")}
@@ -271,6 +277,7 @@ def test_divergence_rule_for_negative_losses():
 # Mixed precision, optimizer factories, the CNN and the registry
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bfloat16_policy(data):
     state = steps.init_state(bn_net(), optax.adam, 1e-3, dtype=jnp.bfloat16)
     batch, w = batch_of(data)

@@ -62,6 +62,7 @@ def test_what_is_given_wins_and_the_rest_follows_the_family():
     assert resolve_range(optax.sgd, factor=1.1, end_lr=10.0) == R(1e-3, end_lr=10.0)  # end_lr wins, as before
 
 
+@pytest.mark.slow
 def test_find_lr_runs_the_adaptive_range_by_default():
     # the shapes of test_range_test's Adam test: one compiled program for both in a test session
     data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)

@@ -77,6 +77,7 @@ def test_default_is_one_epoch(data):
 
 
 @pytest.mark.parametrize("member_loop", ["vmap", "map"])  # accelerators' default, CPUs' default
+@pytest.mark.slow
 def test_seeds_together_equal_separate_runs(data, member_loop):
     kw = dict(start_lr=1e-3, end_lr=50.0, num_steps=120)
     together = run(data, num_seeds=3, seed=5, member_loop=member_loop, **kw)

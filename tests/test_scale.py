@@ -150,6 +150,7 @@ def test_members_that_do_not_divide_the_devices_are_padded():
         np.testing.assert_allclose(spread[key], one[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_cores_become_devices_for_members():
     """use_cpu_cores() makes one device per core (4 pretended here); 'auto' then spreads a program's
     members over up to that many cores and keeps a single model on one device."""

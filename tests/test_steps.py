@@ -259,7 +259,8 @@ def test_a_compiled_epoch_improves_accuracy(tiny_data):
     spe = steps.steps_per_epoch(len(d.x_train), 32)
     for epoch in range(1, 6):  # fit's program and order: a whole epoch as one compiled chunk
         idx, w = steps.epoch_batches(0, epoch, len(d.x_train), 32)
-        state, m = steps.train_chunk(state, train, idx, w, np.int32(0), np.int32(spe), length=spe, masked=False)
+        state, m = steps.train_chunk(state, train, idx, w, np.int32(spe), length=spe, masked=False,
+                                     fetch=steps.gather_batch)
         losses.append(float(np.sum(m["loss"] * m["count"]) / np.sum(m["count"])))
     after = steps.evaluate(state, valid, batch_size=64)
     assert int(state.step) == 5 * steps.steps_per_epoch(len(d.x_train), 32)

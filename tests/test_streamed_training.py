@@ -4,7 +4,6 @@ of a streamed run stopped mid-epoch; the `--input auto` decision."""
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 
@@ -84,6 +83,7 @@ def test_streamed_run_stopped_mid_epoch_resumes_bit_identically(tiny, tmp_path):
                                                       jax.tree.leaves(resumed.state.params)))
 
 
+@pytest.mark.slow
 def test_streamed_range_test_suggests_like_resident(tiny):
     splits, data = tiny
     kw = dict(batch_size=16, start_lr=1e-3, end_lr=10.0, num_steps=120, chunk_steps=32, seed=2)
@@ -150,11 +150,11 @@ def test_streamed_evaluation_equals_resident_evaluation(tiny):
     state = steps.init_state(_model(), optax.sgd, 0.1)
     mesh = mesh_lib.make_mesh("auto")
     evaluator = stream.StreamEvaluator(splits.valid, 64, stream.chunk_sharding(mesh), chunk_steps=2)
-    program = functools.partial(steps.evaluate_stream_chunk, prepare=steps.uint8_images)
     try:
         with jax.set_mesh(mesh):
-            streamed = jax.device_get(evaluator(program, state))
-            again = jax.device_get(evaluator(program, state))  # a second pass, same workers
+            evaluator.compile(state)
+            streamed = jax.device_get(evaluator(state))
+            again = jax.device_get(evaluator(state))  # a second pass, same workers
             resident = jax.device_get(steps.evaluate(state, (data.x_valid, data.y_valid), batch_size=64))
     finally:
         evaluator.close()

@@ -44,6 +44,7 @@ LOOPS = pytest.mark.parametrize("member_loop", ["vmap", "map"])
 
 
 @LOOPS
+@pytest.mark.slow
 def test_sweep_equals_solo_runs(data, member_loop):
     lrs, seeds = [0.01, 0.05, 0.2], [3, 4]
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=seeds, epochs=3, batch_size=16, member_loop=member_loop)
@@ -60,6 +61,7 @@ def test_sweep_equals_solo_runs(data, member_loop):
 
 
 @LOOPS
+@pytest.mark.slow
 def test_diverging_member_is_frozen_and_isolated(data, member_loop):
     lrs = [0.02, 0.1, 1e20]  # 1e20 overflows in the first steps
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[7], epochs=3, batch_size=16, member_loop=member_loop)
@@ -94,6 +96,7 @@ def test_per_member_early_stopping_matches_solo(data, member_loop):
     assert (r.stopped_epoch >= 0).any(), "no member stopped: the test would not test anything"
 
 
+@pytest.mark.slow
 def test_min_delta_applies_to_every_member(data):
     # nothing improves by 100: every member stops `patience` epochs after its first
     r = sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=4, batch_size=16, patience=1,
@@ -101,15 +104,17 @@ def test_min_delta_applies_to_every_member(data):
     assert r.stopped_epoch.tolist() == [[2, 2]]
 
 
+@pytest.mark.slow
 def test_no_recompile_for_a_new_grid(data, compiles):
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0], epochs=1, batch_size=16)
-    first = compiles.count("sweep_epoch")
+    first = compiles.count("sweep_chunk")
     sweeps.sweep(model_fn, optax.sgd, data, [0.03, 0.3], seeds=[0], epochs=2, batch_size=16)
-    assert compiles.count("sweep_epoch") == first
+    assert compiles.count("sweep_chunk") == first
     sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.03, 0.1, 0.3, 1.0], seeds=[0], epochs=1, batch_size=16)
-    assert compiles.count("sweep_epoch") == first + 1  # five members, a shape no other test uses: counted
+    assert compiles.count("sweep_chunk") == first + 1  # five members, a shape no other test uses: counted
 
 
+@pytest.mark.slow
 def test_outputs(tmp_path, data):
     r = sweeps.sweep(model_fn, optax.sgd, data, [0.01, 0.1], seeds=[0, 1], epochs=2, batch_size=16)
     r.suggestions = {"valley": 0.05}

@@ -130,6 +130,7 @@ def test_fit_leaves_the_model_untouched(data):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("epochs,k", [(12, 5), (60, 9)])  # the second stops early after the resume
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, data, epochs, k):
     es_a = EarlyStopping(patience=3)
     a = run(data, epochs=epochs, early_stopping=es_a, workdir=tmp_path / "a")
@@ -176,6 +177,7 @@ def _comparable(metrics: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     def cfg(name):
         return lrjax.Config(workdir=str(tmp_path / name), dataset="noisy", epochs=40, patience=3,
@@ -310,6 +312,7 @@ def exploding_sgd(learning_rate):
                        optax.scale_by_schedule(lambda count: jnp.where(count >= 40, 1e30, 1.0)))
 
 
+@pytest.mark.slow
 def test_divergence_keeps_earlier_checkpoints_intact(tmp_path, data):
     with pytest.raises(TrainingDiverged, match=r"epoch 4 .*checkpoint"):
         run(data, optimizer=exploding_sgd, epochs=10, workdir=tmp_path)
@@ -412,6 +415,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, idx_dir):
     assert strip_times(m_resumed["history"]) == strip_times(m_fresh["history"])
 
 
+@pytest.mark.slow
 def test_cli_divergence_exits_nonzero_with_one_line(tmp_path, idx_dir):
     args = train_args(tmp_path / "w", idx_dir, 3)
     args[args.index("--lr") + 1] = "1e10"
@@ -475,8 +479,8 @@ def test_next_epoch_runs_while_the_host_writes_and_nothing_extra_is_started(tmp_
     from lrjax import steps
 
     started = {0}  # epochs whose data order was drawn, i.e. that were started (or compiled for)
-    epoch_order = steps.epoch_order
-    monkeypatch.setattr(steps, "epoch_order", lambda seed, e, *a, **kw: started.add(int(e)) or epoch_order(seed, e, *a, **kw))
+    epoch_batches = steps.epoch_batches
+    monkeypatch.setattr(steps, "epoch_batches", lambda seed, e, *a, **kw: started.add(int(e)) or epoch_batches(seed, e, *a, **kw))
     seen = []  # at each epoch's progress line (after its TensorBoard writes and checkpoint): the last started
     r = run(data, epochs=epochs, workdir=tmp_path, early_stopping=EarlyStopping(patience=patience),
             progress=lambda line: seen.append(max(started)))
@@ -504,14 +508,14 @@ def test_epoch_times_leave_out_the_previous_epochs_writes_and_add_up(tmp_path, d
 def test_a_failure_to_start_the_next_epoch_keeps_the_finished_one(tmp_path, data, monkeypatch):
     from lrjax import steps
 
-    epoch_order = steps.epoch_order
+    epoch_batches = steps.epoch_batches
 
     def failing(seed, epoch, *args, **kwargs):
         if int(epoch) == 3:
             raise RuntimeError("device lost")
-        return epoch_order(seed, epoch, *args, **kwargs)
+        return epoch_batches(seed, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "epoch_order", failing)
+    monkeypatch.setattr(steps, "epoch_batches", failing)
     lines = []
     with pytest.raises(RuntimeError, match="device lost"):
         run(data, epochs=5, workdir=tmp_path, progress=lines.append)

@@ -29,6 +29,7 @@ def scalars(logdir, tag):
     return [e.value for e in ea.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_find_lr_job_writes_every_output(tmp_path, data, capsys):
     r = workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=120, num_seeds=2), data)
     j = json.loads((tmp_path / "lr_find.json").read_text())
@@ -40,6 +41,7 @@ def test_find_lr_job_writes_every_output(tmp_path, data, capsys):
     assert "suggested lr" in out and "range test:" in out
 
 
+@pytest.mark.slow
 def test_sweep_job_writes_every_output(tmp_path, data, capsys):
     (tmp_path / "lr_find.json").write_text(json.dumps({"suggestions": {"seed": 0.05, "valley": None}}))
     r = workflow.sweep_job(cfg(tmp_path, lrs=(0.01, 1.0), num_lrs=3, epochs=2, num_seeds=2), data)
@@ -60,6 +62,7 @@ def test_sweep_job_rejects_a_missing_lr_find_json(tmp_path, data):
         workflow.sweep_job(cfg(tmp_path, lr_find_json=str(tmp_path / "nope.json"), epochs=1), data)
 
 
+@pytest.mark.slow
 def test_run_job_writes_every_output_and_fails_fast_on_a_bad_one(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     c = cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2)
