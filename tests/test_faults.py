@@ -328,6 +328,7 @@ def test_disk_full_during_training_then_resume_equals_an_uninterrupted_run(tmpfs
     assert strip_times(resumed.history) == strip_times(train(tmp_path / "fresh", epochs=30).history)
 
 
+@pytest.mark.slow
 def test_an_injected_disk_full_during_training_then_resume(tmp_path, fail_meta_save):
     fail_meta_save({3}, OSError(errno.ENOSPC, ENOSPC_TEXT))
     with pytest.raises(WriteError, match="checkpoint 3 .*space"):

@@ -109,6 +109,7 @@ def test_model_is_not_changed(data):
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.slow
 def test_adam_works_as_well_as_sgd():
     data = synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)  # not separable
     kw = dict(batch_size=16, start_lr=1e-6, end_lr=10.0, num_steps=200, seed=0)

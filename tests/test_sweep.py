@@ -80,6 +80,7 @@ def test_diverging_member_is_frozen_and_isolated(data, member_loop):
 
 
 @LOOPS
+@pytest.mark.slow
 def test_per_member_early_stopping_matches_solo(data, member_loop):
     lrs, patience, epochs = [0.05, 0.5, 2.0], 2, 12
     r = sweeps.sweep(model_fn, optax.sgd, data, lrs, seeds=[1], epochs=epochs, batch_size=16, patience=patience,
@@ -125,6 +126,7 @@ def test_outputs(tmp_path, data):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_every_member_diverged_has_no_best_rate(tmp_path, data):
     r = sweeps.sweep(model_fn, optax.sgd, data, [1e20, 1e30], seeds=[0], epochs=2, batch_size=16)
     assert r.diverged.all() and r.best_index is None and r.best_lr is None

@@ -371,6 +371,7 @@ def step_numbers(checkpoints: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path, idx_dir):
     env = cli_env(tmp_path)
     work = tmp_path / "interrupted"

@@ -82,12 +82,14 @@ def test_run_job_writes_every_output_and_fails_fast_on_a_bad_one(tmp_path, data,
     assert sorted(p.name for p in (tmp_path / "second").iterdir()) == []  # before the range test
 
 
+@pytest.mark.slow
 def test_sweep_job_with_every_member_diverged_is_an_error_after_writing(tmp_path, data):
     with pytest.raises(lrjax.LrjaxError, match="every member of the sweep diverged"):
         workflow.sweep_job(cfg(tmp_path, lrs=(1e20, 1e30), num_lrs=2, epochs=1), data)
     assert json.loads((tmp_path / "sweep.json").read_text())["best_lr"] is None
 
 
+@pytest.mark.slow
 def test_run_job_resumes_at_the_checkpointed_rate_whatever_lr_find_json_says(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     c = cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=100, epochs=2)
