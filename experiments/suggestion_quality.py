@@ -47,7 +47,16 @@ CELLS = {
     # given as start -> end instead, ending where SGD on this CNN diverges (~3)
     "cnn-sgd": dict(model="cnn", optimizer="sgd", train=6000, grid=6, epochs=3, range=dict(end_lr=10.0)),
     "cnn-adam": dict(model="cnn", optimizer="adam", train=6000, grid=6, epochs=3),
+    # issue 23's cells: a short-data cell (188 steps an epoch) and the char-level Transformer LM
+    # (experiments/charlm.py, 5992 windows of 64 bytes, 188 steps an epoch), scored by validation loss
+    "mlp-adam-short": dict(model="mlp", optimizer="adam", train=6000, grid=10, epochs=4),
+    # the LM's grid is 2x apart around its best (lm_curves.py: 4e-3-8e-3), not over the test's 6 decades
+    "lm": dict(model="charlm", optimizer="adamw", train=None, grid=8, epochs=2, metric="loss",
+               grid_span=(2.5e-4, 3.2e-2)),
 }
+
+# The learning-rate-free optimizers beside the rules (`--lr-free`): the rate each trains at.
+LR_FREE = {"prodigy": 1.0, "mechanize_adam": 1.0, "schedule_free_adamw": 2.5e-3}
 
 
 def _gmean(r):
@@ -60,38 +69,70 @@ EXTRA = {"gmean": _gmean}
 
 
 def model_fn_for(cell: dict, data):
+    if cell["model"] == "charlm":
+        from charlm import CharLM
+
+        return lambda s: CharLM(data.x_train.shape[1], seed=s)
     if cell["model"] == "mlp":
         return lambda s: lrjax.mlp(data.in_features, (300, 100), data.num_classes, seed=s)
     return lambda s: lrjax.cnn(data.x_train.shape[1:], data.num_classes, seed=s)
 
 
-def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: None, range_data=None) -> list[dict]:
-    """Per seed: the range test's suggestions (on `range_data`, default `data`) scored against the best
-    rate of a grid over its span trained on `data`; `done(records, curves)` after each seed."""
+def task_of(cell: dict):
+    if cell["model"] == "charlm":
+        from charlm import lm_loss
+
+        return lm_loss
+    return lrjax.tasks.classification
+
+
+def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: None, range_data=None,
+               length_mult: int = 1, lr_free: bool = False) -> list[dict]:
+    """Per seed: the range test's suggestions (on `range_data`, default `data`; `length_mult` x its default
+    one-epoch length) scored against the best rate of a grid over its span trained on `data` (by validation
+    accuracy, or loss for cells with metric "loss"); with `lr_free`, the learning-rate-free optimizers too;
+    `done(records, curves)` after each seed."""
     opt = optimizers.get(cell["optimizer"])
     model_fn = model_fn_for(cell, data)
+    loss_fn, by_loss = task_of(cell), cell.get("metric") == "loss"
+    rdata = data if range_data is None else range_data
     records, curves = [], []
     for seed in seeds:
         t0 = time.perf_counter()
-        r = lrjax.find_lr(model_fn(seed), opt, data if range_data is None else range_data, batch_size=32, seed=seed, **cell.get("range", {}))
+        steps = length_mult * (-(-len(rdata.x_train) // 32))
+        r = lrjax.find_lr(model_fn(seed), opt, rdata, batch_size=32, seed=seed, loss_fn=loss_fn, num_steps=steps,
+                          **cell.get("range", {}))
+        find_s = time.perf_counter() - t0
 
-        def train(lrs, seed=seed):  # one sweep: same weights and batch order for all
-            s = lrjax.sweep(model_fn, opt, data, lrs, seeds=[seed], epochs=cell["epochs"], batch_size=32)
-            return s.best_val_accuracy[0], s.diverged[0]
+        def run(lrs, optimizer=opt, seed=seed):
+            s = lrjax.sweep(model_fn, optimizer, data, lrs, seeds=[seed], epochs=cell["epochs"], batch_size=32,
+                            loss_fn=loss_fn)
+            return (s.best("val_loss")[0] if by_loss else s.best_val_accuracy[0]), s.diverged[0]
 
-        span = (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1]))
+        span = tuple(cell.get("grid_span", (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1]))))
         suggestions = {**r.suggestions, **{k: fn(r) for k, fn in EXTRA.items()}}
-        rec = {"seed": seed, **score_suggestions(suggestions, span, train, cell["grid"]),
+        rec = {"seed": seed, **score_suggestions(suggestions, span, run, cell["grid"], lower_is_better=by_loss),
                "curve": {"points": len(r.lrs), "first_lr": float(r.lrs[0]), "last_lr": float(r.lrs[-1]),
                          "diverged_lr": r.diverged_lr, "lag_growth": suggest.lag_growth(r.lrs, r.beta),
-                         "warnings": r.warnings},
-               "seconds": round(time.perf_counter() - t0, 1)}
+                         "warnings": r.warnings, "length_mult": length_mult},
+               "verification": r.verification.to_json() if r.verification else None,
+               "range_test_s": round(r.wall_time_s, 2), "find_lr_s": round(find_s, 2)}
+        if lr_free:
+            rec["lr_free"] = {}
+            for name, rate in LR_FREE.items():
+                score, diverged = run(np.array([rate]), optimizers.get(name))
+                value = float(score[0]) if not diverged[0] and np.isfinite(score[0]) else (np.inf if by_loss else 0.0)
+                rec["lr_free"][name] = {"lr": rate, "accuracy": value, "fraction": value / rec["best_grid_accuracy"]}
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
         curves.append({"seed": seed, "lrs": [float(f"{v:.6g}") for v in r.lrs],
                        "losses": [round(float(v), 5) for v in r.losses]})
         records.append(rec)
-        log(f"  seed {seed}: best grid lr {rec['best_grid_lr']:.3g} (val acc {rec['best_grid_accuracy']:.4f}); "
+        log(f"  seed {seed}: best grid lr {rec['best_grid_lr']:.3g} ({'val loss' if by_loss else 'val acc'} "
+            f"{rec['best_grid_accuracy']:.4f}); "
             + ", ".join(f"{m} {v['lr']:.3g}->{v['fraction']:.4f}" for m, v in rec["methods"].items() if v["lr"])
-            + f"  [{rec['seconds']:.0f}s]", flush=True)
+            + "".join(f", {k} {v['fraction']:.4f}" for k, v in rec.get("lr_free", {}).items())
+            + f"  [range test {rec['range_test_s']:.0f}s, find_lr {rec['find_lr_s']:.0f}s, all {rec['seconds']:.0f}s]",
+            flush=True)
         done(records, curves)
     return records
 
@@ -100,7 +141,9 @@ def table_text(name: str, cell: dict, records: list[dict]) -> str:
     table = summarise(records, methods=tuple(records[0]["methods"]))
     best = [r["best_grid_lr"] for r in records]
     lag = [r["curve"]["lag_growth"] for r in records]
-    lines = [f"{name}: validation accuracy at the suggested rate / at the best grid rate ({len(records)} seeds, "
+    by_loss = cell.get("metric") == "loss"
+    what = "validation loss" if by_loss else "validation accuracy"
+    lines = [f"{name}: {what} at the suggested rate / at the best grid rate ({len(records)} seeds, "
              f"{cell['epochs']} epochs, {cell['grid']}-point grid; best grid rates {min(best):.3g}-{max(best):.3g}; "
              f"rate growth over the smoothing's lag x{min(lag):.3g}-{max(lag):.3g})",
              "| method | mean lr | mean | worst | diverged |", "|---|---|---|---|---|"]
@@ -108,6 +151,15 @@ def table_text(name: str, cell: dict, records: list[dict]) -> str:
         label = f"{m} (default)" if m == suggest.DEFAULT_METHOD else m
         lines.append(f"| {label} | {t['mean_lr']:.3g} | {t['mean_fraction']:.4f} | {t['worst_fraction']:.4f} | "
                      f"{t['diverged']}/{len(records)} |")
+    for k in records[0].get("lr_free", {}):
+        f = [r["lr_free"][k]["fraction"] for r in records if k in r.get("lr_free", {})]
+        lines.append(f"| {k} (lr-free, {records[0]['lr_free'][k]['lr']:g}) | - | {np.mean(f):.4f} | "
+                     f"{(max(f) if by_loss else min(f)):.4f} | - |")
+    rt = [r["range_test_s"] for r in records if "range_test_s" in r]
+    if rt:
+        fl = [r["find_lr_s"] for r in records]
+        lines.append(f"time: range test {np.mean(rt):.1f}s, whole find_lr {np.mean(fl):.1f}s (mean over seeds, x"
+                     f"{np.mean(fl) / np.mean(rt):.2f}; a shared 2-core CPU)")
     return "\n".join(lines)
 
 
@@ -122,6 +174,8 @@ def main():
     p.add_argument("--curves", default=None, help="where the range-test curves go (default: beside --json, "
                    "NAME_curves.json)")
     p.add_argument("--report", action="store_true", help="print the tables of --json and exit")
+    p.add_argument("--length-mult", type=int, default=1, help="the range test runs this many epochs (cell NAME@Kx)")
+    p.add_argument("--lr-free", action="store_true", help="also train the learning-rate-free optimizers")
     a = p.parse_args()
     path = Path(a.json)
     out = json.loads(path.read_text()) if path.exists() else {"cells": {}}
@@ -131,17 +185,23 @@ def main():
         return 0
     cells = [c for c in a.cells.split(",") if c]
     unknown = [c for c in cells if c not in CELLS]
+    suffix = f"@{a.length_mult}x" if a.length_mult != 1 else ""
     if unknown:
         p.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
     curves_path = Path(a.curves) if a.curves else path.with_name(path.stem + "_curves.json")
     all_curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
     lrjax.use_cpu_cores()  # before JAX starts: the sweep's members run on every CPU core
-    full = lrjax.load_dataset("fashion_mnist", a.data_dir)
+    full = lrjax.load_dataset("fashion_mnist", a.data_dir) if any(CELLS[c]["model"] != "charlm" for c in cells) else None
     out["methods"] = list(METHODS)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
-    for name in cells:
-        cell = CELLS[name]
-        data = full if cell["train"] is None else full.take(cell["train"], len(full.x_valid))
+    for base in cells:
+        cell, name = CELLS[base], base + suffix
+        if cell["model"] == "charlm":
+            from charlm import text_data
+
+            data = text_data(64)
+        else:
+            data = full if cell["train"] is None else full.take(cell["train"], len(full.x_valid))
         print(f"{name}: {len(data.x_train)} training images, range test + sweep of {cell['grid']} grid rates and the "
               f"suggestions, {cell['epochs']} epochs, seeds {seeds[0]}-{seeds[-1]}", flush=True)
         same = out["cells"].get(name, {})
@@ -162,9 +222,9 @@ def main():
                                       key=lambda c: c["seed"])
             curves_path.write_text(json.dumps(all_curves))
 
-        range_data = data if cell.get("range_train", cell["train"]) == cell["train"] else (
+        range_data = data if cell.get("range_train", cell["train"]) == cell["train"] or full is None else (
             full if cell["range_train"] is None else full.take(cell["range_train"], len(full.x_valid)))
-        score_cell(cell, data, seeds, done=save, range_data=range_data)
+        score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free)
         c = out["cells"][name]
         print("\n" + table_text(name, c, c["records"]) + "\n", flush=True)
     print(f"written {path}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from lrjax.errors import ConfigError
 from lrjax.optimizers import OPTIMIZERS, resolve_range
-from lrjax.suggest import DEFAULT_METHOD, METHODS
+from lrjax.suggest import DEFAULT_METHOD, NAMES
 
 ALL = ("find-lr", "train", "run", "sweep")
 RANGE = ("find-lr", "run")
@@ -73,8 +73,9 @@ class Config:
                         RANGE + ("sweep",))
     eval_every: int = _f(0, "validation loss (of the first 1000 validation images) every this many "
                          "range-test steps (0: off)", RANGE)
-    suggestion: str = _f("default", f"suggestion method: {', '.join(METHODS)}, or default "
-                         f"(= {DEFAULT_METHOD}, chosen by experiments/suggestion_quality.py)", RANGE)
+    suggestion: str = _f("default", f"suggestion method: {', '.join(NAMES)}, or default "
+                         f"(= {DEFAULT_METHOD}: a short stage training rates below the curve's turn, "
+                         "docs/suggestion.md)", RANGE)
     skip_start: int = _f(10, "points skipped at the start of the curve by the suggestions", RANGE)
     skip_end: int = _f(5, "points skipped at the end of the curve by the suggestions", RANGE)
     chunk_steps: int = _f(256, "range-test steps per compiled chunk (progress granularity)", RANGE)
@@ -185,8 +186,8 @@ class Config:
                                        f" (--optimizer {self.optimizer}'s default)")
 
             raise ConfigError(f"--end-lr {shown('end_lr', end)} must exceed --start-lr {shown('start_lr', start)}")
-        if self.suggestion != "default" and self.suggestion not in METHODS:
-            raise ConfigError(f"--suggestion must be {', '.join(METHODS)} or default, got {self.suggestion!r}")
+        if self.suggestion != "default" and self.suggestion not in NAMES:
+            raise ConfigError(f"--suggestion must be {', '.join(NAMES)} or default, got {self.suggestion!r}")
         if not self.monitor.startswith("val_"):
             raise ConfigError(f"--monitor must name a validation metric (val_loss, val_accuracy, ...), got "
                               f"{self.monitor!r}")

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import faults, validate
+from lrjax import faults, optimizers, validate
 from lrjax.errors import TrainingDiverged
 
 
@@ -94,7 +94,7 @@ class Trainer:
 
     def __init__(self, state, *, epochs: int, steps_per_epoch: int, eval_every_steps: int | None,
                  checkpoint_every_steps: int | None, stop_after: int | None, meta: dict):
-        self.state, self.best = state, (state.params, state.rest)
+        self.state, self.best = state, (optimizers.eval_params(state.opt_state, state.params), state.rest)
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.eval_every_steps, self.checkpoint_every_steps = eval_every_steps, checkpoint_every_steps
         self.stop_after, self.meta = stop_after, meta  # meta: config, run_name, lr, seed
@@ -125,7 +125,9 @@ class Trainer:
         return self.early_stopping.best_epoch if self.early_stopping is not None else None
 
     def keep_best(self) -> None:
-        self.best, self.last_was_best = (self.state.params, self.state.rest), True
+        # the weights evaluated: a schedule-free optimizer's evaluation point (lrjax.optimizers.eval_params)
+        self.best, self.last_was_best = (optimizers.eval_params(self.state.opt_state, self.state.params),
+                                         self.state.rest), True
 
     def snapshot(self) -> tuple[dict[str, Any], dict]:
         """What a checkpoint holds: the arrays and the JSON meta of the run at this point."""

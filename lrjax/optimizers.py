@@ -12,6 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable
 
+import jax
 import optax
 
 from lrjax.errors import ConfigError
@@ -28,8 +29,70 @@ def nesterov(learning_rate):
     return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
 
 
+def prodigy(learning_rate):
+    """Prodigy (`optax.contrib.prodigy`): Adam whose step size it estimates itself from the distance
+    travelled from the initial weights; `learning_rate` only scales that estimate (train at 1.0)."""
+    return optax.contrib.prodigy(learning_rate)
+
+
+def mechanize_adam(learning_rate):
+    """Adam under Mechanic (`optax.contrib.mechanize`), which learns one global scale of Adam's updates
+    online; `learning_rate` is Adam's own (train at 1.0: Mechanic's scale starts at 1e-6 and grows)."""
+    return optax.contrib.mechanize(optax.adam(learning_rate))
+
+
+def schedule_free_adamw(learning_rate):
+    """Schedule-free AdamW (`optax.contrib.schedule_free_adamw`): no schedule, but a rate (its default
+    0.0025). The weights it trains are not the ones to evaluate: `eval_params` gives those."""
+    return optax.contrib.schedule_free_adamw(learning_rate)
+
+
 OPTIMIZERS = {"sgd": optax.sgd, "momentum": momentum, "nesterov": nesterov, "adam": optax.adam,
-              "adamw": optax.adamw, "rmsprop": optax.rmsprop}
+              "adamw": optax.adamw, "rmsprop": optax.rmsprop, "prodigy": prodigy,
+              "mechanize_adam": mechanize_adam, "schedule_free_adamw": schedule_free_adamw}
+
+# Optimizers that set their own step size: they train at rate 1.0 and need no range test.
+LR_FREE = {"prodigy": 1.0, "mechanize_adam": 1.0}
+
+
+def free_rate(optimizer) -> float | None:
+    """The rate an optimizer that sets its own step size trains at (`LR_FREE`, by name, also inside a
+    `Recipe` or `functools.partial`); None for the others, which need a rate from a range test."""
+    return LR_FREE.get(_base_name(optimizer))
+
+
+def _base_name(optimizer) -> str:
+    fn = optimizer
+    while isinstance(fn, (functools.partial, Recipe)):
+        fn = fn.base if isinstance(fn, Recipe) else fn.func
+    return getattr(fn, "__name__", "")
+
+
+def eval_params(opt_state, params):
+    """The weights to evaluate, checkpoint as best and export: for a schedule-free optimizer
+    (`optax.contrib.schedule_free*`) `schedule_free_eval_params` (its averaged point x, not the
+    gradient's point y that training holds); for every other optimizer `params` itself.
+    The schedule-free state is found anywhere inside `opt_state` (under `inject_hyperparams`, a chain,
+    `MultiSteps`); traceable."""
+    state = _schedule_free_state(opt_state)
+    return params if state is None else optax.contrib.schedule_free_eval_params(state, params)
+
+
+def at_eval_point(opt_state, params):
+    """`opt_state` changed so that `eval_params(result, params)` is `params` itself (a schedule-free
+    state's z set to `params`; any other state is returned as it is): for a state whose params are
+    already the evaluation weights, such as the best ones restored after training."""
+    if _schedule_free_state(opt_state) is None:
+        return opt_state
+    sf = optax.contrib.ScheduleFreeState
+    return jax.tree.map(lambda s: s._replace(z=params) if isinstance(s, sf) else s, opt_state,
+                        is_leaf=lambda s: isinstance(s, sf))
+
+
+def _schedule_free_state(opt_state):
+    sf = optax.contrib.ScheduleFreeState
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, sf)) if isinstance(s, sf)]
+    return found[0] if found else None
 
 
 def get(name: str):
@@ -115,7 +178,8 @@ FAMILY_RANGES = {
 # optax's factories that scale each step by running gradient statistics (or their sign), by name.
 _ADAPTIVE = {"adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad", "adabelief", "radam", "rmsprop", "yogi", "lamb",
              "lion", "novograd", "adagrad", "adadelta", "adafactor", "adan", "sm3", "optimistic_adam",
-             "sign_sgd", "rprop", "adopt", "ademamix", "simplified_ademamix", "madgrad"}
+             "sign_sgd", "rprop", "adopt", "ademamix", "simplified_ademamix", "madgrad",
+             "schedule_free_adamw", "prodigy", "mechanize_adam"}
 
 
 def family(optimizer) -> str:

@@ -30,7 +30,8 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import inputs, optimizers, steps, suggest, tasks, validate
+from lrjax import inputs, optimizers, steps, suggest, tasks, validate, verify
+from lrjax.data import split_examples
 from lrjax.errors import ConfigError
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -177,6 +178,8 @@ class RangeTestResult:
     beta: float = 0.98  # the smoothing used
     val_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
     val_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    verification: Any = None  # `lrjax.verify.Verification` of the default method, else None
+    notes: list[str] = dataclasses.field(default_factory=list)  # how the suggestion was reached, when unusual
 
     @property
     def warnings(self) -> list[str]:
@@ -187,7 +190,8 @@ class RangeTestResult:
         rose 10% above its lowest ended before the turn the suggestions look for (the rates stopped
         too low). Besides either: the rate grew more than `suggest.LAG_GROWTH_LIMIT` (4x) over the
         smoothing's lag (``beta / (1 - beta)`` steps, 49 at 0.98), so the smoothed curve trails the raw
-        loss by that much and the rules that read its turn suggest too high."""
+        loss by that much and the rules that read its turn suggest too high (not said when the verification
+        stage picked the rate: it reads the curve with a smoothing scaled to the test, `suggest.turn`)."""
         sm = np.asarray(self.smoothed, np.float64)
         if not np.all(np.isfinite(sm)) or self.suggestion is None:
             return []
@@ -207,7 +211,8 @@ class RangeTestResult:
                        f"{self.lrs[-1]:.3g}): the rates stopped too low for the suggestions; let them grow "
                        "further (--end-lr, --factor or --num-steps)")
         lag, growth = self.beta / (1 - self.beta), suggest.lag_growth(self.lrs, self.beta)
-        if growth > suggest.LAG_GROWTH_LIMIT:
+        # the verified default reads the curve with a smoothing scaled to the test (suggest.turn): no lag to warn of
+        if growth > suggest.LAG_GROWTH_LIMIT and self.verification is None:
             out.append(f"the rate grows x{growth:.3g} over the smoothing's lag (~{lag:.0f} steps at --beta "
                        f"{self.beta:g}): the smoothed curve trails the raw loss and the rules that read its "
                        "turn (seed, minimum) suggest too high, so lagsafe gives valley's rate; for a sharper "
@@ -229,6 +234,11 @@ class RangeTestResult:
             "batch_size": self.batch_size, "seed": self.seed, "beta": self.beta,
             "wall_time_s": self.wall_time_s, "compile_time_s": self.compile_time_s, "warnings": self.warnings,
         }
+        if self.verification is not None:
+            d["verification"] = self.verification.to_json()
+            d["find_lr_time_s"] = self.wall_time_s + self.verification.seconds  # the test and the stage
+        if self.notes:
+            d["notes"] = list(self.notes)
         if self.num_seeds > 1:
             d["per_seed_losses"] = self.per_seed_losses.tolist()
         if len(self.val_steps):
@@ -265,7 +275,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             progress: Callable[[dict], None] | None = None,
             init_fn: Callable[[int], nnx.Module] | None = None,
             mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None,
-            loss_fn: LossFn = tasks.classification, dtype=None, valid=None) -> RangeTestResult:
+            loss_fn: LossFn = tasks.classification, dtype=None, valid=None,
+            verify_steps: int | None = None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (never changed); seed s of `num_seeds` starts from `init_fn(seed + s)`
@@ -276,6 +287,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     `eval_every` > 0 adds a validation curve on `eval_examples` examples. `method` picks the suggestion
     (`lrjax.suggest`). Batches split over `mesh`'s `data` axis, seeds over `members` (`member_loop`:
     'vmap' or 'map'). `stop_on_divergence=False` runs every chunk (benchmarks). See docs/guide.md.
+    The default method, "verified", adds a short stage after the test (`lrjax.verify`, docs/suggestion.md):
+    rates below the curve's turn trained from the starting weights for `verify_steps` (default an eighth
+    of an epoch), the lowest validation loss wins; `result.verification` holds what it measured.
     """
     method = suggest.DEFAULT_METHOD if method == "default" else method
     start_lr, factor, end_lr = _resolve_range(optimizer, start_lr, factor, end_lr)
@@ -323,7 +337,35 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
                          optimizer=_name(optimizer), batch_size=batch_size, seed=seed,
                          wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time)
         validate.range_first_step(result.diverged_step, float(lrs[0]), models)  # before any update: not the rate
-        return result
+    if method == suggest.DEFAULT_METHOD:
+        _verify(result, models[0], optimizer, data, inp.kind, verify_steps=verify_steps, eval_examples=eval_examples,
+                loss_fn=loss_fn, dtype=dtype)
+    return result
+
+
+def _verify(result: RangeTestResult, model, optimizer, data, kind: str, **kw) -> None:
+    """The default's verification stage (`lrjax.verify`) after the test: its pick becomes the suggestion,
+    or, where it cannot run or finds nothing, `suggest.FALLBACK_METHOD`'s (with a note saying why)."""
+    anchor = result.suggestions.get("turn")
+    reason = None
+    if kind != "resident":
+        reason = f"{kind} input"
+    elif anchor is None:
+        reason = "the curve is too short for a turn"
+    elif getattr(data, "x_valid", None) is None or steps.num_examples(split_examples(data, "valid")) == 0:
+        reason = "no validation examples"
+    if reason is None:
+        result.verification = verify.verify(model, optimizer, data, anchor, batch_size=result.batch_size,
+                                            seed=result.seed, steps=kw["verify_steps"],
+                                            valid_examples=kw["eval_examples"], loss_fn=kw["loss_fn"], dtype=kw["dtype"])
+        if result.verification.picked is None:
+            reason = "every candidate diverged"
+    picked = result.verification.picked if reason is None else result.suggestions.get(suggest.FALLBACK_METHOD)
+    if reason is not None:
+        result.notes.append(f"the suggestion is {suggest.FALLBACK_METHOD}'s: the verification stage did not run "
+                            f"or found nothing ({reason})")
+    result.suggestions[suggest.DEFAULT_METHOD] = picked
+    result.suggestion = picked
 
 
 def _resolve_range(optimizer, start_lr, factor, end_lr):
@@ -426,8 +468,8 @@ def _check_args(*, start_lr, factor, end_lr, num_steps, beta, diverge_factor, nu
         problems.append(f"diverge_factor must be > 1, got {diverge_factor}")
     if num_seeds < 1 or chunk_steps < 1:
         problems.append(f"num_seeds and chunk_steps must be positive, got {num_seeds} and {chunk_steps}")
-    if method not in suggest.METHODS:
-        problems.append(f"method must be one of {', '.join(suggest.METHODS)} or 'default', got {method!r}")
+    if method not in suggest.NAMES:
+        problems.append(f"method must be one of {', '.join(suggest.NAMES)} or 'default', got {method!r}")
     if problems:
         raise ValueError("find_lr: " + "; ".join(problems))
 

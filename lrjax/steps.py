@@ -26,7 +26,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import tasks
+from lrjax import optimizers, tasks
 from lrjax.errors import ConfigError
 from lrjax.tasks import LossFn
 
@@ -193,7 +193,9 @@ def train_step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, di
 def eval_step(state: TrainState, batch: Batch, weights) -> dict[str, jax.Array]:
     """Eval mode (running averages, no dropout); weighted sums (not means) of the loss and metrics and
     the example `count`, so batches of a padded evaluation set add up exactly."""
-    losses, metrics, _ = _apply(state, state.eval_graphdef, state.params, batch)
+    # a schedule-free optimizer's evaluation point, not its training iterate (lrjax.optimizers.eval_params)
+    losses, metrics, _ = _apply(state, state.eval_graphdef, optimizers.eval_params(state.opt_state, state.params),
+                                batch)
     sums = {k: jnp.sum(v * weights) for k, v in _per_example(losses, metrics, weights).items()}
     return {**sums, "count": jnp.sum(weights)}
 

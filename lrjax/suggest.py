@@ -3,9 +3,12 @@
 Only numpy: no JAX, nothing else from lrjax. Everything here is a pure function of arrays.
 
 * `smooth` turns raw per-step losses into a debiased exponential moving average.
-* `valley`, `steepest`, `minimum`, `seed`, `zerolag` and `lagsafe` each map an already *smoothed* curve
+* `valley`, `steepest`, `minimum`, `seed`, `zerolag`, `lagsafe` and `turn` each map an already *smoothed* curve
   ``(lrs, losses)`` to one suggested learning rate (a Python float), or None when the curve is
   too short to say anything.  `METHODS` names them; `suggest_all` runs every one.
+* `turn` reads the curve the same way whatever the test's length (its smoothing spans a fixed width
+  of log-rate, not a fixed number of steps): the anchor of lrjax's default, ``"verified"``, which
+  trains a few rates below it for a short while and keeps the best (`lrjax.verify`).
 
 All suggestion functions share one preparation step (`_prepare`):
 
@@ -26,11 +29,17 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_METHOD",
+    "FALLBACK_METHOD",
+    "NAMES",
+    "TURN_WIDTH",
     "LAG_GROWTH_LIMIT",
     "METHODS",
     "lag_growth",
     "lagsafe",
+    "length_beta",
     "minimum",
+    "turn",
+    "unsmooth",
     "seed",
     "smooth",
     "steepest",
@@ -246,6 +255,65 @@ def lagsafe(lrs, losses, skip_start: int = 10, skip_end: int = 5, beta: float = 
     return rule(lrs, losses, skip_start=skip_start, skip_end=skip_end)
 
 
+def unsmooth(smoothed, beta: float = 0.98) -> np.ndarray:
+    """The raw losses behind a `smooth`ed curve (its exact inverse): ``avg_t = smoothed_t * (1 - beta**(t+1))``
+    and ``x_t = (avg_t - beta * avg_{t-1}) / (1 - beta)``."""
+    beta = float(beta)
+    sm = np.asarray(smoothed, dtype=np.float64)
+    if beta == 0.0:
+        return sm.copy()
+    avg = sm * (1.0 - beta ** np.arange(1, sm.shape[0] + 1))
+    prev = np.concatenate([[0.0], avg[:-1]])
+    return (avg - beta * prev) / (1.0 - beta)
+
+
+# The log-rate width (decades) that `turn`'s smoothing lags by: that of the default smoothing (beta 0.98,
+# 49 steps) on the adaptive optimizers' one-epoch test of Fashion-MNIST (1e-6 -> 1 in 1719 steps, x1.48).
+TURN_WIDTH = 0.17
+
+
+def length_beta(lrs, width: float = TURN_WIDTH) -> float:
+    """The smoothing whose lag, ``beta / (1 - beta)`` steps, spans `width` decades of the rate on this
+    test (its mean growth per step): the same reading on a test of any length. 0 (no smoothing) where
+    the rates grow more than `width` per step."""
+    lrs = np.asarray(lrs, dtype=np.float64)
+    lrs = lrs[np.isfinite(lrs) & (lrs > 0)]
+    if lrs.shape[0] < 2 or not lrs[-1] > lrs[0]:
+        return 0.0
+    steps_per_decade = (lrs.shape[0] - 1) / np.log10(lrs[-1] / lrs[0])
+    lag = width * steps_per_decade
+    return float(lag / (1.0 + lag)) if lag > 1.0 else 0.0
+
+
+def turn(lrs, losses, skip_start: int = 10, skip_end: int = 5, beta: float = 0.98,
+         width: float = TURN_WIDTH) -> float | None:
+    """The rate at which the loss turns: the minimum of the raw curve smoothed forwards and backwards
+    (centred, no lag) with `length_beta`'s smoothing, which spans `width` decades of rate whatever the
+    number of steps. ``losses`` is the curve smoothed with ``beta``, as for every method (`unsmooth`
+    recovers the raw losses); the first and last 5% / 2% of the points are skipped (at least
+    ``skip_start`` / ``skip_end`` when the curve is long enough).
+
+    Why: a one-epoch test and a five-epoch one see the same curve against log(rate), but a smoothing of
+    a fixed number of steps (beta 0.98: 49) trails it by 5x more rate on the short one, and `seed`,
+    `minimum` and `lagsafe`'s switch move with it (a Transformer LM: 1.2e-3 at one epoch, 0.06-0.09 at
+    five). Measured (docs/suggestion.md): `turn` moved at most 1.6x between 1x and 5x on Fashion-MNIST's
+    MLP (sgd, adam) and a char-level Transformer LM.
+    """
+    prepared = _prepare(lrs, losses, 0, 0)
+    if prepared is None:
+        return None
+    lrs, smoothed = prepared
+    raw = unsmooth(smoothed, beta)
+    b = length_beta(lrs, width)
+    centred = smooth(smooth(raw, b)[::-1], b)[::-1]
+    n = lrs.shape[0]
+    start = min(max(int(skip_start), n // 20), n - _MIN_POINTS)
+    stop = max(n - max(int(skip_end), n // 50), start + _MIN_POINTS)
+    if start < 0:
+        start, stop = 0, n
+    return float(lrs[start + int(np.argmin(centred[start:stop]))])
+
+
 METHODS: dict[str, Callable[..., float | None]] = {
     "valley": valley,
     "steepest": steepest,
@@ -253,23 +321,28 @@ METHODS: dict[str, Callable[..., float | None]] = {
     "seed": seed,
     "zerolag": zerolag,
     "lagsafe": lagsafe,
+    "turn": turn,
 }
 
-# The default, chosen from evidence: experiments/suggestion_quality.py (docs/measurements.md, "Which suggestion?
-# Measured" has the table and the command). `seed` was the best rule on every slow test (the MLP with
-# sgd, momentum, adam and adamw over one epoch of Fashion-MNIST), but on fast tests (the CNN on a
-# 6000-image subset) it picked rates that trained to 75-90% of the best grid rate's accuracy with adam,
-# and on the acceptance's 150-step BatchNorm CNN test, rates that sometimes collapsed to chance;
-# `valley` held there. `lagsafe` is `seed` on slow tests and `valley` on fast ones.
-DEFAULT_METHOD = "lagsafe"
+# The default, chosen from evidence (docs/suggestion.md): "verified", a short candidate stage after the
+# range test: rates `turn` x 2**-k (k = 0..5) trained from the same weights for an eighth of an epoch, the one
+# with the lowest validation loss (`lrjax.verify`). No rule read off one curve held on both Fashion-MNIST
+# and a Transformer LM: the LM's best rate sits ~10x below its curve's turn, the MLP's at it. Where the
+# stage cannot run (streamed or iterable input, no validation examples) the range test falls back to
+# `lagsafe`, the previous default: `seed` on slow tests, `valley` on fast ones.
+DEFAULT_METHOD = "verified"
+FALLBACK_METHOD = "lagsafe"
+# What --suggestion / find_lr(method=) accept: a rule of METHODS or the verified procedure.
+NAMES = (*METHODS, DEFAULT_METHOD)
 
 
 def suggest_all(lrs, losses, skip_start: int = 10, skip_end: int = 5,
                 beta: float = 0.98) -> dict[str, float | None]:
     """Every method in `METHODS` on the same curve: ``{name: suggestion or None}``; ``beta`` is the
-    smoothing the curve had (`zerolag` smooths it again with the same, `lagsafe` measures its lag)."""
+    smoothing the curve had (`zerolag` smooths it again with the same, `lagsafe` measures its lag, `turn`
+    undoes it)."""
     return {
         name: fn(lrs, losses, skip_start=skip_start, skip_end=skip_end,
-                 **({"beta": beta} if fn in (zerolag, lagsafe) else {}))
+                 **({"beta": beta} if fn in (zerolag, lagsafe, turn) else {}))
         for name, fn in METHODS.items()
     }

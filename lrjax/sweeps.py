@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import mesh as mesh_lib
-from lrjax import inputs, steps, tasks, validate
+from lrjax import inputs, optimizers, steps, tasks, validate
 from lrjax.callbacks import EarlyStopping
 from lrjax.numeric import nan_reduce
 from lrjax.steps import OptimizerFactory
@@ -133,6 +133,12 @@ def sweep_evaluate(states, examples, *, batch_size: int, member_loop: str = "vma
     out = mesh_lib.map_members(lambda s, examples: steps.evaluate_arrays(s, examples, batch_size),
                                _to_members(states, S, L), examples, loop=member_loop)
     return _from_members(out, S, L)
+
+
+@jax.jit
+def _eval_params(states):
+    """Every member's weights to keep as best (a schedule-free optimizer's evaluation point)."""
+    return jax.vmap(jax.vmap(optimizers.eval_params))(states.opt_state, states.params)
 
 
 @jax.jit
@@ -302,7 +308,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
     place = lambda tree: mesh_lib.spread_members(mesh_lib.replicate(tree, mesh), axis=1)  # noqa: E731 - by rate
     with jax.set_mesh(mesh):
         states = place(_member_states(model_fn, optimizer, seeds, lrs, Lp, loss_fn, dtype))
-        best = jax.tree.map(jnp.copy, (states.params, states.rest))
+        best = jax.tree.map(jnp.copy, (_eval_params(states), states.rest))
         feed, valid = inp.sweep_feed(seeds, chunk_steps), mesh_lib.replicate(inp.valid_examples(), mesh)
         active, diverged = place(np.broadcast_to(np.arange(Lp) < L, (S, Lp))), place(np.zeros((S, Lp), bool))
         program, compile_time = None, 0.0
@@ -327,7 +333,7 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
             _record(history, epochs, epoch, was_live, was_live & ~newly, train_m, val_m)
             if monitors is not None:
                 improved = _monitor(monitors, epoch, was_live & ~div, val_m["loss"], stopped_epoch)
-                best = _keep_best(best, (states.params, states.rest), jnp.asarray(_widen(improved, Lp, False)))
+                best = _keep_best(best, (_eval_params(states), states.rest), jnp.asarray(_widen(improved, Lp, False)))
                 active = place(_widen(stopped_epoch < 0, Lp, False))
             if on_epoch is not None:
                 on_epoch(epoch, {k: v[epoch - 1] for k, v in history.items()})
@@ -335,7 +341,8 @@ def sweep(model_fn: Callable[[int], nnx.Module], optimizer: OptimizerFactory, da
                 break
     feed.close()
     if monitors is not None:
-        states = states.replace(params=best[0], rest=best[1])
+        states = states.replace(params=best[0], rest=best[1], opt_state=jax.vmap(jax.vmap(optimizers.at_eval_point))(
+            states.opt_state, best[0]))
     states = jax.tree.map(lambda a: a[:, :L], states) if Lp > L else states
     rank_by = rank_by or ("val_accuracy" if "val_accuracy" in history else "val_loss")
     if rank_by not in history:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import inputs, loop, schedules, steps, tasks, validate
+from lrjax import inputs, loop, optimizers, schedules, steps, tasks, validate
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.errors import ConfigError, TrainingDiverged
@@ -196,7 +196,9 @@ def _close(ckpt, feed, evaluator, cbs: list, timings: dict) -> None:
 
 def _result(tr: loop.Trainer, interrupted, board, resumed_from, wall_time_s: float, timings: dict) -> FitResult:
     es, state, history = tr.early_stopping, tr.state, tr.history
-    final = state.replace(params=tr.best[0], rest=tr.best[1]) if es.restore_best_weights else state
+    # the best weights are already a schedule-free optimizer's evaluation point: at_eval_point keeps them so
+    final = state.replace(params=tr.best[0], rest=tr.best[1], opt_state=optimizers.at_eval_point(
+        state.opt_state, tr.best[0])) if es.restore_best_weights else state
     best_val_loss = next((h["val_loss"] for h in history if h["epoch"] == es.best_epoch), None)
     if tr.by_step:
         best_val_loss = next((h["val_loss"] for h in history if h[es.monitor] == es.best), best_val_loss)

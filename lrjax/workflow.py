@@ -215,6 +215,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
             phases.update(range_test_compile=result.compile_time_s,
                           range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
+            if result.verification is not None:  # the default's candidate stage (lrjax.verify)
+                phases["verification"] = result.verification.seconds
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
             (workdir / "lr_find.json").write_text(json.dumps(
                 {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
@@ -230,7 +232,15 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     sugg = ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items() if v is not None)
     _say(cfg, f"range test: {len(result.lrs)} steps from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}, {div}, {result.wall_time_s:.1f}s "
               f"(compile {result.compile_time_s:.1f}s); suggestions: {sugg}")
+    v = result.verification
+    if v is not None:
+        losses = ", ".join(f"{lr:.3g} {loss:.4f}" if loss is not None else f"{lr:.3g} diverged"
+                           for lr, loss in zip(v.candidates, v.val_losses))
+        _say(cfg, f"verification: {len(v.candidates)} rates below the curve's turn ({v.anchor:.3g}) trained {v.steps} "
+                  f"steps each, validation loss: {losses}; {v.seconds:.1f}s")
     _say(cfg, f"suggested lr ({result.method}): {result.suggestion:.4g}  -> {workdir / 'lr_find.png'}")
+    for note in result.notes:
+        _say(cfg, f"note: {note}")
     if jax.process_index() == 0:
         for warning in result.warnings:
             print(f"lrjax: warning: {warning}", file=sys.stderr, flush=True)
@@ -372,19 +382,26 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
 
             plots.save_samples(data, workdir / "samples.png")
         phases["samples_png"] = time.perf_counter() - t
+    free = optimizers.free_rate(optimizers.get(cfg.optimizer))
     if resumed is not None:
         lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
         _say(cfg, f"resuming: the checkpointed run's rate {lr!r} (epoch {resumed['epoch']} done)")
+    elif free is not None:  # it sets its own step size: nothing for a range test to find
+        lr, method = free, "lr-free"
+        _say(cfg, f"{cfg.optimizer} sets its own step size: no range test, training at lr {lr:g}")
     else:
         t = time.perf_counter()
         result = find_lr_job(cfg, data)
         lr, method = result.suggestion * SCHEDULE_PEAK[cfg.schedule], result.method
+        verified = result.verification.seconds if result.verification is not None else 0.0
+        if verified:
+            phases["verification"] = verified
         if cfg.schedule != "constant":
             _say(cfg, f"schedule {cfg.schedule}: peak lr {lr:.4g} ({SCHEDULE_PEAK[cfg.schedule]:g} x the suggestion)")
         phases.update(range_test_compile=result.compile_time_s,
                       range_test=result.wall_time_s - result.compile_time_s,
                       # the model's initialisation, lr_find.{json,csv,png} and the TensorBoard curve
-                      range_test_init_and_outputs=time.perf_counter() - t - result.wall_time_s)
+                      range_test_init_and_outputs=time.perf_counter() - t - result.wall_time_s - verified)
     return train_job(cfg, data, lr=lr, extra={"lr_method": method}, stop_after=stop_after, started=t0,
                      phases=phases, config={"lr_method": method})
 

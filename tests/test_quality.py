@@ -51,6 +51,21 @@ def test_scores_against_the_known_best_rate():
     assert table["too_high"]["diverged"] == 1
 
 
+def test_loss_scored_cells_rank_the_lowest_loss_first():
+    def train(lrs):  # a loss: 1 at BEST, rising with the log-distance; rates above 2 diverge
+        acc, diverged = response(lrs)
+        return 1.0 + (0.9 - acc), diverged
+
+    r = score_suggestions({"exact": BEST, "low": 1e-3, "too_high": 2.5, "none": None}, (1e-3, 3.0), train,
+                          grid_points=16, lower_is_better=True)
+    m = r["methods"]
+    assert r["best_grid_accuracy"] >= 1.0 and m["exact"]["fraction"] <= 1.0  # at or below the grid's best loss
+    assert m["low"]["fraction"] > 1.0 and m["too_high"]["fraction"] == np.inf and m["none"]["fraction"] == np.inf
+    table = summarise([r, score_suggestions({"exact": BEST, "low": 0.5}, (1e-3, 3.0), train, lower_is_better=True)],
+                      methods=("exact", "low"))
+    assert table["low"]["worst_fraction"] == pytest.approx(m["low"]["fraction"])  # the higher loss is the worse
+
+
 def test_a_grid_that_never_trains_cannot_score():
     with pytest.raises(ValueError, match="nothing to score"):
         score_suggestions({"x": 0.1}, (1e-3, 1.0), lambda lrs: (np.zeros(len(lrs)), np.ones(len(lrs), bool)), 4)

@@ -135,7 +135,11 @@ def test_outputs(tmp_path, data):
                 "diverged_lr", "num_steps", "num_seeds", "optimizer", "batch_size", "wall_time_s",
                 "compile_time_s"):
         assert key in j, key
-    assert set(j["suggestions"]) == set(suggest.METHODS)
+    assert set(j["suggestions"]) == set(suggest.METHODS) | {suggest.DEFAULT_METHOD}
+    v = j["verification"]  # what the default's verification stage measured
+    assert len(v["candidates"]) == len(v["val_losses"]) == 6 and v["picked"] in v["candidates"]
+    assert v["anchor"] == j["suggestions"]["turn"] == v["candidates"][0]
+    assert j["find_lr_time_s"] > j["wall_time_s"]
     assert j["suggestion"] == j["suggestions"][j["method"]]
     rows = (tmp_path / "lr_find.csv").read_text().splitlines()
     assert rows[0] == "step,lr,loss,smoothed,loss_seed0,loss_seed1" and len(rows) == len(j["lrs"]) + 1
@@ -201,8 +205,11 @@ def test_warnings_for_a_curve_that_never_fell_or_never_turned(data):
     assert len(too_low.warnings) == 1 and "never turned back up" in too_low.warnings[0]
     assert too_low.to_json()["warnings"] == too_low.warnings
     # falls, turns, diverges; but 7 decades in 200 steps outrun the smoothing
-    fast = run(data, start_lr=1e-3, end_lr=1e4, num_steps=200).warnings
+    fast = run(data, start_lr=1e-3, end_lr=1e4, num_steps=200, method="lagsafe").warnings
     assert len(fast) == 1 and "over the smoothing's lag (~49 steps at --beta 0.98)" in fast[0]
+    # the verified default reads the curve with a smoothing scaled to the test: the lag is not its concern
+    verified = run(data, start_lr=1e-3, end_lr=1e4, num_steps=200)
+    assert verified.verification is not None and verified.warnings == []
 
 
 def test_warning_when_the_rate_outgrows_the_smoothing():
@@ -214,6 +221,7 @@ def test_warning_when_the_rate_outgrows_the_smoothing():
     fast = dataclasses.replace(slow, lrs=np.geomspace(1e-6, 1.0, 200))
     assert len(fast.warnings) == 1 and "grows x30 over the smoothing's lag" in fast.warnings[0]
     assert dataclasses.replace(fast, beta=0.8).warnings == []  # 4 steps of lag: x1.3
+    assert dataclasses.replace(fast, verification=object()).warnings == []  # the stage picked the rate
 
 
 def test_progress_skips_filler_and_diverged_seeds():

@@ -57,12 +57,15 @@ def test_v_curve_geometric_grid(name):
 
 
 def test_suggest_all_and_registry():
-    assert set(METHODS) == {"valley", "steepest", "minimum", "seed", "zerolag", "lagsafe"}
-    assert DEFAULT_METHOD in METHODS
+    assert set(METHODS) == {"valley", "steepest", "minimum", "seed", "zerolag", "lagsafe", "turn"}
+    # the default is a procedure (a verification stage after the test, lrjax.verify), not a curve rule
+    assert DEFAULT_METHOD == "verified" and DEFAULT_METHOD not in METHODS and DEFAULT_METHOD in suggest.NAMES
+    assert suggest.FALLBACK_METHOD in METHODS
     got = suggest_all(V_LRS, V_LOSSES, **NO_SKIP)
     assert set(got) == set(METHODS)
     # V_LRS grow x10**0.25 per step: far more than x4 over 49 steps, so lagsafe is valley
-    expected = {**V_EXPECTED, "zerolag": zerolag(V_LRS, V_LOSSES, **NO_SKIP), "lagsafe": V_EXPECTED["valley"]}
+    expected = {**V_EXPECTED, "zerolag": zerolag(V_LRS, V_LOSSES, **NO_SKIP), "lagsafe": V_EXPECTED["valley"],
+                "turn": suggest.turn(V_LRS, V_LOSSES, **NO_SKIP)}
     for name, value in got.items():
         assert value == pytest.approx(expected[name], rel=1e-12)
     # the curve's own smoothing reaches the rules that smooth again or measure the lag
@@ -426,3 +429,55 @@ def test_steepest_ignores_drops_after_the_minimum():
     g = np.gradient(losses, np.log(lrs))
     assert got == pytest.approx(lrs[int(np.argmin(g[:41]))])
     assert got < lrs[40]
+
+
+# --------------------------------------------------------------------------------------------
+# turn: a reading of the curve that does not move with the test's length
+# --------------------------------------------------------------------------------------------
+
+def test_unsmooth_inverts_smooth():
+    x = np.random.default_rng(0).normal(2.0, 0.3, 500)
+    for beta in (0.0, 0.5, 0.98):
+        np.testing.assert_allclose(suggest.unsmooth(smooth(x, beta), beta), x, rtol=0, atol=1e-10)
+
+
+def test_length_beta_spans_a_fixed_width_of_rate():
+    # 1e-6 -> 1 in 1719 steps: 286.3 steps a decade, a lag of 0.17 decades is 48.7 steps (beta ~0.98)
+    lrs = np.geomspace(1e-6, 1.0, 1719)
+    b = suggest.length_beta(lrs)
+    assert b / (1 - b) == pytest.approx(0.17 * 1718 / 6, rel=1e-9)
+    b5 = suggest.length_beta(np.geomspace(1e-6, 1.0, 5 * 1719))
+    assert b5 / (1 - b5) == pytest.approx(0.17 * (5 * 1719 - 1) / 6, rel=1e-9)  # 5x the steps, 5x the lag
+    assert suggest.length_beta(np.geomspace(1e-6, 1.0, 20)) == 0.0  # under a step of lag: no smoothing
+    assert suggest.length_beta([1e-3]) == 0.0
+
+
+def _noisy_bowl(num_steps, seed=0, turn_at=1e-2):
+    """A loss flat at 2 up to 1e-4, falling (log-quadratic) to 1 at `turn_at`, rising 12x as steeply past it,
+    plus batch noise."""
+    lrs = np.geomspace(1e-6, 1.0, num_steps)
+    u = np.log10(lrs / turn_at)
+    clean = np.where(u < 0, 1.0 + 0.25 * np.minimum(u, 2.0) ** 2 * (u > -2) + 1.0 * (u <= -2), 1.0 + 3.0 * u ** 2)
+    return lrs, clean + np.random.default_rng(seed).normal(0, 0.1, num_steps)
+
+
+def test_turn_finds_the_same_rate_at_any_length_where_the_fixed_smoothing_drifts():
+    got, lagging = {}, {}
+    for n in (200, 1000, 5000):
+        lrs, raw = _noisy_bowl(n)
+        sm = smooth(raw, 0.98)
+        got[n], lagging[n] = suggest.turn(lrs, sm), seed(lrs, sm) * 1.5  # seed is 2/3 of the lagging minimum
+    for n, v in got.items():
+        # within 0.5 decades of the true turn (1e-2; the steep rise beyond pulls a centred smoothing's
+        # minimum ~0.25 decades low, the same at every length)
+        assert 10 ** -2.5 < v < 10 ** -1.9, (n, v)
+    assert max(got.values()) / min(got.values()) < 1.6
+    # the fixed 49-step smoothing trails by 0.06 decades at 5000 steps, 1.5 at 200: its minimum drifts ~2x
+    assert lagging[200] / lagging[5000] > 1.8
+
+
+def test_turn_needs_three_points_and_returns_a_rate_of_the_curve():
+    assert suggest.turn([1e-3, 1e-2], [1.0, 0.5]) is None
+    lrs, raw = _noisy_bowl(300)
+    v = suggest.turn(lrs, smooth(raw))
+    assert v in set(lrs.tolist())

@@ -148,7 +148,8 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     monkeypatch.setattr(workflow, "load", lambda cfg: data)
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60))
     j = json.loads((tmp_path / "lr_find.json").read_text())
-    assert set(j["phases_s"]) == {"data_load", "range_test_compile", "range_test", "outputs", "other"}
+    assert set(j["phases_s"]) == {"data_load", "range_test_compile", "range_test", "verification", "outputs", "other"}
+    assert j["phases_s"]["verification"] == j["verification"]["seconds"]  # the default's candidate stage
     assert all(v >= 0 for v in j["phases_s"].values())
     assert j["phases_s"]["range_test_compile"] == j["compile_time_s"]
     assert j["phases_s"]["range_test"] == pytest.approx(j["wall_time_s"] - j["compile_time_s"])
@@ -156,3 +157,11 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     # given its data (lrjax run), the job loads none
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60), data)
     assert "data_load" not in json.loads((tmp_path / "lr_find.json").read_text())["phases_s"]
+
+
+def test_run_job_with_an_lr_free_optimizer_skips_the_range_test(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setattr(workflow, "load", lambda cfg: data)
+    metrics = workflow.run_job(cfg(tmp_path, optimizer="prodigy", epochs=1))
+    assert metrics["lr"] == 1.0 and metrics["lr_method"] == "lr-free"
+    assert not (tmp_path / "lr_find.json").exists()
+    assert "prodigy sets its own step size: no range test, training at lr 1" in capsys.readouterr().out

@@ -1,0 +1,71 @@
+"""The verification stage of the default suggestion (lrjax.verify) and how find_lr uses it."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+import pytest
+
+import lrjax
+from lrjax import suggest, verify
+
+from conftest import synthetic
+
+
+def test_candidates_hang_below_the_anchor_two_x_apart():
+    np.testing.assert_allclose(verify.candidate_rates(0.04), [0.04, 0.02, 0.01, 0.005, 0.0025, 0.00125])
+    np.testing.assert_allclose(verify.candidate_rates(1.0, num=3, spacing=4.0), [1.0, 0.25, 0.0625])
+    with pytest.raises(ValueError, match="anchor must be positive"):
+        verify.candidate_rates(0.0)
+
+
+def test_pick_is_the_lowest_finite_loss_and_none_when_all_diverged():
+    assert verify.pick([0.4, 0.2, 0.1], [0.9, 0.5, 0.7]) == 0.2
+    assert verify.pick([0.4, 0.2, 0.1], [None, float("nan"), 0.7]) == 0.1
+    assert verify.pick([0.4, 0.2], [0.5, 0.5]) == 0.4  # a tie: the higher rate, first
+    assert verify.pick([0.4, 0.2], [None, None]) is None
+
+
+def test_default_steps_is_an_eighth_of_an_epoch_with_a_floor():
+    assert verify.default_steps(1719) == 214
+    assert verify.default_steps(188) == 40
+    assert verify.default_steps(25) == 25  # never more than the epoch
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)
+
+
+def test_verify_trains_every_candidate_and_leaves_the_model_alone(data):
+    model = lrjax.mlp(36, (16,), 4, seed=0)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(nnx.state(model))]
+    v = verify.verify(model, optax.adam, data, 0.05, batch_size=16, seed=0, steps=12, valid_examples=100)
+    assert v.steps == 12 and v.train_examples == 192 and v.valid_examples == 100
+    assert len(v.val_losses) == 6 and all(x is not None and np.isfinite(x) for x in v.val_losses)
+    assert v.picked == v.candidates[int(np.argmin(v.val_losses))]
+    # the lowest rate (1.6e-3) barely moves from the start in 12 steps: its loss is the highest
+    assert v.val_losses[-1] == max(v.val_losses)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), before, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_find_lr_default_verifies_and_a_rule_does_not(data):
+    kw = dict(batch_size=16, num_steps=150, seed=0, start_lr=1e-4, end_lr=10.0)
+    r = lrjax.find_lr(lrjax.mlp(36, (16,), 4, seed=0), optax.adam, data, **kw)
+    assert r.method == "verified" and r.verification is not None and r.suggestion == r.verification.picked
+    assert r.verification.anchor == r.suggestions["turn"] and r.suggestions["verified"] == r.suggestion
+    assert r.to_json()["verification"]["candidates"] == r.verification.candidates
+    plain = lrjax.find_lr(lrjax.mlp(36, (16,), 4, seed=0), optax.adam, data, method="lagsafe", **kw)
+    assert plain.verification is None and "verified" not in plain.suggestions
+    np.testing.assert_array_equal(plain.losses, r.losses)  # the same test
+
+
+def test_find_lr_fed_batch_by_batch_falls_back_and_says_so(data):
+    batches = [(data.x_train[i:i + 16], data.y_train[i:i + 16]) for i in range(0, 512 - 128, 16)]
+    r = lrjax.find_lr(lrjax.mlp(36, (16,), 4, seed=0), optax.adam, batches, num_steps=100, seed=0,
+                      start_lr=1e-4, end_lr=10.0)
+    assert r.verification is None and r.suggestion == r.suggestions[suggest.FALLBACK_METHOD]
+    assert any("(iterable input)" in n for n in r.notes), r.notes
