@@ -30,11 +30,12 @@ from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
-from lrjax.timing import process_age_s
+from lrjax.timing import process_age_s, process_clock
 from lrjax.train import FitResult, fit
 
 # lrjax and what it needs are loaded: the process's start-up ends here (one value for every job)
 _STARTUP_S = process_age_s()
+_CLOCK = process_clock(_STARTUP_S)  # perf_counter readings -> seconds since the process started
 
 
 def _say(cfg: Config, msg: str) -> None:
@@ -171,12 +172,17 @@ class _Progress:
 
 def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve. lr_find.json also
-    holds the process's `startup_s` and this job's `phases_s`, as metrics.json does."""
+    holds the process's `startup_s` and this job's `phases_s`, as metrics.json does, and
+    `timeline_s`: each phase's [start, end] in seconds since the process started (None where the OS
+    does not tell; the compile is placed at the start of find_lr's own clock, its set-up before it
+    counts in range_test's span)."""
     t0 = time.perf_counter()
-    phases = {}
+    phases, timeline = {}, {"startup": [0.0, _STARTUP_S]}
     if data is None:
         data = load(cfg)
         phases["data_load"] = time.perf_counter() - t0
+        timeline["data_load"] = [_CLOCK(t0), _CLOCK(t0 + phases["data_load"])]
+    t_set_up = time.perf_counter()
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
     num_steps = cfg.num_steps or steps.steps_per_epoch(train_size(data), cfg.batch_size)
@@ -191,6 +197,7 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             # seed s of several starts from model_for(seed + s); one seed is the model itself
             init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
             dtype=cfg.dtype)
+        t_found = time.perf_counter()
     finally:
         bar.close()
     if jax.process_index() == 0:
@@ -201,8 +208,13 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             phases.update(range_test_compile=result.compile_time_s,
                           range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
+            started = t_found - result.wall_time_s  # find_lr's clock: after the examples' transfer
+            timeline.update(set_up=[_CLOCK(t_set_up), _CLOCK(started)],
+                            range_test_compile=[_CLOCK(started), _CLOCK(started + result.compile_time_s)],
+                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(t_found)],
+                            outputs=[_CLOCK(t), _CLOCK(t + phases["outputs"])])
             (workdir / "lr_find.json").write_text(json.dumps(
-                {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
+                {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases, "timeline_s": timeline}, indent=1))
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "
