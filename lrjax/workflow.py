@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, memory, optimizers, sources, steps, tb
+from lrjax import faults, memory, optimizers, overlap, sources, steps, tb
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, save_samples, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
@@ -175,7 +175,13 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     holds the process's `startup_s` and this job's `phases_s`, as metrics.json does, and
     `timeline_s`: each phase's [start, end] in seconds since the process started (None where the OS
     does not tell; the compile is placed at the start of find_lr's own clock, its set-up before it
-    counts in range_test's span)."""
+    counts in range_test's span). lr_find.png is drawn by a child process started here (it imports
+    matplotlib while this one works; lrjax.overlap; LRJAX_SERIAL=1 draws it here)."""
+    with overlap.PngChild(enabled=jax.process_index() == 0) as png:
+        return _find_lr_job(cfg, data, png)
+
+
+def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> RangeTestResult:
     t0 = time.perf_counter()
     phases, timeline = {}, {"startup": [0.0, _STARTUP_S]}
     if data is None:
@@ -203,8 +209,10 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     if jax.process_index() == 0:
         t = time.perf_counter()
         with faults.writing(workdir):  # a full or read-only disk: one line naming the file
-            result.save(workdir)
+            result.save(workdir, plot=False)
+            png.draw(result, workdir / "lr_find.png")  # in the child, beside the events written here
             write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
+            png.wait()
             phases.update(range_test_compile=result.compile_time_s,
                           range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
