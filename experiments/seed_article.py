@@ -20,7 +20,7 @@ import optax
 
 import lrjax
 from lrjax import plots
-from lrjax.data import save_samples
+from lrjax.plots import save_samples
 
 
 def main():

@@ -63,15 +63,6 @@ class Dataset:
                                    x_test=self.x_test[:test], y_test=self.y_test[:test])
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of pass `epoch` (0-based) over `n` examples, from (seed, epoch) alone: numpy's PCG64
-    seeded with ``SeedSequence([seed, epoch])`` (pass 0 is ``default_rng(seed)``'s first permutation).
-    Training draws its batches from it on every path: resident, streamed (in the stream's workers)
-    and every sweep member, on any number of devices or processes, so they all see the same batches
-    (the range test's first pass is the same permutation too)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(n).astype(np.int32)
-
-
 def split_examples(data, split: str):
     """The examples of `split` ('train', 'valid', 'test') as the loss function receives them: the pair
     (x_<split>, y_<split>), or x_<split> itself where y_<split> is None (a pytree such as TFDS's
@@ -216,11 +207,3 @@ def _cached_tfds(name: str, data_dir: str | None, cache_dir: Path, idx_dir=None,
         except OSError:
             pass
     return raw
-
-
-def save_samples(dataset: Dataset, path: str | os.PathLike, rows: int = 4, cols: int = 10) -> None:
-    """The seed's 4 x 10 grid of training images titled with their class names, as a PNG."""
-    from lrjax import plots
-
-    plots.plot_samples(dataset.x_train[: rows * cols], dataset.y_train[: rows * cols], dataset.class_names,
-                       path, rows=rows, cols=cols)

@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from lrjax.numeric import nan_reduce
+
 _MARKERS = {"valley": "o", "steepest": "v", "minimum": "s", "seed": "D"}
 _DPI = 100
 
@@ -142,7 +144,6 @@ def _save(fig, path) -> None:
 
 def plot_sweep(result, path: str | Path) -> None:
     """Best validation accuracy and loss vs learning rate (log x), seed spread shaded, suggestions marked."""
-    from lrjax.sweeps import nan_reduce
 
     lrs = result.lrs
     fig = Figure(figsize=(12, 4.5))
@@ -171,3 +172,9 @@ def plot_sweep(result, path: str | Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"LR sweep: {len(lrs)} rates x {len(result.seeds)} seed(s), {result.epochs} epochs")
     _save(fig, path)
+
+
+def save_samples(dataset, path: str | Path, rows: int = 4, cols: int = 10) -> None:
+    """The seed's 4 x 10 grid of training images (of a `lrjax.data.Dataset`) titled with their class names."""
+    plot_samples(dataset.x_train[: rows * cols], dataset.y_train[: rows * cols], dataset.class_names,
+                 path, rows=rows, cols=cols)

@@ -27,7 +27,6 @@ from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
 from lrjax import tasks
-from lrjax.data import epoch_permutation
 from lrjax.errors import ConfigError
 from lrjax.tasks import LossFn
 
@@ -203,6 +202,15 @@ def eval_step(state: TrainState, batch: Batch, weights) -> dict[str, jax.Array]:
 # Batch order, drawn on the host
 # ---------------------------------------------------------------------------------------------
 
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of pass `epoch` (0-based) over `n` examples, from (seed, epoch) alone: numpy's PCG64
+    seeded with ``SeedSequence([seed, epoch])`` (pass 0 is ``default_rng(seed)``'s first permutation).
+    Training draws its batches from it on every path: resident, streamed (in the stream's workers)
+    and every sweep member, on any number of devices or processes, so they all see the same batches
+    (the range test's first pass is the same permutation too)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(n).astype(np.int32)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
@@ -219,7 +227,7 @@ def host_batch_order(seed: int, n: int, batch_size: int, num_steps: int | None =
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The batches (idx, w) of training epoch `epoch` (1-based), drawn on the host from
-    `data.epoch_permutation(seed, epoch - 1, n)` alone: the order of `fit` (resident or streamed)
+    `epoch_permutation(seed, epoch - 1, n)` alone: the order of `fit` (resident or streamed)
     and of every member of a sweep with that seed."""
     return _batch_order(lambda p: epoch_permutation(seed, epoch - 1, n), n, batch_size, None)
 
@@ -314,11 +322,17 @@ def train_chunk(state: TrainState, examples, idx, w, start, count, *, length: in
     return _scan_steps(state, lambda r: gather_batch(examples, *r), rows, count, length=length, masked=masked)
 
 
+def to_float(x: jax.Array) -> jax.Array:
+    """uint8 images to float32 in [0, 1] on the device, bit-identical to the resident path's host-side
+    `x / 255` (a 256-entry table: XLA turns a division by 255 into an inexact multiplication)."""
+    table = jnp.asarray(np.arange(256, dtype=np.float32) / np.float32(255.0))
+    # The output is laid out like `x`: with explicitly sharded mesh axes a gather must be told.
+    return table.at[x].get(out_sharding=jax.typeof(x).sharding)
+
+
 def uint8_images(batch):
     """The Grain stream's batch (uint8 images, int32 labels) as the default task receives it: images
-    turned into float32 on the device (`lrjax.stream.to_float`, bit-identical to the resident path's)."""
-    from lrjax.stream import to_float  # grain is imported only where the streamed path is used
-
+    turned into float32 on the device (`to_float`, bit-identical to the resident path's)."""
     x, y = batch
     return to_float(x), y
 

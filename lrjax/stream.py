@@ -6,11 +6,11 @@ x uint8 [K, B, H, W, C], y int32 [K, B], w float32 [K, B] (0 = padding), active 
 whole padding step), steps int64 [K] (global step of each, -1 for padding), iterated through Grain's
 threads and worker processes. Its iterator state (`state()` / `restore()`, or Grain's Orbax handler
 through `get_state()` / `set_state()`) resumes to exactly the same chunks. Each epoch is a fresh
-permutation drawn from (seed, epoch) (`lrjax.data.epoch_permutation`, as resident training draws
+permutation drawn from (seed, epoch) (`lrjax.steps.epoch_permutation`, as resident training draws
 it); an epoch's last partial batch is padded with the epoch's first
 examples at weight 0, as the resident path pads. Several processes each read only their rows of every
 global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the global arrays;
-`DevicePrefetch` stages chunks ahead in a thread. `to_float` is the device-side uint8 -> float32.
+`DevicePrefetch` stages chunks ahead in a thread. `to_float` (from `lrjax.steps`) is the device-side uint8 -> float32.
 """
 
 from __future__ import annotations
@@ -29,20 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import steps as steps_lib
-from lrjax.data import epoch_permutation
+from lrjax.steps import epoch_permutation, to_float  # noqa: F401 (to_float: stream's public name too)
 from lrjax.errors import CheckpointError, ConfigError, DataError
 from lrjax.feeds import Feed, check_process_rows, chunk_sharding, put, stack_steps  # noqa: F401
 from lrjax.sources import ArrayExamples, Split
 
 STATE_FORMAT = 1
-
-
-def to_float(x: jax.Array) -> jax.Array:
-    """uint8 images to float32 in [0, 1] on the device, bit-identical to the resident path's host-side
-    `x / 255` (a 256-entry table: XLA turns a division by 255 into an inexact multiplication)."""
-    table = jnp.asarray(np.arange(256, dtype=np.float32) / np.float32(255.0))
-    # The output is laid out like `x`: with explicitly sharded mesh axes a gather must be told.
-    return table.at[x].get(out_sharding=jax.typeof(x).sharding)
 
 
 # ---------------------------------------------------------------------------------------------

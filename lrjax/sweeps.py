@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,8 @@ from lrjax import mesh as mesh_lib
 from lrjax import feeds, steps, tasks
 from lrjax.data import split_examples
 from lrjax.errors import ConfigError
-from lrjax.monitors import EarlyStopping
+from lrjax.callbacks import EarlyStopping
+from lrjax.numeric import nan_reduce
 from lrjax.steps import OptimizerFactory
 from lrjax.tasks import LossFn
 
@@ -41,14 +41,6 @@ def lr_grid(lrs: Sequence[float], num_lrs: int = 16) -> np.ndarray:
         lo, hi = sorted(lrs)
         return np.geomspace(lo, hi, num_lrs)
     return np.asarray(sorted(lrs), np.float64)
-
-
-def nan_reduce(fn, values: np.ndarray, axis: int, fill: float) -> np.ndarray:
-    """`fn` (np.nanmax, np.nanmean, ...) over `axis`, with `fill` where every value is NaN."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: filled below
-        out = fn(values, axis=axis)
-    return np.where(np.isnan(out), fill, out)
 
 
 def _member_step(state, live, batch, weights):

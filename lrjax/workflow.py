@@ -25,7 +25,7 @@ import numpy as np
 from lrjax import mesh as mesh_lib
 from lrjax import faults, memory, optimizers, overlap, sources, steps, tb
 from lrjax.config import Config
-from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, save_samples, split_examples
+from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
@@ -372,7 +372,9 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         with faults.writing(workdir):
             workdir.mkdir(parents=True, exist_ok=True)
-            save_samples(data, workdir / "samples.png")
+            from lrjax import plots  # matplotlib: only where a picture is drawn
+
+            plots.save_samples(data, workdir / "samples.png")
         phases["samples_png"] = time.perf_counter() - t
     if resumed is not None:
         lr, method = float(resumed["lr"]), resumed.get("config", {}).get("lr_method")
@@ -393,7 +395,8 @@ def run_job(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
 
 def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None = None):
     """Trains the grid of rates x seeds at once; writes sweep.{json,csv,png} and TensorBoard runs."""
-    from lrjax.sweeps import lr_grid, nan_reduce, sweep, write_sweep_events
+    from lrjax.numeric import nan_reduce
+    from lrjax.sweeps import lr_grid, sweep, write_sweep_events
 
     data = data if data is not None else load_resident(cfg)  # a sweep trains resident data
     workdir = Path(cfg.workdir)

@@ -15,7 +15,8 @@ import pytest
 
 from lrjax import data as data_lib
 from lrjax import idx as idx_lib
-from lrjax.data import from_arrays, load_dataset, save_samples
+from lrjax.data import from_arrays, load_dataset
+from lrjax.plots import save_samples
 from lrjax.errors import DataError
 from lrjax.idx import FILES, write_idx_gz
 

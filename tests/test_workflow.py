@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lrjax
-from lrjax import workflow
+from lrjax import plots, workflow
 
 from conftest import strip_times, synthetic
 
@@ -73,7 +73,7 @@ def test_run_job_writes_every_output_and_fails_fast_on_a_bad_one(tmp_path, data,
     def broken(*args):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(workflow, "save_samples", broken)
+    monkeypatch.setattr(plots, "save_samples", broken)
     with pytest.raises(OSError, match="no space left"):
         workflow.run_job(c.replace(workdir=str(tmp_path / "second")))
     assert sorted(p.name for p in (tmp_path / "second").iterdir()) == []  # before the range test
