@@ -9,9 +9,10 @@ it atomically (a temporary file renamed into place, so a reader never sees half 
 `LRJAX_SERIAL=1` turns both into the serial order (the function runs at once in the caller; the
 PNG is drawn in this process when asked), for measuring what the overlap gains.
 
-Nothing here imports JAX or matplotlib: the child loads lrjax/plots.py by its path, without the
-lrjax package (whose import brings JAX, ~1.5 s of a core that the child would take from the
-parent). plots.py imports nothing of lrjax at module level, which this relies on.
+Nothing here imports JAX or matplotlib. The child imports lrjax.plots under an empty stand-in for
+the lrjax package (its folder as `__path__`, its `__init__` never run): the package's import
+brings JAX, ~1.5-2 s of a core that the child would take from the parent. plots.py and what it
+imports of lrjax (lrjax.numeric) must therefore need no JAX, which tests/test_overlap.py checks.
 """
 
 from __future__ import annotations
@@ -69,14 +70,21 @@ class Background(Generic[T]):
         return self._value
 
 
-# The child's program: import matplotlib and lrjax/plots.py (by path) first, then wait for the
-# curve on stdin. EOF before a curve (the parent failed or was stopped) means: write nothing.
-_CHILD = r"""
-import importlib.util, json, os, pickle, sys, types
-spec = importlib.util.spec_from_file_location("_lrjax_plots_child", sys.argv[1])
-plots = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plots)
-from matplotlib.backends import backend_agg  # savefig's PNG writer, imported on first save otherwise
+# The child's imports: lrjax.plots under a stand-in lrjax package (sys.argv[1], the package's folder,
+# as its __path__), so that lrjax/__init__.py and its JAX import never run here; then matplotlib's
+# PNG writer, which savefig would import on the first save otherwise.
+_CHILD_IMPORTS = r"""
+import json, os, pickle, sys, types
+_package = types.ModuleType("lrjax")
+_package.__path__ = [sys.argv[1]]
+sys.modules["lrjax"] = _package
+from lrjax import plots
+from matplotlib.backends import backend_agg
+"""
+
+# The child's program: its imports first, then wait for the curve on stdin. EOF before a curve
+# (the parent failed or was stopped) means: write nothing.
+_CHILD = _CHILD_IMPORTS + r"""
 try:
     job = pickle.load(sys.stdin.buffer)
 except (EOFError, KeyboardInterrupt):
@@ -123,7 +131,7 @@ class PngChild:
         self._pending = None
         if enabled and not serial():
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD, str(Path(__file__).with_name("plots.py"))],
+                [sys.executable, "-c", _CHILD, str(Path(__file__).parent)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env={**os.environ, "MPLBACKEND": "agg"})
 
