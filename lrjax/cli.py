@@ -20,8 +20,7 @@ import traceback
 import types
 import typing
 
-from lrjax import faults
-from lrjax.config import Config
+from lrjax import faults, overlap
 from lrjax.errors import ConfigError, LrjaxError
 
 SUBCOMMANDS = {
@@ -69,6 +68,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lrjax.config import Config  # brings optax, so JAX: imported after main() starts the data read
+
     parser = argparse.ArgumentParser(
         prog="lrjax", description="Find a good learning rate fast, then train with it (JAX/Flax NNX).",
         epilog="Run `lrjax SUBCOMMAND --help` for a subcommand's flags.")
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    from lrjax.config import Config
+
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -107,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         # created, 0.3-1 s on 2 cores; frozen, they go with the process's memory. Every output is
         # written and closed before then (atexit runs this last: it is registered first).
         atexit.register(gc.freeze)
+    # the data's read starts first, on another core, beside the imports below (lrjax.overlap)
+    overlap.read_ahead(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    finally:
+        overlap.drop_read_ahead()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -6,8 +6,16 @@ never lost). `PngChild` is a child process that imports matplotlib as soon as it
 process goes on with its own work, and later draws lr_find.png from the curve sent to it, writing
 it atomically (a temporary file renamed into place, so a reader never sees half a PNG).
 
-`LRJAX_SERIAL=1` turns both into the serial order (the function runs at once in the caller; the
-PNG is drawn in this process when asked), for measuring what the overlap gains.
+`read_ahead(argv)` is the CLI's first act: from the few flags that name the data it starts reading
+the IDX files (and, where the resident path will want them, scaling them to float32: most of that
+is the first touch of ~220 MB of new pages) in a thread, while the main thread imports JAX and
+parses the flags. `read_idx_folder` and `from_arrays`, called where the serial code calls
+lrjax.idx's and lrjax.data's, hand over what that thread made when their arguments are the ones it
+read with (the arrays: the very objects), else call through: a wrong guess costs time, never a
+different result. An error of the read is raised by the call that would have raised it.
+
+`LRJAX_SERIAL=1` turns all three into the serial order (the function runs at once in the caller; the
+PNG is drawn in this process when asked; nothing is read ahead), for measuring what the overlap gains.
 
 Nothing here imports JAX or matplotlib. The child imports lrjax.plots under an empty stand-in for
 the lrjax package (its folder as `__path__`, its `__init__` never run): the package's import
@@ -17,12 +25,14 @@ imports of lrjax (lrjax.numeric) must therefore need no JAX, which tests/test_ov
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -190,3 +200,139 @@ class PngChild:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ReadAhead:
+    """One IDX folder read (then scaled, when `scale`) in a Background thread; `key` is the call
+    `read_idx_folder(folder, dataset, cache_dir=cache_dir)` it stands for."""
+
+    def __init__(self, folder: str, dataset: str, cache_dir: str, scale: bool):
+        self.key = (folder, dataset, cache_dir)
+        self.raw: dict | None = None
+        self._raw_read = threading.Event()
+        self._task = Background(self._work, scale, name="lrjax-read-ahead")
+
+    def _work(self, scale: bool):
+        from lrjax import data, idx
+
+        folder, dataset, cache_dir = self.key
+        t0 = time.perf_counter()
+        try:
+            self.raw = idx.read_idx_folder(folder, dataset, cache_dir=cache_dir)
+        finally:
+            self._raw_read.set()
+        t1 = time.perf_counter()
+        _spans["data_read_ahead"] = (t0, t1)
+        if scale and 4 * self.raw["train_images"].nbytes <= _physical_memory() // 8:
+            # what load() makes of these arrays on the resident path (a wrong guess: unused)
+            made = data.from_arrays(dataset, self.raw["train_images"], self.raw["train_labels"],
+                                    self.raw["test_images"], self.raw["test_labels"],
+                                    source=f"IDX files in {folder}")
+            _spans["data_scale_ahead"] = (t1, time.perf_counter())
+            return made
+        return None
+
+    def read(self) -> dict:
+        while not self._raw_read.wait(0.1):  # a short wait: Ctrl-C reaches the main thread meanwhile
+            pass
+        if self.raw is None:
+            self._task.result()  # raises the read's error
+        return self.raw
+
+    def scaled(self, args: tuple, source: str):
+        """The scaled Dataset when `args` (name, the four arrays) are this read's own, else None."""
+        if self.raw is None or args[0] != self.key[1] or source != f"IDX files in {self.key[0]}":
+            return None
+        own = (self.raw["train_images"], self.raw["train_labels"], self.raw["test_images"], self.raw["test_labels"])
+        if not all(a is b for a, b in zip(args[1:], own)):
+            return None
+        return self._task.result()
+
+
+_ahead: _ReadAhead | None = None  # the CLI's read, until the job takes it (or main() drops it)
+_spans: dict[str, tuple[float, float]] = {}  # its phases' perf_counter() [start, end]
+
+
+def spans(clock: Callable[[float], float | None]) -> dict[str, list]:
+    """The read ahead's phases (data_read_ahead, data_scale_ahead) as [start, end] on `clock`
+    (lrjax.timing.process_clock), for lr_find.json's timeline; {} where nothing was read ahead."""
+    return {name: [clock(a), clock(b)] for name, (a, b) in _spans.items()}
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _data_flags(argv: list[str]) -> argparse.Namespace | None:
+    """The flags that name the data, parsed from a find-lr/train/run command line; None for any
+    other command, or where these flags do not parse (the real parser reports that later)."""
+    if not argv or argv[0] not in ("find-lr", "train", "run"):
+        return None
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for flag in ("--dataset", "--data-dir", "--cache-dir", "--tfds-data-dir", "--input"):
+        p.add_argument(flag)
+    try:
+        flags, _ = p.parse_known_args(argv[1:])
+    except (argparse.ArgumentError, SystemExit):
+        return None
+    return flags
+
+
+def read_ahead(argv: list[str]) -> None:
+    """Starts reading the data of the command line `argv` (subcommand first) in a thread, where it
+    names IDX files that lrjax reads itself (not --tfds-data-dir); the dataset and the folders
+    default as lrjax.config and lrjax.data default them. Nothing under `serial()`."""
+    global _ahead
+    _ahead = None
+    _spans.clear()
+    flags = _data_flags(argv)
+    if serial() or flags is None or flags.tfds_data_dir is not None:
+        return
+    from lrjax import data, idx  # numpy and lrjax.errors: no JAX
+
+    dataset = flags.dataset or "fashion_mnist"  # Config's default
+    folder = flags.data_dir or data.default_data_dir()
+    if dataset not in idx.IDX_DATASETS or folder is None or not idx.has_idx_files(folder):
+        return
+    cache_dir = flags.cache_dir or str(data.default_cache_dir())
+    _ahead = _ReadAhead(folder, dataset, cache_dir, scale=flags.input in (None, "auto", "resident"))
+
+
+def drop_read_ahead() -> None:
+    """Forgets a read that no job took (the CLI, when its command ends)."""
+    global _ahead
+    _ahead = None
+    _spans.clear()
+
+
+def read_idx_folder(folder, dataset: str, cache_dir) -> dict:
+    """lrjax.idx.read_idx_folder(folder, dataset, cache_dir=cache_dir), from the read ahead when it
+    is the same call (taken once), else read now."""
+    global _ahead
+    ahead = _ahead
+    if ahead is not None and ahead.key == (os.fspath(folder), dataset, os.fspath(cache_dir)):
+        try:
+            return ahead.read()
+        except BaseException:
+            _ahead = None  # raised once, as the serial read raises it; a retry reads again
+            raise
+    from lrjax import idx
+
+    return idx.read_idx_folder(folder, dataset, cache_dir=cache_dir)
+
+
+def from_arrays(name, train_images, train_labels, test_images, test_labels, source: str, valid_size: int | None = None):
+    """lrjax.data.from_arrays(...) (valid_size None: its default), the read ahead's scaled copy
+    when these are its arrays and the split is the default one (taken once: the read is forgotten
+    after), else scaled now."""
+    global _ahead
+    from lrjax import data
+
+    valid_size = data.VALID_SIZE if valid_size is None else valid_size
+    ahead, args = _ahead, (name, train_images, train_labels, test_images, test_labels)
+    if ahead is not None:
+        _ahead = None
+        made = ahead.scaled(args, source) if valid_size == data.VALID_SIZE else None
+        if made is not None:
+            return made
+    return data.from_arrays(*args, source=source, valid_size=valid_size)

@@ -25,7 +25,7 @@ import numpy as np
 from lrjax import mesh as mesh_lib
 from lrjax import faults, memory, optimizers, overlap, sources, steps, tb
 from lrjax.config import Config
-from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
+from lrjax.data import Dataset, default_data_dir, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
@@ -73,9 +73,8 @@ def stream_splits(cfg: Config) -> sources.Splits:
             raise DataError(f"data folder {path} {what} (--data-dir / LRJAX_DATA_DIR)")
     if folder is not None and cfg.dataset in idx.IDX_DATASETS and (
             idx.has_idx_files(folder) or not _tfds_prepared(cfg.dataset, folder)):
-        from lrjax.idx import read_idx_folder
-
-        raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
+        # the CLI's read ahead where it read these files (lrjax.overlap), else lrjax.idx.read_idx_folder
+        raw = overlap.read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
         return sources.array_splits(raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
                                     name=cfg.dataset)
     return sources.tfds_splits(cfg.dataset, folder)
@@ -105,8 +104,8 @@ def load(cfg: Config) -> Dataset | sources.Splits:
     if mode == "resident":
         train, test = splits.train.examples, splits.test.examples
         if isinstance(train, sources.ArrayExamples):  # the IDX files are decoded already: not read twice
-            return load_resident(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
-                                             source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
+            return load_resident(cfg, t0, overlap.from_arrays(cfg.dataset, train.images, train.labels, test.images,
+                                                     test.labels, source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
         return load_resident(cfg, t0)
     if cfg.num_seeds > 1:
         raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
@@ -183,7 +182,8 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
 
 def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> RangeTestResult:
     t0 = time.perf_counter()
-    phases, timeline = {}, {"startup": [0.0, _STARTUP_S]}
+    # the CLI's read ahead of the data (lrjax.overlap), where it ran, beside the start-up
+    phases, timeline = {}, {"startup": [0.0, _STARTUP_S], **overlap.spans(_CLOCK)}
     if data is None:
         data = load(cfg)
         phases["data_load"] = time.perf_counter() - t0
