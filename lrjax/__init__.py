@@ -7,16 +7,35 @@ Public API (re-exported here; each lives in the module named for what it holds):
 (call it first in a script: on a CPU, range-test seeds and sweep members then run on every core).
 """
 
-from lrjax import callbacks, suggest, tasks
-from lrjax.config import Config
-from lrjax.data import Dataset, load_dataset
-from lrjax.errors import CheckpointError, ConfigError, DataError, LrjaxError, TrainingDiverged
-from lrjax.mesh import use_cpu_cores
-from lrjax.models import CNN, MLP, cnn, mlp, register_model
-from lrjax.monitors import EarlyStopping
-from lrjax.range_test import RangeTestResult, find_lr
-from lrjax.sweeps import SweepResult, sweep
-from lrjax.train import FitResult, fit
+import importlib
+
+# Each public name and the module it lives in, imported on first use (PEP 562), so that `import
+# lrjax` (and the CLI, which parses its flags first) costs nothing until a name is used: the CLI
+# starts reading its data before JAX's import (~1.5 s) has run (lrjax.overlap).
+_EXPORTS = {
+    "callbacks": None, "suggest": None, "tasks": None,  # submodules
+    "Config": "lrjax.config", "Dataset": "lrjax.data", "load_dataset": "lrjax.data",
+    "CheckpointError": "lrjax.errors", "ConfigError": "lrjax.errors", "DataError": "lrjax.errors",
+    "LrjaxError": "lrjax.errors", "TrainingDiverged": "lrjax.errors", "use_cpu_cores": "lrjax.mesh",
+    "CNN": "lrjax.models", "MLP": "lrjax.models", "cnn": "lrjax.models", "mlp": "lrjax.models",
+    "register_model": "lrjax.models", "EarlyStopping": "lrjax.monitors", "RangeTestResult": "lrjax.range_test",
+    "find_lr": "lrjax.range_test", "SweepResult": "lrjax.sweeps", "sweep": "lrjax.sweeps",
+    "FitResult": "lrjax.train", "fit": "lrjax.train",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lrjax' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = importlib.import_module(f"lrjax.{name}") if module is None else getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 

@@ -20,8 +20,7 @@ import traceback
 import types
 import typing
 
-from lrjax import faults
-from lrjax.config import Config
+from lrjax import faults, overlap
 from lrjax.errors import ConfigError, LrjaxError
 
 SUBCOMMANDS = {
@@ -70,6 +69,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lrjax.config import Config  # brings optax, so JAX: imported after main() starts the data read
+
     parser = argparse.ArgumentParser(
         prog="lrjax", description="Find a good learning rate fast, then train with it (JAX/Flax NNX).",
         epilog="Run `lrjax SUBCOMMAND --help` for a subcommand's flags.")
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    from lrjax.config import Config
+
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -113,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         # created, 0.3-1 s on 2 cores; frozen, they go with the process's memory. Every output is
         # written and closed before then (atexit runs this last: it is registered first).
         atexit.register(gc.freeze)
+    # the data's read starts first, on another core, beside the imports below (lrjax.overlap)
+    from lrjax import data  # numpy and lrjax.errors only: no JAX yet
+
+    overlap.read_ahead(sys.argv[1:] if argv is None else argv, make=data.from_arrays,
+                       data_dir=data.default_data_dir, cache_dir=data.default_cache_dir)
+    try:
+        return _main(argv)
+    finally:
+        overlap.drop_read_ahead()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -147,8 +147,12 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
         # TFDS (imported only when asked, ~0.5 s) is not consulted when the IDX files are there
         if name in idx_lib.IDX_DATASETS:
             if has_idx or not _tfds_prepared(name, folder):
-                return _from_raw(name, idx_lib.read_idx_folder(folder, name, cache_dir=cache_dir),
-                                 f"IDX files in {folder}", valid_size)
+                from lrjax import overlap  # the CLI's read ahead of these files, where it made one
+
+                raw = overlap.read_idx_folder(folder, name, cache_dir=cache_dir)
+                return overlap.from_arrays(from_arrays, name, raw["train_images"], raw["train_labels"],
+                                           raw["test_images"], raw["test_labels"], source=f"IDX files in {folder}",
+                                           valid_size=None if valid_size == VALID_SIZE else valid_size)
         elif has_idx and not _tfds_prepared(name, folder):
             raise DataError(f"{folder} holds MNIST-format IDX files, which lrjax reads as "
                             f"{' or '.join(idx_lib.IDX_DATASETS)}, not as {name!r} (--dataset / --data-dir)")

@@ -246,8 +246,8 @@ class RangeTestResult:
             d["val_losses"] = self.val_losses.tolist()
         return d
 
-    def save(self, workdir: str | Path) -> None:
-        """Writes lr_find.json, lr_find.csv and lr_find.png into `workdir`."""
+    def save(self, workdir: str | Path, plot: bool = True) -> None:
+        """Writes lr_find.json, lr_find.csv and (unless not `plot`) lr_find.png into `workdir`."""
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "lr_find.json").write_text(json.dumps(self.to_json(), indent=1))
@@ -258,7 +258,8 @@ class RangeTestResult:
             extra = [f"{v:.6g}" for v in self.per_seed_losses[:, i]] if self.num_seeds > 1 else []
             rows.append([str(i), f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}", *extra])
         (workdir / "lr_find.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
-        self.plot(workdir / "lr_find.png")
+        if plot:
+            self.plot(workdir / "lr_find.png")
 
     def plot(self, path: str | Path) -> None:
         from lrjax import plots

@@ -22,18 +22,19 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, memory, optimizers, sources, steps, tasks, tb, text
+from lrjax import faults, memory, optimizers, overlap, sources, steps, tasks, tb, text
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
 from lrjax.models import build_model
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
-from lrjax.timing import process_age_s
+from lrjax.timing import process_age_s, process_clock
 from lrjax.train import FitResult, fit
 
 # lrjax and what it needs are loaded: the process's start-up ends here (one value for every job)
 _STARTUP_S = process_age_s()
+_CLOCK = process_clock(_STARTUP_S)  # perf_counter readings -> seconds since the process started
 
 
 def _say(cfg: Config, msg: str) -> None:
@@ -71,9 +72,8 @@ def stream_splits(cfg: Config) -> sources.Splits:
             raise DataError(f"data folder {path} {what} (--data-dir / LRJAX_DATA_DIR)")
     if folder is not None and cfg.dataset in idx.IDX_DATASETS and (
             idx.has_idx_files(folder) or not _tfds_prepared(cfg.dataset, folder)):
-        from lrjax.idx import read_idx_folder
-
-        raw = read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
+        # the CLI's read ahead where it read these files (lrjax.overlap), else lrjax.idx.read_idx_folder
+        raw = overlap.read_idx_folder(folder, cfg.dataset, cache_dir=cfg.resolved_cache_dir)
         return sources.array_splits(raw["train_images"], raw["train_labels"], raw["test_images"], raw["test_labels"],
                                     name=cfg.dataset)
     return sources.tfds_splits(cfg.dataset, folder)
@@ -109,8 +109,8 @@ def load(cfg: Config) -> Dataset | sources.Splits:
     if mode == "resident":
         train, test = splits.train.examples, splits.test.examples
         if isinstance(train, sources.ArrayExamples):  # the IDX files are decoded already: not read twice
-            return load_resident(cfg, t0, from_arrays(cfg.dataset, train.images, train.labels, test.images, test.labels,
-                                             source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
+            return load_resident(cfg, t0, overlap.from_arrays(from_arrays, cfg.dataset, train.images, train.labels, test.images,
+                                                     test.labels, source=f"IDX files in {cfg.data_dir or default_data_dir()}"))
         return load_resident(cfg, t0)
     if cfg.num_seeds > 1:
         raise ConfigError("a streamed range test runs one seed: use --num-seeds 1, or --input resident")
@@ -186,12 +186,24 @@ class _Progress:
 
 def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
     """The range test; writes lr_find.{json,csv,png} and its TensorBoard curve. lr_find.json also
-    holds the process's `startup_s` and this job's `phases_s`, as metrics.json does."""
+    holds the process's `startup_s` and this job's `phases_s`, as metrics.json does, and
+    `timeline_s`: each phase's [start, end] in seconds since the process started (None where the OS
+    does not tell; the compile is placed at the start of find_lr's own clock, its set-up before it
+    counts in range_test's span). lr_find.png is drawn by a child process started here (it imports
+    matplotlib while this one works; lrjax.overlap; LRJAX_SERIAL=1 draws it here)."""
+    with overlap.PngChild(enabled=jax.process_index() == 0) as png:
+        return _find_lr_job(cfg, data, png)
+
+
+def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> RangeTestResult:
     t0 = time.perf_counter()
-    phases = {}
+    # the CLI's read ahead of the data (lrjax.overlap), where it ran, beside the start-up
+    phases, timeline = {}, {"startup": [0.0, _STARTUP_S], **overlap.spans(_CLOCK)}
     if data is None:
         data = load(cfg)
         phases["data_load"] = time.perf_counter() - t0
+        timeline["data_load"] = [_CLOCK(t0), _CLOCK(t0 + phases["data_load"])]
+    t_set_up = time.perf_counter()
     workdir = Path(cfg.workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape, members=cfg.num_seeds)
     num_steps = cfg.num_steps or steps.steps_per_epoch(train_size(data), cfg.batch_size)
@@ -206,20 +218,28 @@ def find_lr_job(cfg: Config, data: Dataset | None = None) -> RangeTestResult:
             # seed s of several starts from model_for(seed + s); one seed is the model itself
             init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
             dtype=cfg.dtype, loss_fn=task_for(data))
+        t_found = time.perf_counter()
     finally:
         bar.close()
     if jax.process_index() == 0:
         t = time.perf_counter()
         with faults.writing(workdir):  # a full or read-only disk: one line naming the file
-            result.save(workdir)
+            result.save(workdir, plot=False)
+            png.draw(result, workdir / "lr_find.png")  # in the child, beside the events written here
             write_lr_find_events(result, workdir / "tensorboard" / "lr_find")
+            png.wait()
             phases.update(range_test_compile=result.compile_time_s,
                           range_test=result.wall_time_s - result.compile_time_s, outputs=time.perf_counter() - t)
             if result.verification is not None:  # the default's candidate stage (lrjax.verify)
                 phases["verification"] = result.verification.seconds
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
+            started = t_found - result.wall_time_s  # find_lr's clock: after the examples' transfer
+            timeline.update(set_up=[_CLOCK(t_set_up), _CLOCK(started)],
+                            range_test_compile=[_CLOCK(started), _CLOCK(started + result.compile_time_s)],
+                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(t_found)],
+                            outputs=[_CLOCK(t), _CLOCK(t + phases["outputs"])])
             (workdir / "lr_find.json").write_text(json.dumps(
-                {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases}, indent=1))
+                {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases, "timeline_s": timeline}, indent=1))
     if result.suggestion is None:
         if result.diverged_step is None:
             raise LrjaxError(f"the range test ran only {len(result.lrs)} steps, too few to suggest a rate; "

@@ -154,6 +154,14 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     assert j["phases_s"]["range_test_compile"] == j["compile_time_s"]
     assert j["phases_s"]["range_test"] == pytest.approx(j["wall_time_s"] - j["compile_time_s"])
     assert j["startup_s"] > 0  # this process's start to lrjax's import (Linux)
+    # the timeline: the same phases as [start, end] since the process started, in the order they ran
+    spans = j["timeline_s"]
+    assert list(spans) == ["startup", "data_load", "set_up", "range_test_compile", "range_test", "outputs"]
+    assert spans["startup"] == [0.0, j["startup_s"]]
+    ends = [x for span in spans.values() for x in span]
+    assert ends == sorted(ends)
+    for name in ("data_load", "range_test_compile", "range_test", "outputs"):
+        assert spans[name][1] - spans[name][0] == pytest.approx(j["phases_s"][name], abs=2e-4)
     # given its data (lrjax run), the job loads none
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60), data)
     assert "data_load" not in json.loads((tmp_path / "lr_find.json").read_text())["phases_s"]
