@@ -234,7 +234,7 @@ def test_loss_fn_must_return_per_example_arrays(data):
         losses, metrics = lrjax.tasks.classification(model, batch)
         return losses.mean(), metrics
 
-    with pytest.raises(ValueError, match="one value per example"):
+    with pytest.raises(lrjax.errors.ConfigError, match="one value per example"):
         lrjax.fit(lrjax.mlp(64, (8,), 4), optax.sgd, data, loss_fn=mean_loss, lr=0.1, epochs=1, progress=None)
 
 
