@@ -50,7 +50,7 @@ HEADER = struct.Struct("<8sQII32s")  # magic, token count, files read, files ski
 class Corpus:
     """A token stream split by position, and the windows of `context` + 1 tokens cut from it."""
 
-    y_valid = y_test = None  # the examples are dicts {"tokens": ...} (`lrjax.data.split_examples`)
+    y_train = y_valid = y_test = None  # the examples are dicts {"tokens": ...} (`lrjax.data.split_examples`)
 
     def __init__(self, tokens: np.ndarray, context: int, name: str = "text", source: str = "tokens",
                  files: int = 0, skipped: int = 0, max_windows: int | None = MAX_WINDOWS_PER_EPOCH):
@@ -76,6 +76,12 @@ class Corpus:
         """The non-overlapping windows of a split, as int32 examples {"tokens": [n, context + 1]}."""
         t, w = self.split(name), self.context + 1
         return {"tokens": np.asarray(t[: len(t) // w * w], np.int32).reshape(-1, w)}
+
+    @property
+    def x_train(self):
+        """The training split's non-overlapping windows: what the input checks and the default
+        suggestion's candidate stage (`lrjax.verify`) read; training draws random windows instead."""
+        return self.windows("train")
 
     @property
     def x_valid(self):
