@@ -196,7 +196,7 @@ def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     assert file_a["best_val_loss"] == min(h["val_loss"] for h in file_a["history"])
     # the wall time by phase (the data came from the caller: no load)
     phases = file_a["phases_s"]
-    assert set(phases) == {"training_compile", "training", "checkpoint_io", "tensorboard", "test_evaluation", "other"}
+    assert set(phases) == {"training_compile", "training", "checkpoint_io", "tensorboard", "test_evaluation", "other", "verification"}
     assert all(v >= 0 for v in phases.values()) and phases["training"] > 0
     assert sum(phases.values()) == pytest.approx(file_a["wall_time_s"], rel=1e-9)
     # a changed run-defining setting is refused instead of mixing two experiments
@@ -446,7 +446,7 @@ def test_run_end_to_end_on_real_data(tmp_path, real_data_dir):
     phases = metrics["phases_s"]  # where the wall time went, every step of the workflow
     assert set(phases) == {"data_load", "samples_png", "range_test_compile", "range_test",
                            "range_test_init_and_outputs", "training_compile", "training", "checkpoint_io",
-                           "tensorboard", "test_evaluation", "other"}
+                           "tensorboard", "test_evaluation", "other", "verification"}
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) == pytest.approx(metrics["wall_time_s"], rel=1e-9)
 
