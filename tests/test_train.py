@@ -196,7 +196,7 @@ def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     assert file_a["best_val_loss"] == min(h["val_loss"] for h in file_a["history"])
     # the wall time by phase (the data came from the caller: no load)
     phases = file_a["phases_s"]
-    assert set(phases) == {"training_compile", "training", "checkpoint_io", "tensorboard", "test_evaluation", "other", "verification"}
+    assert set(phases) == {"training_compile", "training", "checkpoint_io", "tensorboard", "test_evaluation", "other"}
     assert all(v >= 0 for v in phases.values()) and phases["training"] > 0
     assert sum(phases.values()) == pytest.approx(file_a["wall_time_s"], rel=1e-9)
     # a changed run-defining setting is refused instead of mixing two experiments
