@@ -16,10 +16,17 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
   process each subcommand as a user runs it: whole fresh processes timed from outside (find-lr,
           train/run --epochs 2, sweep --epochs 1 on 4 rates), next to `python -c "import jax,
           flax.nnx, optax"` (baseline; here the ratio is the variant's time over the baseline's)
-          and `python -c "import lrjax"`, then each phase as the run's json reports it (start-up
+          and `python -c "import lrjax.workflow"`, then each phase as the run's json reports it (start-up
           from the OS's process start, data, compile, steps, outputs). JAX's persistent compilation
           cache is on, as in the CLI: an untimed first round fills it, so these are repeat runs;
-          a run with an empty cache is timed on its own (cold). Needs --data-dir.
+          a run with an empty cache is timed on its own (cold). Needs --data-dir. Beside find-lr:
+          the same with LRJAX_SERIAL=1 (its phases one after another, lrjax.overlap off) and, given
+          their interpreters, the seed article's range test in Keras and in PyTorch on one thread
+          (experiments/peers/); then issue 27's bars as ratios, and find-lr's timeline (each phase's
+          [start, end] since the process started, from lr_find.json). The range test's rows alone:
+
+    python experiments/bench.py --sections process --process-set find-lr --data-dir ../shared/data/fashion_mnist \
+        --keras-python /work/venv-tf/bin/python --torch-python /work/venv-torch/bin/python --json out.json
 """
 
 from __future__ import annotations
@@ -548,26 +555,56 @@ def bench_run(data_dir, a):
 
 PROCESS_BASELINE = "import jax, flax.nnx, optax"
 LRJAX_MAIN = "import sys; from lrjax.cli import main; sys.exit(main())"  # what the `lrjax` script runs
+PEERS = Path(__file__).resolve().parent / "peers"
+# issue 27's bars, in one run: lrjax find-lr at least this many times faster than each peer, and at
+# most this many times the bare import
+PEER_BARS = {"Keras (tensorflow-cpu), the seed article's callback": 3.0, "PyTorch, one thread": 1.5}
+BARE_BAR = 2.2
+TIMELINES: dict[str, dict] = {}  # lrjax find-lr's timeline_s of its median run, per variant
+LOAD: dict[str, str] = {}  # /proc/loadavg before and after the process section (a shared machine)
 
 
-def process_commands(data_dir: str, work: Path) -> dict[str, tuple[list[str], str | None]]:
-    """Each variant of the process section: its argv, and the json (in its workdir) holding its phases."""
+def process_commands(data_dir: str, work: Path, a) -> dict[str, tuple[list[str], str | None, dict]]:
+    """Each variant of the process section: its argv, the json (in its workdir) holding its phases,
+    and the environment it adds. `--process-set find-lr` keeps the range test's variants only."""
     py = sys.executable
 
     def lrjax_cmd(name, *flags):
         return [py, "-c", LRJAX_MAIN, name, "--workdir", str(work / name), "--data-dir", data_dir, *flags]
 
-    return {
-        f'python -c "{PROCESS_BASELINE}"': ([py, "-c", PROCESS_BASELINE], None),
-        'python -c "import lrjax"': ([py, "-c", "import lrjax"], None),
-        "lrjax find-lr": (lrjax_cmd("find-lr"), "lr_find.json"),
-        "lrjax train --lr 0.05 --epochs 2": (lrjax_cmd("train", "--lr", "0.05", "--epochs", "2"), "metrics.json"),
-        "lrjax run --epochs 2": (lrjax_cmd("run", "--epochs", "2"), "metrics.json"),
-        "lrjax sweep --epochs 1 --num-lrs 4": (lrjax_cmd("sweep", "--epochs", "1", "--num-lrs", "4"), None),
+    def peer(python, script, name):
+        return [python, str(PEERS / script), "--data-dir", data_dir, "--workdir", str(work / name)]
+
+    out = {
+        f'python -c "{PROCESS_BASELINE}"': ([py, "-c", PROCESS_BASELINE], None, {}),
+        # lrjax's own import is lazy (PEP 562): what the CLI's jobs load
+        'python -c "import lrjax.workflow"': ([py, "-c", "import lrjax.workflow"], None, {}),
+        "lrjax find-lr": (lrjax_cmd("find-lr"), "lr_find.json", {}),
+        # the same with its phases one after another (lrjax.overlap off): what the overlap gains
+        "lrjax find-lr, LRJAX_SERIAL=1": ([*lrjax_cmd("find-lr"), "--workdir", str(work / "find-lr-serial")],
+                                          "lr_find.json", {"LRJAX_SERIAL": "1"}),
     }
+    if a.keras_python:
+        out["Keras (tensorflow-cpu), the seed article's callback"] = (
+            peer(a.keras_python, "keras_range_test.py", "keras"), None, {})
+    if a.torch_python:
+        out["PyTorch, one thread"] = (peer(a.torch_python, "torch_range_test.py", "torch"), None, {})
+    if a.process_set == "all":
+        out.update({
+            "lrjax train --lr 0.05 --epochs 2": (lrjax_cmd("train", "--lr", "0.05", "--epochs", "2"), "metrics.json", {}),
+            "lrjax run --epochs 2": (lrjax_cmd("run", "--epochs", "2"), "metrics.json", {}),
+            "lrjax sweep --epochs 1 --num-lrs 4": (lrjax_cmd("sweep", "--epochs", "1", "--num-lrs", "4"), None, {}),
+        })
+    return out
 
 
-def run_process(argv: list[str], workdir: Path | None, cache_dir: Path) -> float:
+def _workdir(argv: list[str]) -> Path | None:
+    """The last --workdir of `argv` (as argparse reads it), or None."""
+    i = max((i for i, x in enumerate(argv) if x == "--workdir"), default=None)
+    return None if i is None else Path(argv[i + 1])
+
+
+def run_process(argv: list[str], workdir: Path | None, cache_dir: Path, env: dict | None = None) -> float:
     """Wall time of one fresh process, from before its start to after its exit (its workdir emptied
     first: a workdir with checkpoints would resume instead of train)."""
     if workdir is not None:
@@ -575,7 +612,7 @@ def run_process(argv: list[str], workdir: Path | None, cache_dir: Path) -> float
     # the lrjax this process imported, whatever the current folder holds (`python -c` looks there first)
     root = str(Path(lrjax.__file__).resolve().parents[1])
     env = {**os.environ, "LRJAX_CACHE_DIR": str(cache_dir),
-           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})}
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cache_dir)
@@ -585,18 +622,28 @@ def run_process(argv: list[str], workdir: Path | None, cache_dir: Path) -> float
     return seconds
 
 
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def bench_process(data_dir: str, a):
     tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-process-"))
     work, cache = tmp / "work", tmp / "cache"
-    commands = process_commands(data_dir, work)
+    commands = process_commands(data_dir, work, a)
     times: dict[str, list[float]] = {name: [] for name in commands}
     phases: dict[str, dict[str, list[float]]] = {name: {} for name in commands}
+    timelines: dict[str, list[dict]] = {name: [] for name in commands}
     cold = []
+    LOAD["before"] = _loadavg()
+    print(f"load average before: {LOAD['before']} (the machine may be shared: ratios, not absolute times)")
     try:
         for r in range(a.repeats + 1):  # round 0: warm-up, fills the compilation cache and the page cache
-            for name, (argv, report) in commands.items():
-                wd = Path(argv[argv.index("--workdir") + 1]) if "--workdir" in argv else None
-                t = run_process(argv, wd, cache)
+            for name, (argv, report, env) in commands.items():
+                wd = _workdir(argv)
+                t = run_process(argv, wd, cache, env)
                 if r == 0:
                     continue
                 times[name].append(t)
@@ -606,7 +653,8 @@ def bench_process(data_dir: str, a):
                     for phase, sec in got.items():
                         if sec is not None:
                             phases[name].setdefault(phase, []).append(sec)
-                if name == "lrjax find-lr":  # and with an empty compilation cache: a first run
+                    timelines[name].append(j.get("timeline_s"))
+                if name == "lrjax find-lr" and a.process_set == "all":  # and with an empty compilation cache
                     cold.append(run_process(argv, wd, tmp / f"cold-{r}"))
         first = next(iter(commands))
         base = statistics.median(times[first])
@@ -617,16 +665,45 @@ def bench_process(data_dir: str, a):
             for phase, secs in phases[name].items():
                 row("process", f"  {phase.replace('_', ' ')}", statistics.median(secs),
                     note=f"{100 * statistics.median(secs) / med:.0f}% of the process", part=True)
-            if phases[name]:
+            if phases[name] and not name.startswith("lrjax find-lr"):  # find-lr's phases overlap: see its timeline
                 accounted = [sum(p[i] for p in phases[name].values()) for i in range(len(t))]
                 rest = statistics.median([x - acc for x, acc in zip(t, accounted)])
                 row("process", "  rest (CLI set-up after import, exit)", rest,
                     note=f"{100 * rest / med:.0f}% of the process", part=True)
-        med = statistics.median(cold)
-        row("process", "lrjax find-lr, empty compilation cache (cold)", med, base,
-            f"{med / base:.2f}x the baseline's time; runs {', '.join(f'{x:.2f}' for x in cold)}")
+            if any(timelines[name]):  # the median run's timeline
+                TIMELINES[name] = timelines[name][sorted(range(len(t)), key=t.__getitem__)[len(t) // 2]]
+        if cold:
+            med = statistics.median(cold)
+            row("process", "lrjax find-lr, empty compilation cache (cold)", med, base,
+                f"{med / base:.2f}x the baseline's time; runs {', '.join(f'{x:.2f}' for x in cold)}")
+        LOAD["after"] = _loadavg()
+        print(f"load average after: {LOAD['after']}")
+        lrjax_s = statistics.median(times["lrjax find-lr"])
+        bars = [(f"{peer} / lrjax find-lr", statistics.median(times[peer]) / lrjax_s, ">=", bar)
+                for peer, bar in PEER_BARS.items() if peer in times]
+        bars.append(("lrjax find-lr / bare import", lrjax_s / base, "<=", BARE_BAR))
+        serial_s = statistics.median(times["lrjax find-lr, LRJAX_SERIAL=1"])
+        print(f"overlap: find-lr serial / overlapped {serial_s / lrjax_s:.2f}")
+        for label, ratio, op, bar in bars:
+            met = ratio >= bar if op == ">=" else ratio <= bar
+            print(f"bar: {label} {ratio:.2f} ({op} {bar}: {'met' if met else 'NOT met'})")
+            ROWS.append({"section": "process-bars", "variant": label, "ratio": ratio, "bar": f"{op} {bar}", "met": met})
+        for name, spans in TIMELINES.items():
+            print(f"timeline of {name} (median run; seconds since the process started):")
+            print_timeline(spans)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_timeline(spans: dict[str, list], width: int = 60) -> None:
+    """Each phase as [start, end] and a bar on one shared scale, so overlapping phases show."""
+    spans = {k: v for k, v in spans.items() if v and None not in v}
+    if not spans:
+        return
+    end = max(e for _, e in spans.values())
+    for name, (s0, s1) in spans.items():
+        a, b = round(width * s0 / end), max(round(width * s1 / end), round(width * s0 / end) + 1)
+        print(f"  {name:20s} {s0:6.2f} - {s1:6.2f}  |{' ' * a}{'#' * (b - a)}{' ' * (width - b)}|")
 
 
 def synthetic(n=6000):
@@ -650,6 +727,14 @@ def main():
     p.add_argument("--input-epochs", type=int, default=4, help="epochs of each run of the input section (its "
                    "rows: the median epoch from the third on)")
     p.add_argument("--quick", action="store_true", help="small synthetic sizes, one repeat")
+    p.add_argument("--process-set", choices=("all", "find-lr"), default="all",
+                   help="process section: every subcommand, or the range test's variants only (with the peers)")
+    p.add_argument("--keras-python", default=os.environ.get("LRJAX_KERAS_PYTHON"),
+                   help="process section: an interpreter with tensorflow-cpu for the Keras peer (.[peers-keras]; "
+                        "default $LRJAX_KERAS_PYTHON, else no Keras row)")
+    p.add_argument("--torch-python", default=os.environ.get("LRJAX_TORCH_PYTHON"),
+                   help="process section: an interpreter with torch for the PyTorch peer (.[peers-torch]; "
+                        "default $LRJAX_TORCH_PYTHON, else no PyTorch row)")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
     if a.data_dir:  # absolute: the process section's children run in another folder
@@ -699,7 +784,9 @@ def write_json(path: str | None, dev) -> None:
     if path:
         Path(path).write_text(json.dumps({"device": str(dev) if dev else "cpu", "cpu": cpu_name(),
                                           "cpu_count": os.cpu_count(), "platform": dev.platform if dev else "cpu",
-                                          "jax": jax.__version__, "rows": ROWS}, indent=1))
+                                          "jax": jax.__version__, "rows": ROWS,
+                                          **({"timelines_s": TIMELINES} if TIMELINES else {}),
+                                          **({"load_average": LOAD} if LOAD else {})}, indent=1))
 
 
 if __name__ == "__main__":
