@@ -24,15 +24,19 @@ for the seeds not run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import lrjax
-from lrjax import optimizers, suggest
+from lrjax import optimizers, suggest, text
 from lrjax.quality import score_suggestions, summarise
 from lrjax.suggest import METHODS
 
@@ -53,6 +57,14 @@ CELLS = {
     # the LM's grid is 2x apart around its best (lm_curves.py: 4e-3-8e-3), not over the test's 6 decades
     "lm": dict(model="charlm", optimizer="adamw", train=None, grid=8, epochs=2, metric="loss",
                grid_span=(2.5e-4, 3.2e-2)),
+    # a regression cell (MSE, `lrjax.tasks.regression`): the MLP (392-300-100-392) draws the bottom half
+    # of each Fashion-MNIST image from its top half
+    "mlp-mse": dict(model="mlp-halves", optimizer="adam", train=11000, range_train=None, grid=10, epochs=4,
+                    metric="loss"),
+    # lrjax's own language model: `lrjax.models.transformer` (d 128, 4 layers, 4 heads, context 128) on the
+    # stdlib's email and json packages as text (`lrjax.text`, as the acceptance uses), adamw
+    "lm-transformer": dict(model="transformer", optimizer="adamw", train=None, grid=8, epochs=2, metric="loss",
+                           grid_span=(2.5e-4, 3.2e-2)),
 }
 
 # The learning-rate-free optimizers beside the rules (`--lr-free`): the rate each trains at.
@@ -68,7 +80,29 @@ def _gmean(r):
 EXTRA = {"gmean": _gmean}
 
 
+def halves(data):
+    """Regression data: the top half of each image (392 pixels) as x, its bottom half as y."""
+    split = {}
+    for name in ("train", "valid", "test"):
+        x = getattr(data, f"x_{name}").reshape(-1, 28, 28)
+        split[f"x_{name}"], split[f"y_{name}"] = x[:, :14].reshape(len(x), -1), x[:, 14:].reshape(len(x), -1)
+    return dataclasses.replace(data, **split, class_names=())
+
+
+def text_corpus(context: int = 128):
+    """The stdlib's email and json packages as a `lrjax.text.Corpus` (copied to a temporary folder)."""
+    root = Path(tempfile.mkdtemp(prefix="lrjax-quality-text-"))
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    for pkg in ("email", "json"):
+        shutil.copytree(lib / pkg, root / "corpus" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return text.load_corpus(root / "corpus", context, root / "cache")
+
+
 def model_fn_for(cell: dict, data):
+    if cell["model"] == "transformer":
+        return lambda s: lrjax.models.transformer(text.VOCAB, data.context, seed=s)
+    if cell["model"] == "mlp-halves":
+        return lambda s: lrjax.mlp(data.in_features, (300, 100), data.y_train.shape[1], seed=s)
     if cell["model"] == "charlm":
         from charlm import CharLM
 
@@ -79,6 +113,10 @@ def model_fn_for(cell: dict, data):
 
 
 def task_of(cell: dict):
+    if cell["model"] == "transformer":
+        return lrjax.tasks.next_token
+    if cell["model"] == "mlp-halves":
+        return lrjax.tasks.regression
     if cell["model"] == "charlm":
         from charlm import lm_loss
 
@@ -191,7 +229,8 @@ def main():
     curves_path = Path(a.curves) if a.curves else path.with_name(path.stem + "_curves.json")
     all_curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
     lrjax.use_cpu_cores()  # before JAX starts: the sweep's members run on every CPU core
-    full = lrjax.load_dataset("fashion_mnist", a.data_dir) if any(CELLS[c]["model"] != "charlm" for c in cells) else None
+    full = (lrjax.load_dataset("fashion_mnist", a.data_dir)
+            if any(CELLS[c]["model"] not in ("charlm", "transformer") for c in cells) else None)
     out["methods"] = list(METHODS)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     for base in cells:
@@ -200,9 +239,13 @@ def main():
             from charlm import text_data
 
             data = text_data(64)
+        elif cell["model"] == "transformer":
+            data = text_corpus()
+        elif cell["model"] == "mlp-halves":
+            data = halves(full.take(cell["train"], len(full.x_valid)))
         else:
             data = full if cell["train"] is None else full.take(cell["train"], len(full.x_valid))
-        print(f"{name}: {len(data.x_train)} training images, range test + sweep of {cell['grid']} grid rates and the "
+        print(f"{name}: {len(data.x_train)} training examples, range test + sweep of {cell['grid']} grid rates and the "
               f"suggestions, {cell['epochs']} epochs, seeds {seeds[0]}-{seeds[-1]}", flush=True)
         same = out["cells"].get(name, {})
         same = same if all(same.get(k) == v for k, v in cell.items() if k != "train") else {}
@@ -224,6 +267,8 @@ def main():
 
         range_data = data if cell.get("range_train", cell["train"]) == cell["train"] or full is None else (
             full if cell["range_train"] is None else full.take(cell["range_train"], len(full.x_valid)))
+        if cell["model"] == "mlp-halves" and range_data is full:
+            range_data = halves(full)
         score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free)
         c = out["cells"][name]
         print("\n" + table_text(name, c, c["records"]) + "\n", flush=True)

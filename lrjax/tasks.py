@@ -33,6 +33,14 @@ def classification(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     return losses, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32)}
 
 
+def regression(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean squared error on float targets of the model's output shape, per example the mean over
+    its output values, with `mean_absolute_error`."""
+    x, y = batch
+    err = model(x).astype(jnp.float32) - y.astype(jnp.float32)
+    axes = tuple(range(1, err.ndim))
+    return jnp.mean(err ** 2, axes), {"mean_absolute_error": jnp.mean(jnp.abs(err), axes)}
+
 
 def next_token(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Language modelling on `{"tokens": int [B, N + 1]}`: the model sees tokens [:, :N] and predicts
