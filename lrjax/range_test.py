@@ -30,8 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import inputs, optimizers, steps, suggest, tasks, validate, verify
-from lrjax.data import split_examples
+from lrjax import feeds, inputs, optimizers, steps, suggest, tasks, validate, verify
 from lrjax.errors import ConfigError
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -330,35 +329,68 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         args = (np.concatenate([lrs, np.full(num_chunks * chunk - num_steps, lrs[-1], np.float32)]),
                 np.arange(num_chunks * chunk) < num_steps, _validation(inp, eval_every, eval_examples, mesh), hp)
         try:
-            outputs, compile_time = _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs,
-                                            num_seeds, stop_on_divergence, member_loop or mesh_lib.default_member_loop(mesh))
+            outputs, compile_time, program = _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs,
+                                                     num_seeds, stop_on_divergence,
+                                                     member_loop or mesh_lib.default_member_loop(mesh))
         finally:
             feed.close()
         result = _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method,
                          optimizer=_name(optimizer), batch_size=batch_size, seed=seed,
                          wall_time_s=time.perf_counter() - t_start, compile_time_s=compile_time)
         validate.range_first_step(result.diverged_step, float(lrs[0]), models)  # before any update: not the rate
-    if method == suggest.DEFAULT_METHOD:
-        _verify(result, models[0], optimizer, data, inp.kind, verify_steps=verify_steps, eval_examples=eval_examples,
-                loss_fn=loss_fn, dtype=dtype)
+        if method == suggest.DEFAULT_METHOD:
+            # one seed's program, the test's own where it ran one seed
+            program = program if num_seeds == 1 else partial(_run_chunk, chunk=chunk, fetch=feed.fetch)
+            new_state = lambda: steps.init_state(models[0], optimizer, start_lr, loss_fn=loss_fn, dtype=dtype)  # noqa: E731
+            _verify(result, inp, program, new_state, args, chunk, num_chunks * chunk, verify_steps=verify_steps,
+                    eval_examples=eval_examples, mesh=mesh)
     return result
 
 
-def _verify(result: RangeTestResult, model, optimizer, data, kind: str, **kw) -> None:
+def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, length: int, *, verify_steps: int | None,
+            eval_examples: int, mesh) -> None:
     """The default's verification stage (`lrjax.verify`) after the test: its pick becomes the suggestion,
-    or, where it cannot run or finds nothing, `suggest.FALLBACK_METHOD`'s (with a note saying why)."""
+    or, where it cannot run or finds nothing, `suggest.FALLBACK_METHOD`'s (with a note saying why).
+    Each candidate runs the test's compiled chunk `program` from a fresh state (`new_state()`) at a
+    constant rate over the test's first batches (at most its `length` padded steps)."""
     anchor = result.suggestions.get("turn")
     reason = None
-    if kind != "resident":
-        reason = f"{kind} input"
+    if inp.kind != "resident":
+        reason = f"{inp.kind} input"
     elif anchor is None:
         reason = "the curve is too short for a turn"
-    elif getattr(data, "x_valid", None) is None or steps.num_examples(split_examples(data, "valid")) == 0:
-        reason = "no validation examples"
+    else:
+        try:
+            valid = inp.valid_examples(eval_examples)
+        except (AttributeError, ConfigError):  # arrays without x_valid
+            valid = None
+        if valid is None or steps.num_examples(valid) == 0:
+            reason = "no validation examples"
     if reason is None:
-        result.verification = verify.verify(model, optimizer, data, anchor, batch_size=result.batch_size,
-                                            seed=result.seed, steps=kw["verify_steps"],
-                                            valid_examples=kw["eval_examples"], loss_fn=kw["loss_fn"], dtype=kw["dtype"])
+        n = min(length, verify.default_steps(inp.steps_per_epoch) if verify_steps is None else int(verify_steps))
+        if n < 1:
+            raise ValueError(f"find_lr: verify_steps must be positive, got {verify_steps}")
+        m = steps.num_examples(valid)
+        evaluator = feeds.Evaluator(mesh_lib.replicate(valid, mesh), min(1000, m))
+        val, hp = args[2:]
+
+        def train(rates):
+            outs = []
+            for rate in rates:  # dispatched one after another; read once all have run
+                carry, feed = _init_carries([new_state()], real=1), inp.range_feed([result.seed], chunk, n)
+                lrs = np.full(length, rate, np.float32)
+                try:
+                    for start in range(0, n, chunk):
+                        carry, out = program(carry, np.int32(start), feed.context, *feed.take(min(chunk, n - start)),
+                                             lrs, np.arange(length) < n, val, hp)
+                finally:
+                    feed.close()
+                if not outs:
+                    evaluator.compile(carry.state)
+                outs.append((out["diverged_step"], evaluator(carry.state)["loss"]))
+            return [None if int(d) >= 0 else float(v) for d, v in jax.device_get(outs)]
+
+        result.verification = verify.verify(anchor, train, steps=n, batch_size=result.batch_size, valid_examples=m)
         if result.verification.picked is None:
             reason = "every candidate diverged"
     picked = result.verification.picked if reason is None else result.suggestions.get(suggest.FALLBACK_METHOD)
@@ -405,7 +437,7 @@ def _validation(inp, eval_every: int, eval_examples: int, mesh):
 def _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs, num_seeds, stop_on_divergence,
             member_loop):
     """Runs the chunks (compiling the first), reading each one's output while the next runs; stops
-    once every seed has diverged. Returns (outputs, compile seconds)."""
+    once every seed has diverged. Returns (outputs, compile seconds, the compiled chunk)."""
     compile_time, outputs = 0.0, []
     for c in range(num_chunks):
         call = (carry, np.int32(c * chunk), feed.context, *feed.take(min(chunk, num_steps - c * chunk)), *args)
@@ -419,7 +451,7 @@ def _chunks(feed, carry, args, num_chunks, chunk, num_steps, progress, lrs, num_
             break
     else:
         _report(num_chunks - 1, outputs[-1], progress, lrs, num_steps, num_seeds)
-    return outputs, compile_time
+    return outputs, compile_time, compiled
 
 
 def _result(outputs, total, num_seeds, num_steps, k, lrs, beta, skip_start, skip_end, method, **fields):

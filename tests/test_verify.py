@@ -24,7 +24,10 @@ def test_candidates_hang_below_the_anchor_two_x_apart():
 def test_pick_is_the_lowest_finite_loss_and_none_when_all_diverged():
     assert verify.pick([0.4, 0.2, 0.1], [0.9, 0.5, 0.7]) == 0.2
     assert verify.pick([0.4, 0.2, 0.1], [None, float("nan"), 0.7]) == 0.1
-    assert verify.pick([0.4, 0.2], [0.5, 0.5]) == 0.4  # a tie: the higher rate, first
+    assert verify.pick([0.4, 0.2], [0.5, 0.5]) == 0.2  # a tie: the lower rate
+    assert verify.pick([0.4, 0.2, 0.1], [1.0, 1.009, 1.02]) == 0.2  # within 1% of the lowest: tied
+    assert verify.pick([0.4, 0.2, 0.1], [1.0, 1.009, 1.02], tolerance=0.0) == 0.4
+    assert verify.pick([0.4, 0.2], [-2.0, -1.99]) == 0.2  # negative losses (log-likelihoods): of the magnitude
     assert verify.pick([0.4, 0.2], [None, None]) is None
 
 
@@ -39,17 +42,37 @@ def data():
     return synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)
 
 
-def test_verify_trains_every_candidate_and_leaves_the_model_alone(data):
+def test_verify_scores_the_candidates_with_what_train_returns():
+    seen = []
+
+    def train(rates):
+        seen.append(list(rates))
+        return [0.9, 0.5, None, float("nan"), 0.7, 0.8]
+
+    v = verify.verify(0.04, train, steps=12, batch_size=16, valid_examples=100)
+    assert seen == [v.candidates] and v.candidates == verify.candidate_rates(0.04).tolist()
+    assert v.val_losses == [0.9, 0.5, None, None, 0.7, 0.8] and v.picked == 0.02
+    assert (v.steps, v.train_examples, v.valid_examples, v.anchor) == (12, 192, 100, 0.04)
+
+
+def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data):
+    """A candidate's validation loss is what the range test itself measures when its rate stays at that
+    candidate: the same compiled steps over the same first batches, evaluated on the same examples."""
     model = lrjax.mlp(36, (16,), 4, seed=0)
     before = [np.asarray(a).copy() for a in jax.tree.leaves(nnx.state(model))]
-    v = verify.verify(model, optax.adam, data, 0.05, batch_size=16, seed=0, steps=12, valid_examples=100)
+    r = lrjax.find_lr(model, optax.adam, data, batch_size=16, num_steps=150, seed=0, start_lr=1e-4, end_lr=10.0,
+                      verify_steps=12, eval_examples=100)
+    v = r.verification
     assert v.steps == 12 and v.train_examples == 192 and v.valid_examples == 100
     assert len(v.val_losses) == 6 and all(x is not None and np.isfinite(x) for x in v.val_losses)
-    assert v.picked == v.candidates[int(np.argmin(v.val_losses))]
-    # the lowest rate (1.6e-3) barely moves from the start in 12 steps: its loss is the highest
-    assert v.val_losses[-1] == max(v.val_losses)
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), before, strict=True):
+    assert r.suggestion == v.picked == verify.pick(v.candidates, v.val_losses)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), before, strict=True):  # the model is left alone
         np.testing.assert_array_equal(np.asarray(a), b)
+    for rate, loss in zip(v.candidates[::5], v.val_losses[::5]):
+        flat = lrjax.find_lr(model, optax.adam, data, batch_size=16, num_steps=12, seed=0, start_lr=rate,
+                             factor=1 + 1e-7, eval_every=11, eval_examples=100, method="lagsafe",
+                             stop_on_divergence=False)  # a rate that (all but) stays
+        np.testing.assert_allclose(flat.val_losses[-1], loss, rtol=1e-5)
 
 
 def test_find_lr_default_verifies_and_a_rule_does_not(data):
