@@ -355,8 +355,8 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
     constant rate over the test's first batches (at most its `length` padded steps)."""
     anchor = result.suggestions.get("turn")
     reason = None
-    if inp.kind != "resident":
-        reason = f"{inp.kind} input"
+    if inp.kind == "iterable":  # one pass of the user's batches: the first ones cannot be read again
+        reason = "iterable input"
     elif anchor is None:
         reason = "the curve is too short for a turn"
     else:

@@ -328,7 +328,7 @@ METHODS: dict[str, Callable[..., float | None]] = {
 # range test: rates `turn` x 2**-k (k = 0..5) trained from the same weights for an eighth of an epoch, the one
 # with the lowest validation loss (`lrjax.verify`). No rule read off one curve held on both Fashion-MNIST
 # and a Transformer LM: the LM's best rate sits ~10x below its curve's turn, the MLP's at it. Where the
-# stage cannot run (streamed or iterable input, no validation examples) the range test falls back to
+# stage cannot run (an iterable of batches, read once; no validation examples) the range test falls back to
 # `lagsafe`, the previous default: `seed` on slow tests, `valley` on fast ones.
 DEFAULT_METHOD = "verified"
 FALLBACK_METHOD = "lagsafe"
