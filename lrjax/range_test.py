@@ -373,6 +373,7 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
         m = steps.num_examples(valid)
         evaluator = feeds.Evaluator(mesh_lib.replicate(valid, mesh), min(1000, m))
         val, hp = args[2:]
+        compiled = []  # the evaluation compiles once, for the first candidate
 
         def train(rates):
             outs = []
@@ -385,8 +386,9 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
                                              lrs, np.arange(length) < n, val, hp)
                 finally:
                     feed.close()
-                if not outs:
+                if not compiled:
                     evaluator.compile(carry.state)
+                    compiled.append(True)
                 outs.append((out["diverged_step"], evaluator(carry.state)["loss"]))
             return [None if int(d) >= 0 else float(v) for d, v in jax.device_get(outs)]
 

@@ -55,6 +55,29 @@ def test_verify_scores_the_candidates_with_what_train_returns():
     assert (v.steps, v.train_examples, v.valid_examples, v.anchor) == (12, 192, 100, 0.04)
 
 
+def test_verify_goes_below_the_candidates_while_the_lowest_wins():
+    """A loss valley at rate 3e-4 (quadratic in log rate): the six candidates from 0.04 end at 1.25e-3,
+    the lowest of them wins, so the stage halves on until a lower rate scores worse than the pick."""
+    calls = []
+
+    def train(rates):
+        calls.append(len(rates))
+        return [1.0 + 0.05 * np.log10(r / 3e-4) ** 2 for r in rates]
+
+    v = verify.verify(0.04, train, steps=12, batch_size=16, valid_examples=100)
+    assert calls[0] == verify.NUM_CANDIDATES and all(c == 1 for c in calls[1:])
+    assert v.candidates[:verify.NUM_CANDIDATES] == verify.candidate_rates(0.04).tolist()
+    assert np.allclose(np.diff(np.log2(v.candidates)), -1.0)
+    assert v.picked == verify.pick(v.candidates, v.val_losses)
+    assert 1e-4 <= v.picked <= 6e-4 and v.picked > min(v.candidates)  # bracketed: a lower rate did worse
+
+    def flat(rates):
+        return [1.0] * len(rates)  # every rate ties: the stage stops after MAX_EXTRA more
+
+    v = verify.verify(0.04, flat, steps=12, batch_size=16, valid_examples=100)
+    assert len(v.candidates) == verify.NUM_CANDIDATES + verify.MAX_EXTRA and v.picked == min(v.candidates)
+
+
 def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data):
     """A candidate's validation loss is what the range test itself measures when its rate stays at that
     candidate: the same compiled steps over the same first batches, evaluated on the same examples."""
