@@ -65,6 +65,15 @@ class ResidentFeed(feeds.Feed):
         pass
 
 
+def seeds_order(order_of, seeds):
+    """An epoch's rows of every seed, stacked on a leading seed axis (a sweep's feed: each seed's rates
+    on that seed's rows); `order_of(seed, epoch) -> (rows, w)` is one seed's, as `fit` draws it."""
+    def order(epoch):
+        return tuple(np.stack(a) for a in zip(*(order_of(int(s), epoch) for s in seeds)))
+
+    return order
+
+
 class ResidentInput(feeds.Input):
     """Arrays (an object with x_train, y_train, x_valid, y_valid; see `lrjax.data.split_examples`)."""
 
@@ -90,10 +99,7 @@ class ResidentInput(feeds.Input):
 
     def sweep_feed(self, seeds: list[int], chunk: int) -> ResidentFeed:
         # each seed's batches of the epoch, as `fit` draws them, one chunk per epoch
-        def order(epoch):
-            return tuple(np.stack(a) for a in zip(*(steps.epoch_batches(
-                int(s), epoch, self.num_examples, self.batch_size) for s in seeds)))
-
+        order = seeds_order(lambda s, epoch: steps.epoch_batches(s, epoch, self.num_examples, self.batch_size), seeds)
         return ResidentFeed(self.train, order, self.steps_per_epoch, self.steps_per_epoch, place=self._replicate,
                             seed_axis=True)
 

@@ -93,8 +93,6 @@ class Corpus:
 
     def input_for(self, who: str, *, batch_size: int, mesh, chunk_steps: int = 64, **_) -> "TextInput":
         """The `Input` the entry points use (`lrjax.inputs.make_input` calls this)."""
-        if who == "sweep":
-            raise ConfigError("sweep: text corpora are not supported yet; use find-lr, train or run")
         return TextInput(self, batch_size, mesh)
 
     def describe(self) -> str:
@@ -219,7 +217,7 @@ def epoch_starts(seed: int, epoch: int, num_train: int, length: int, windows: in
 
 
 class TextInput(feeds.Input):
-    """A `Corpus` for `fit` and `find_lr`: training tokens resident on the devices, random windows."""
+    """A `Corpus` for `fit`, `find_lr` and `sweep`: training tokens resident on the devices, random windows."""
 
     kind = "resident"
     seeds = 1
@@ -236,8 +234,9 @@ class TextInput(feeds.Input):
         return lambda epoch: epoch_starts(seed, epoch, self.num_train, self.length, self.num_examples,
                                           self.batch_size)
 
-    def _feed(self, order, steps: int, k: int, masked: bool = True) -> resident.ResidentFeed:
-        feed = resident.ResidentFeed(self.train, order, steps, k, place=self._replicate, masked=masked)
+    def _feed(self, order, steps: int, k: int, masked: bool = True, seed_axis: bool = False) -> resident.ResidentFeed:
+        feed = resident.ResidentFeed(self.train, order, steps, k, place=self._replicate, masked=masked,
+                                     seed_axis=seed_axis)
         feed.fetch = window_fetch(self.length)
         return feed
 
@@ -252,8 +251,11 @@ class TextInput(feeds.Input):
                             self.batch_size)
         return self._feed(lambda _: rows, num_steps, chunk)
 
-    def sweep_feed(self, seeds: list[int], chunk: int):
-        raise ConfigError("sweep: text corpora are not supported yet")
+    def sweep_feed(self, seeds: list[int], chunk: int) -> resident.ResidentFeed:
+        # each seed's windows of the epoch, as `fit` draws them (every rate of a seed on the same
+        # windows), one chunk per epoch, as `lrjax.resident`'s sweep feed
+        order = resident.seeds_order(lambda s, epoch: self._order(s)(epoch), seeds)
+        return self._feed(order, self.steps_per_epoch, self.steps_per_epoch, seed_axis=True)
 
     def _replicate(self, tree):
         return mesh_lib.replicate(tree, self.mesh)

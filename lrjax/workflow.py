@@ -431,7 +431,8 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     from lrjax.numeric import nan_reduce
     from lrjax.sweeps import lr_grid, sweep, write_sweep_events
 
-    data = data if data is not None else load_resident(cfg)  # a sweep trains resident data
+    if data is None:  # a sweep trains resident data (a text corpus: its tokens resident, `lrjax.text`)
+        data = load(cfg) if cfg.dataset == "text" else load_resident(cfg)
     workdir = Path(cfg.workdir)
     grid = lr_grid(cfg.lrs, cfg.num_lrs)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
@@ -452,14 +453,15 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
 
     def on_epoch(epoch, m):
         if cfg.progress and jax.process_index() == 0:
-            acc = m["val_accuracy"]
-            mean = nan_reduce(np.nanmean, acc, 0, -1.0)
-            best = int(np.argmax(mean))
-            print(f"epoch {epoch:3d}/{cfg.epochs}  best val_acc {mean[best]:.4f} at lr "
-                  f"{grid[best]:.3g}  |  live members {int(np.isfinite(acc).sum())}/{acc.size}", flush=True)
+            name = "val_accuracy" if "val_accuracy" in m else "val_loss"  # the task's ranking metric
+            high = name == "val_accuracy"
+            mean = nan_reduce(np.nanmean, m[name], 0, -1.0 if high else np.inf)
+            best = int(np.argmax(mean) if high else np.argmin(mean))
+            print(f"epoch {epoch:3d}/{cfg.epochs}  best {_short(name)} {mean[best]:.4f} at lr {grid[best]:.3g}  |  "
+                  f"live members {int(np.isfinite(m[name]).sum())}/{m[name].size}", flush=True)
 
-    result = sweep(lambda s: model_for(cfg, data, s), optimizers.get(cfg.optimizer), data, grid, seeds=seeds,
-                   dtype=cfg.dtype,
+    result = sweep(lambda s: model_for(cfg, data, s), optimizer_for(cfg), data, grid, seeds=seeds,
+                   dtype=cfg.dtype, loss_fn=task_for(data),
                    epochs=cfg.epochs, batch_size=cfg.batch_size,
                    patience=cfg.patience if cfg.patience < cfg.epochs else None, min_delta=cfg.min_delta,
                    eval_batch_size=cfg.eval_batch_size, mesh=mesh_lib.make_mesh(cfg.mesh_shape, members=len(grid)),
@@ -473,9 +475,14 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     if result.best_lr is None:
         raise LrjaxError(f"every member of the sweep diverged before its first validation, so there is no best "
                          f"rate ({workdir / 'sweep.json'}); lower the rates (--lrs)")
-    _say(cfg, f"best lr {result.best_lr:.4g} (mean best val_acc {result.best_val_accuracy.mean(0).max():.4f}); "
+    score = result.best(result.rank_by).mean(0)[result.best_index]
+    _say(cfg, f"best lr {result.best_lr:.4g} (mean best {_short(result.rank_by)} {score:.4f}); "
               f"{int(result.diverged.sum())} member(s) diverged; {result.wall_time_s:.1f}s -> {workdir / 'sweep.png'}")
     return result
+
+
+def _short(metric: str) -> str:
+    return metric.replace("val_accuracy", "val_acc")
 
 
 def sample_job(workdir: str, prompt: str, tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:

@@ -178,3 +178,38 @@ def test_fit_on_text_learns_and_resumes_bit_identically(tmp_path):
     resumed = fit(tiny(), optax.adamw, corpus, workdir=tmp_path / "b", **kw)
     for a, b in zip(jax.tree.leaves(whole.state.params), jax.tree.leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("member_loop", ["vmap", "map"])
+def test_a_sweep_on_text_equals_fit_at_each_rate(tmp_path, member_loop):
+    from lrjax.sweeps import sweep
+    from lrjax.train import fit
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache", max_windows=96)
+    lrs, kw = [1e-3, 1e-2], dict(epochs=2, batch_size=32, loss_fn=tasks.next_token)
+    r = sweep(lambda s: tiny(seed=s), optax.adamw, corpus, lrs, seeds=[5], member_loop=member_loop, **kw)
+    assert r.rank_by == "val_loss" and r.train_loss.shape == (2, 1, 2) and not r.diverged.any()
+    for j, lr in enumerate(lrs):
+        f = fit(tiny(seed=5), optax.adamw, corpus, lr=lr, seed=5, progress=None, **kw)
+        for name in ("loss", "val_loss", "val_bits_per_byte", "val_token_accuracy"):
+            np.testing.assert_allclose(r.metrics[name][:, 0, j], [h[name] for h in f.history], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lrjax_sweep_on_text_ranks_by_validation_loss(tmp_path, capsys, monkeypatch):
+    import json
+
+    from lrjax import cli
+
+    monkeypatch.setenv("LRJAX_CACHE_DIR", str(tmp_path / "cache"))
+    write_corpus(tmp_path / "c", n_files=3, size=3000)
+    assert cli.main(["sweep", "--dataset", "text", "--model", "transformer", "--data-dir", str(tmp_path / "c"),
+                     "--context", "8", "--d-model", "16", "--layers", "1", "--heads", "2", "--lrs", "1e-4,1e-2",
+                     "--num-lrs", "2", "--epochs", "1", "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "best val_loss" in out
+    j = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    assert j["rank_by"] == "val_loss" and j["best_lr"] == pytest.approx(1e-2)  # 1e-4 barely moves in one epoch
+    assert "val_bits_per_byte" in j["members"][0]
