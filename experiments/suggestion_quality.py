@@ -39,6 +39,7 @@ import lrjax
 from lrjax import optimizers, suggest, text
 from lrjax.quality import score_suggestions, summarise
 from lrjax.suggest import METHODS
+from lrjax.workflow import train_size
 
 # model, optimizer, training examples of the grid (None: all 55000), grid points, epochs, range-test
 # overrides, and the range test's training examples ("range_train"; default: the grid's)
@@ -99,11 +100,6 @@ def text_corpus(context: int = 128):
     return text.load_corpus(root / "corpus", context, root / "cache")
 
 
-def num_train(data) -> int:
-    """Training examples an epoch: a text corpus's random windows, or the arrays' rows."""
-    return getattr(data, "windows_per_epoch", None) or len(data.x_train)
-
-
 def model_fn_for(cell: dict, data):
     if cell["model"] == "transformer":
         size = {k: v for k, v in cell.get("size", {}).items() if k != "context"}
@@ -144,7 +140,7 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
     records, curves = [], []
     for seed in seeds:
         t0 = time.perf_counter()
-        steps = length_mult * (-(-num_train(rdata) // 32))
+        steps = length_mult * (-(-train_size(rdata) // 32))
         r = lrjax.find_lr(model_fn(seed), opt, rdata, batch_size=32, seed=seed, loss_fn=loss_fn, num_steps=steps,
                           **cell.get("range", {}))
         find_s = time.perf_counter() - t0
@@ -252,7 +248,7 @@ def main():
             data = halves(full.take(cell["train"], len(full.x_valid)))
         else:
             data = full if cell["train"] is None else full.take(cell["train"], len(full.x_valid))
-        print(f"{name}: {num_train(data)} training examples, range test + sweep of {cell['grid']} grid rates and the "
+        print(f"{name}: {train_size(data)} training examples, range test + sweep of {cell['grid']} grid rates and the "
               f"suggestions, {cell['epochs']} epochs, seeds {seeds[0]}-{seeds[-1]}", flush=True)
         same = out["cells"].get(name, {})
         same = same if all(same.get(k) == v for k, v in cell.items() if k != "train") else {}
@@ -262,7 +258,7 @@ def main():
 
         def save(records, curves, name=name, cell=cell, data=data, t0=t0, kept=kept, seconds=seconds):
             records = sorted(kept + records, key=lambda r: r["seed"])  # after every seed: a stopped run keeps them
-            out["cells"][name] = {**cell, "train": num_train(data), "seeds": len(records), "records": records,
+            out["cells"][name] = {**cell, "train": train_size(data), "seeds": len(records), "records": records,
                                   "table": summarise(records, methods=tuple(records[0]["methods"])),
                                   "seconds": round(seconds + time.perf_counter() - t0, 1)}
             path.parent.mkdir(parents=True, exist_ok=True)
