@@ -233,10 +233,12 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
             if result.verification is not None:  # the default's candidate stage (lrjax.verify)
                 phases["verification"] = result.verification.seconds
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
-            started = t_found - result.wall_time_s  # find_lr's clock: after the examples' transfer
+            tested = t_found - phases.get("verification", 0.0)  # the stage runs after the test
+            started = tested - result.wall_time_s  # find_lr's clock: after the examples' transfer
             timeline.update(set_up=[_CLOCK(t_set_up), _CLOCK(started)],
                             range_test_compile=[_CLOCK(started), _CLOCK(started + result.compile_time_s)],
-                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(t_found)],
+                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(tested)],
+                            **({"verification": [_CLOCK(tested), _CLOCK(t_found)]} if "verification" in phases else {}),
                             outputs=[_CLOCK(t), _CLOCK(t + phases["outputs"])])
             (workdir / "lr_find.json").write_text(json.dumps(
                 {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases, "timeline_s": timeline}, indent=1))
