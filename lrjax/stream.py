@@ -16,11 +16,13 @@ global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 import grain
@@ -202,7 +204,8 @@ class Stream:
         if self.workers:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                             per_worker_buffer_size=self.buffer))
+                                                             per_worker_buffer_size=self.buffer),
+                                worker_init_fn=functools.partial(end_with_parent, os.getpid()))
         return iter(ds)
 
     def _iterator(self):
@@ -287,6 +290,21 @@ class Stream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def end_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1, interval_s: float = 0.5) -> None:
+    """Grain's `worker_init_fn` for lrjax's workers: a daemon thread ends this worker (`os._exit`) within
+    `interval_s` of its parent process `parent` ending, however it ended (SIGKILL included), where a
+    worker would otherwise wait on its full queue for ever. A watch on the parent's pid rather than
+    prctl's PR_SET_PDEATHSIG, which fires when the parent's *thread* that started the worker ends
+    (Grain starts its workers from short-lived threads)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lrjax-parent-watch").start()
 
 
 def _absl_flags_parsed() -> None:
