@@ -159,6 +159,53 @@ def test_iterable_whose_later_batch_changes_structure_names_the_training_data():
         call("find_lr", data, None)
 
 
+@pytest.mark.parametrize("fn", ["find_lr", "fit"])
+@pytest.mark.parametrize("bad, message", [
+    ("labels", r"data \(its batch 3, pass 1\)\[1\] holds label 7 at index 2, outside \[0, 3\)"),
+    ("nan", r"data \(its batch 3, pass 1\)\[0\] holds nan at data \(its batch 3, pass 1\)\[0\]\[4, 1, 0\]")])
+def test_iterable_later_batches_are_checked_as_they_are_read(fn, bad, message, tmp_path):
+    data = batches()
+    x, y = data[2]
+    if bad == "labels":
+        y = y.copy()
+        y[2] = 7
+    else:
+        x = x.copy()
+        x[4, 1, 0] = np.nan
+    data[2] = (x, y)
+    with pytest.raises(DataError, match=message):
+        call(fn, data, tmp_path / "w", valid=valid_pair())
+
+
+class LabelsHidden:
+    """An ArrayExamples whose labels are not an attribute (as a TFDS split's): seen only as they are read."""
+
+    def __init__(self, examples):
+        self.examples, self.example_shape = examples, examples.example_shape
+
+    def __len__(self):
+        return len(self.examples)
+
+    def read(self, keys):
+        return self.examples.read(keys)
+
+
+def test_streamed_chunks_are_checked_as_they_are_read(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(validate, "_STREAM_PROBE", 8)  # the first 8 examples pass; a later one is out of range
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (40, H, H), np.uint8)
+    labels = rng.integers(0, CLASSES, 40)
+    labels[30] = CLASSES  # validation is the first 8: a training example, past the first chunk
+    splits = sources.array_splits(images, labels, images[:8], labels[:8], valid_size=8)
+    splits = dataclasses.replace(splits, train=dataclasses.replace(
+        splits.train, examples=LabelsHidden(splits.train.examples)))
+    for fn in ("find_lr", "fit"):
+        with pytest.raises(DataError, match=rf"data \(its train split, chunk \d+\)\[1\] holds label {CLASSES}"):
+            call(fn, splits, tmp_path / fn, batch_size=8)
+
+
 def test_valid_given_beside_an_iterable_is_checked(tmp_path):
     x, y = valid_pair()
     with pytest.raises(DataError, match=r"valid\[1\] holds label 9"):
