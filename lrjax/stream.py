@@ -16,11 +16,13 @@ global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 import grain
@@ -202,7 +204,8 @@ class Stream:
         if self.workers:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                             per_worker_buffer_size=self.buffer))
+                                                             per_worker_buffer_size=self.buffer),
+                                worker_init_fn=functools.partial(end_with_parent, os.getpid()))
         return iter(ds)
 
     def _iterator(self):
@@ -287,6 +290,21 @@ class Stream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def end_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1, interval_s: float = 0.5) -> None:
+    """Grain's `worker_init_fn` for lrjax's workers: a daemon thread ends this worker (`os._exit`) within
+    `interval_s` of its parent process `parent` ending, however it ended (SIGKILL included), where a
+    worker would otherwise wait on its full queue for ever. A watch on the parent's pid rather than
+    prctl's PR_SET_PDEATHSIG, which fires when the parent's *thread* that started the worker ends
+    (Grain starts its workers from short-lived threads)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lrjax-parent-watch").start()
 
 
 def _absl_flags_parsed() -> None:
@@ -416,6 +434,14 @@ def _zeros(stream: Stream, sharding: jax.sharding.NamedSharding):
                np.zeros(shape, np.float32), sharding)
 
 
+def _check_chunk(check, chunk: dict[str, np.ndarray], name: str) -> None:
+    """`check` (`lrjax.validate.later_batches`, or None) on a chunk's examples, its K batches as one
+    (views: an example's index is step * batch + row)."""
+    if check is not None:
+        x, y = chunk["x"], chunk["y"]
+        check((x.reshape(-1, *x.shape[2:]), y.reshape(-1)), name)
+
+
 class StepFeed(Feed):
     """Runs the training steps [g, end) that the loop asks for (`lrjax.loop.run`'s chunks, which
     end at epoch ends and at multiples of the step cadences) from a stream whose chunks of K steps
@@ -443,6 +469,7 @@ class StepFeed(Feed):
     def _take(self, count: int):
         while len(self._buffer) < count:
             chunk = next(self.stream)
+            _check_chunk(self.check, chunk, f"data (its {self.stream.split.name} split, chunk {self._read})")
             self._read += 1
             self._states[self._read] = self.stream.state()
             self._buffer += [((chunk["x"][i], chunk["y"][i]), chunk["w"][i]) for i in range(self._skip, self.k)
@@ -481,6 +508,7 @@ class StreamEvaluator:
         self.stream = eval_stream(split, batch_size, epochs=None,
                                   chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
         self.sharding = sharding
+        self.check = None  # check(batch, name) of each chunk (lrjax.validate.later_batches)
 
     def zeros(self):
         return _zeros(self.stream, self.sharding)
@@ -493,7 +521,8 @@ class StreamEvaluator:
 
     def __call__(self, state) -> dict[str, jax.Array]:
         sums = None
-        for chunk in self.stream.epoch():
+        for i, chunk in enumerate(self.stream.epoch()):
+            _check_chunk(self.check, chunk, f"data (its {self.stream.split.name} split, chunk {i})")
             s = self._program(state, None, *put((chunk["x"], chunk["y"]), chunk["w"], self.sharding))
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         count = sums.pop("count")
@@ -516,8 +545,10 @@ class StreamInput(feeds.Input):
         self.steps_per_epoch = steps_lib.steps_per_epoch(self.num_examples, batch_size)
 
     def _feed(self, seed: int, chunk: int, total_steps: int, workers=None) -> StepFeed:
-        return StepFeed(Stream(self.splits.train, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
+        feed = StepFeed(Stream(self.splits.train, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
                                epoch_aligned=False, workers=workers), chunk_sharding(self.mesh))
+        feed.check = self.check
+        return feed
 
     def train_feed(self, seed: int, cadence: int, total_steps: int) -> StepFeed:
         return self._feed(seed, min(self.chunk_steps, self.steps_per_epoch), total_steps, self.workers)
@@ -530,4 +561,6 @@ class StreamInput(feeds.Input):
         return sources.resident_arrays(valid if count is None else dataclasses.replace(valid, keys=valid.keys[:count]))
 
     def evaluator(self, batch_size: int) -> StreamEvaluator:
-        return StreamEvaluator(self.splits.valid, batch_size, chunk_sharding(self.mesh))
+        evaluator = StreamEvaluator(self.splits.valid, batch_size, chunk_sharding(self.mesh))
+        evaluator.check = self.check
+        return evaluator

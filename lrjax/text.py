@@ -26,6 +26,7 @@ import hashlib
 import os
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -141,12 +142,22 @@ def read_tokens(files: list[Path]) -> tuple[np.ndarray, int, int]:
 
 
 def write_cache(path: Path, tokens: np.ndarray, files: int, skipped: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, len(tokens), files, skipped, hashlib.sha256(tokens.tobytes()).digest()))
-        f.write(tokens.tobytes())
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    """The token file at `path`, written under a temporary name of this process's and renamed; a
+    read-only or full cache folder is said in one line and the run goes on without the cache."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, len(tokens), files, skipped, hashlib.sha256(tokens.tobytes()).digest()))
+            f.write(tokens.tobytes())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    except OSError as e:
+        print(f"lrjax: cannot write the token cache in {path.parent} ({e.strerror or e}); running without the cache",
+              file=sys.stderr, flush=True)
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file would keep the space
+        except OSError:
+            pass
 
 
 def read_cache(path: Path) -> tuple[np.ndarray, int, int]:
@@ -178,7 +189,11 @@ def load_corpus(data_dir, context: int, cache_dir, max_windows: int | None = MAX
         try:
             loaded = read_cache(path)
         except (OSError, ValueError) as e:
-            print(f"lrjax: token cache {path} is damaged ({e}); rebuilding it", file=sys.stderr, flush=True)
+            print(f"lrjax: token cache {path} is damaged ({e}); removed, rebuilding it", file=sys.stderr, flush=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: read from the files, the write says so
     if loaded is None:
         loaded = read_tokens(files)
         if len(loaded[0]) == 0:

@@ -65,6 +65,24 @@ def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, capsys):
         text.read_cache(cached)  # intact again
 
 
+@pytest.mark.parametrize("errno_", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_cache_folder_means_running_without_the_cache(tmp_path, capsys, monkeypatch, errno_):
+    import errno
+    import os
+
+    paths = write_corpus(tmp_path / "c")
+
+    def refuse(src, dst):  # as the filesystem refuses (a chmod would not stop root)
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(text.os, "replace", refuse)
+    corpus = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    assert bytes(np.asarray(corpus.tokens)) == b"".join(p.read_bytes() for p in paths)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "running without the cache" in lines[0] and os.strerror(getattr(errno, errno_)) in lines[0]
+    assert list((tmp_path / "cache" / "text").iterdir()) == []  # nor a partial file
+
+
 def test_a_changed_file_gives_a_new_cache_entry(tmp_path):
     paths = write_corpus(tmp_path / "c")
     text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
