@@ -93,15 +93,16 @@ class Plan:
 class _ReadChunk:
     """Chunk index -> chunk (the Grain map); picklable for worker processes."""
 
-    def __init__(self, split: Split, plan: Plan, transform):
+    def __init__(self, split: Split, plan: Plan, transform, order: Callable[[int], np.ndarray] | None = None):
         self.split, self.plan, self.transform = split, plan, transform
+        self.draw = order or functools.partial(epoch_permutation, plan.seed, n=plan.n)
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         # The whole epoch's permutation at once (~1 ms for 55k): Grain's per-index MapDataset.shuffle
         # costs ~11 us an index, ~3 ms a batch of 256, 10x reading that batch from a memmap.
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_permutation(self.plan.seed, epoch, self.plan.n),
+            self._orders = {epoch: self.draw(epoch),
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
@@ -164,13 +165,15 @@ class Stream:
     read ahead; `buffer` chunks ahead. Workers are spawned processes: a script using them needs the
     `if __name__ == "__main__":` guard.
     `shard` (default `grain.sharding.ShardByJaxProcess()`) picks this process's rows of each batch.
+    `order(epoch) -> positions` (0-based epochs, a picklable function) is what a shuffled pass reads
+    in turn, instead of `epoch_permutation(seed, epoch, len(split))` (a text corpus: window starts).
     """
 
     def __init__(self, split: Split, batch_size: int, *, chunk_steps: int = 1, shuffle: bool = True,
                  seed: int = 0, epochs: int | None = None, steps: int | None = None,
                  epoch_aligned: bool = True, transform: Callable | None = None,
                  workers: int | None = None, threads: int = 1, buffer: int = 2,
-                 shard: grain.sharding.ShardOptions | None = None):
+                 shard: grain.sharding.ShardOptions | None = None, order: Callable[[int], np.ndarray] | None = None):
         shard = shard or grain.sharding.ShardByJaxProcess()
         workers = default_workers(split) if workers is None else workers
         if batch_size < 1 or chunk_steps < 1 or workers < 0 or threads < 0 or buffer < 1:
@@ -188,7 +191,7 @@ class Stream:
         self.split = split
         count = self.plan.num_chunks
         self.dataset = grain.MapDataset.range(sys.maxsize if count is None else count).map_with_index(
-            _ReadChunk(split, self.plan, transform))
+            _ReadChunk(split, self.plan, transform, order))
         self.workers, self.threads, self.buffer = workers, threads, buffer
         self._iter = None
         self._pending: dict | None = None  # a state to continue from when the iterator is next made
@@ -499,15 +502,16 @@ class StepFeed(Feed):
 class StreamEvaluator:
     """Evaluation passes over a split streamed in order (`eval_stream`, endless, so its workers start
     once): after `compile(state)`, `evaluator(state)` adds up the compiled `steps.evaluate_chunk`'s
-    weighted sums over one pass and returns the means (device arrays, nothing waited for)."""
+    weighted sums over one pass and returns the means (device arrays, nothing waited for). `fetch`
+    turns a chunk's (x, y) into the loss's batch on the device (default: uint8 images, float32)."""
 
     def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
-                 workers: int | None = None):
+                 workers: int | None = None, fetch=steps_lib.given_uint8):
         devices = sharding.mesh.shape["data"] if "data" in sharding.mesh.shape else 1
         batch_size = max(devices, min(batch_size, len(split)) // devices * devices)  # a small split: one batch
         self.stream = eval_stream(split, batch_size, epochs=None,
                                   chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
-        self.sharding = sharding
+        self.sharding, self.fetch = sharding, fetch
         self.check = None  # check(batch, name) of each chunk (lrjax.validate.later_batches)
 
     def zeros(self):
@@ -515,7 +519,7 @@ class StreamEvaluator:
 
     def compile(self, state) -> set[str]:
         """Compiles the evaluation of a chunk for `state`'s shapes; returns the names it reports."""
-        lowered = steps_lib.evaluate_chunk.lower(state, None, *self.zeros(), fetch=steps_lib.given_uint8)
+        lowered = steps_lib.evaluate_chunk.lower(state, None, *self.zeros(), fetch=self.fetch)
         self._program = lowered.compile()
         return {k for k in lowered.out_info if k != "count"}
 

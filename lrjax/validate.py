@@ -88,7 +88,7 @@ def check_first_batch(who: str, model, inp, *, loss_fn=tasks.classification) -> 
         classes = _check_split(who, "training", _module(model), _from_batch(feed.peek(), "data (its first batch)"),
                                loss_fn)
         feed.check = later_batches(who, classes)
-    elif inp.kind == "stream":
+    elif inp.kind == "stream" and hasattr(inp, "splits"):  # images; a text corpus's bytes are all valid tokens
         shape = (_PROBE, *inp.splits.train.example_shape)
         classes = None if loss_fn is not tasks.classification else _num_outputs(
             who, _module(model), jax.ShapeDtypeStruct(shape, np.float32), "data (its train split) images")

@@ -85,14 +85,22 @@ def _tfds_prepared(name: str, folder) -> bool:
     return tfds_source.is_prepared(name, str(folder))
 
 
+def _budget(cfg: Config) -> int:
+    return (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
+            else memory.default_budget())
+
+
 def load(cfg: Config) -> Dataset | sources.Splits:
     """The data by the path --input chooses (resident, or streamed where auto finds them over
     --device-memory-budget), with the choice and its reason printed. `--dataset text`: the corpus
-    of --data-dir (`lrjax.text`), its training tokens resident."""
+    of --data-dir (`lrjax.text`), its training tokens resident or streamed from the token memmap."""
     if cfg.dataset == "text":
         t0 = time.perf_counter()
         corpus = text.load_corpus(cfg.data_dir, cfg.context, cfg.resolved_cache_dir)
         _say(cfg, f"{corpus.describe()} ({time.perf_counter() - t0:.2f}s)")
+        corpus.input, reason = memory.choose_input(cfg.input, corpus.resident_nbytes,
+                                                   _budget(cfg) if cfg.input == "auto" else 0)
+        _say(cfg, reason)
         return corpus
     if cfg.input == "resident":
         data = load_resident(cfg)
@@ -102,9 +110,7 @@ def load(cfg: Config) -> Dataset | sources.Splits:
         return data
     t0 = time.perf_counter()
     splits = stream_splits(cfg)
-    budget = (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
-              else memory.default_budget())
-    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), budget)
+    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), _budget(cfg))
     _say(cfg, reason)
     if mode == "resident":
         train, test = splits.train.examples, splits.test.examples
