@@ -13,6 +13,11 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
           one device, and lrjax's default (on a CPU: the rates looped over by every core)
   io      an epoch with checkpoints + TensorBoard vs without (the overhead of the side effects)
   run     the whole `lrjax run` workflow broken down by phase
+  lm      the default Transformer's training epoch (d 128, 4 layers, 4 heads, context 128, batch 32,
+          adamw) on a corpus of the stdlib's email, json and xml sources: lrjax's compiled chunks
+          (fit's own `TextInput` feed and `steps.train_chunk`; baseline), the same step jitted in a
+          Python loop, and PyTorch on 2 threads (experiments/peers/torch_lm.py, --torch-python), all
+          on the same windows; --lm-steps shortens the epoch
   process each subcommand as a user runs it: whole fresh processes timed from outside (find-lr,
           train/run --epochs 2, sweep --epochs 1 on 4 rates), next to `python -c "import jax,
           flax.nnx, optax"` (baseline; here the ratio is the variant's time over the baseline's)
@@ -695,6 +700,74 @@ def bench_process(data_dir: str, a):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bench_lm(a):
+    """The `lm` section (module docstring): seconds of one epoch's training steps, each variant."""
+    import sysconfig
+
+    from lrjax import models, tasks, text
+
+    tmp = Path(tempfile.mkdtemp(prefix="lrjax-bench-lm-"))
+    try:
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        for name in ("email", "json", "xml"):
+            shutil.copytree(lib / name, tmp / "corpus" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        corpus = text.load_corpus(tmp / "corpus", 128, tmp / "cache")
+        mesh = mesh_lib.make_mesh("auto")
+        inp = text.TextInput(corpus, 32, mesh)
+        spe = min(inp.steps_per_epoch, a.lm_steps or inp.steps_per_epoch)
+        adamw = functools.partial(optax.adamw, weight_decay=0.1)
+        state0 = steps.init_state(models.transformer(256, 128), adamw, 1e-3, loss_fn=tasks.next_token)
+        feed = inp.train_feed(0, spe, spe)
+        feed.steps_per_epoch = spe
+        program = steps.train_chunk.lower(state0, feed.context, *feed.zeros(), np.int32(spe), length=spe,
+                                          masked=False, fetch=feed.fetch).compile()
+        starts, w = (a[:spe] for a in text.epoch_starts(0, 1, inp.num_train, inp.length, inp.num_examples, 32))
+        train = np.asarray(corpus.split("train"))
+        windows = train[starts[..., None] + np.arange(inp.length)].astype(np.int32)  # [steps, B, 129]
+        print(f"lm: {corpus.describe()}; timing {spe} steps")
+
+        def lrjax_epoch():
+            state, m = feed(program, state0, 0, spe)
+            return float(m["loss"][-1])
+
+        step = jax.jit(steps.train_step)
+
+        def loop_epoch():
+            state = state0
+            for i in range(spe):
+                state, m = step(state, {"tokens": windows[i]}, w[i])
+            return float(m["loss"])
+
+        np.save(tmp / "windows.npy", windows)
+        torch_s = []
+
+        def torch_epoch():
+            out = subprocess.run([a.torch_python, str(PEERS / "torch_lm.py"), "--windows", str(tmp / "windows.npy"),
+                                  "--repeats", "1"], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"torch_lm.py exited {out.returncode}: {out.stderr[-2000:]}")
+            j = json.loads(out.stdout.strip().splitlines()[-1])
+            torch_s.append(j["epoch_s"][0])
+            print(f"lm: torch {j['torch']}: loss {j['first_loss']:.3f} -> {j['last_loss']:.3f}", flush=True)
+
+        variants = {"lrjax compiled chunks (fit's feed)": lrjax_epoch,
+                    "same step jitted, Python loop": loop_epoch}
+        print(f"lm: loss after the epoch: lrjax {lrjax_epoch():.4f}, Python loop {loop_epoch():.4f}")
+        m = {}
+        for name, fn in variants.items():
+            m[name] = timed(fn, a.repeats)[0]
+        if a.torch_python:
+            for _ in range(a.repeats):
+                torch_epoch()  # each process: a warm-up epoch, then one timed epoch
+            m["PyTorch 2 threads, scaled_dot_product_attention (timed epoch)"] = statistics.median(torch_s)
+        base = None
+        for name, t in m.items():
+            row("lm", f"{name}, {spe} steps", t, base, f"{t / spe * 1000:.0f} ms a step")
+            base = base or t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def print_timeline(spans: dict[str, list], width: int = 60) -> None:
     """Each phase as [start, end] and a bar on one shared scale, so overlapping phases show."""
     spans = {k: v for k, v in spans.items() if v and None not in v}
@@ -735,6 +808,7 @@ def main():
     p.add_argument("--torch-python", default=os.environ.get("LRJAX_TORCH_PYTHON"),
                    help="process section: an interpreter with torch for the PyTorch peer (.[peers-torch]; "
                         "default $LRJAX_TORCH_PYTHON, else no PyTorch row)")
+    p.add_argument("--lm-steps", type=int, default=None, help="lm section: steps to time (default: the epoch)")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
     if a.data_dir:  # absolute: the process section's children run in another folder
@@ -750,6 +824,13 @@ def main():
         if sections == ["process"]:
             return 0
     lrjax.use_cpu_cores()  # before JAX starts, as the CLI does: each CPU core a device for members
+    if sections == ["lm"]:  # no image data needed
+        dev = jax.devices()[0]
+        print(f"lrjax bench, lm: {dev.platform} x{jax.device_count()}, jax {jax.__version__}, {cpu_name()} "
+              f"x{os.cpu_count()}, repeats {a.repeats}")
+        bench_lm(a)
+        write_json(a.json, dev)
+        return 0
     a.seeds = [int(k) for k in a.seeds.split(",")]
     if a.quick:
         a.repeats, a.seeds, a.sweep_lrs, a.sweep_epochs, a.run_epochs, a.io_epochs = 1, [1, 4], 4, 1, 1, 2

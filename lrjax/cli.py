@@ -103,11 +103,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def enable_compilation_cache(path: str | None) -> None:
     """A second run of the same command loads its programs instead of compiling them again
-    (`path` None switches the cache off again)."""
-    import jax
+    (`path` None switches the cache off again); see `lrjax.jaxcache`."""
+    from lrjax import jaxcache
 
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)  # default 1 s: ours are shorter
+    jaxcache.enable(path)
 
 
 def main(argv: list[str] | None = None) -> int:

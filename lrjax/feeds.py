@@ -110,6 +110,7 @@ class Input:
     steps_per_epoch: int
     num_examples: int | None = None
     seeds = 1  # how many seeds a range test may run at once (None: any)
+    check = None  # check(batch, name) of each batch or chunk read after the first (lrjax.validate.later_batches)
 
 
 class Feed:
@@ -125,6 +126,7 @@ class Feed:
     seed_axis = False  # whether rows lead with a seed axis (each seed its own batches)
     host_bound = True  # whether taking a chunk reads it on the host (its time counts from the dispatch)
     _next = 0  # the global step of the next batch
+    check = None  # check(batch, name) of each batch read after the first (lrjax.validate.later_batches)
 
     def zeros(self):
         """A chunk of K padding steps on the devices, shaped like every other (to compile with)."""
@@ -208,6 +210,8 @@ class BatchFeed(Feed):
         if n > size:
             raise DataError(f"batch {self._in_pass} of the {self.name} has {n} rows, more than the first "
                             f"batch's {size}: the first batch sets the batch size")
+        if self.check is not None:
+            self.check(jax.tree.unflatten(treedef, leaves), f"data (its batch {self._in_pass}, pass {self._pass + 1})")
         w = np.zeros(size, np.float32)
         w[:n] = 1.0
         if n < size:  # an epoch's remainder: padded with weight-0 rows

@@ -16,11 +16,13 @@ global batch (`grain.sharding.ShardByJaxProcess`) and `to_device` assembles the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 import grain
@@ -92,15 +94,16 @@ class Plan:
 class _ReadChunk:
     """Chunk index -> chunk (the Grain map); picklable for worker processes."""
 
-    def __init__(self, split: Split, plan: Plan, transform):
+    def __init__(self, split: Split, plan: Plan, transform, order: Callable[[int], np.ndarray] | None = None):
         self.split, self.plan, self.transform = split, plan, transform
+        self.draw = order or functools.partial(epoch_permutation, plan.seed, n=plan.n)
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         # The whole epoch's permutation at once (~1 ms for 55k): Grain's per-index MapDataset.shuffle
         # costs ~11 us an index, ~3 ms a batch of 256, 10x reading that batch from a memmap.
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_permutation(self.plan.seed, epoch, self.plan.n),
+            self._orders = {epoch: self.draw(epoch),
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
@@ -163,13 +166,15 @@ class Stream:
     read ahead; `buffer` chunks ahead. Workers are spawned processes: a script using them needs the
     `if __name__ == "__main__":` guard.
     `shard` (default `grain.sharding.ShardByJaxProcess()`) picks this process's rows of each batch.
+    `order(epoch) -> positions` (0-based epochs, a picklable function) is what a shuffled pass reads
+    in turn, instead of `epoch_permutation(seed, epoch, len(split))` (a text corpus: window starts).
     """
 
     def __init__(self, split: Split, batch_size: int, *, chunk_steps: int = 1, shuffle: bool = True,
                  seed: int = 0, epochs: int | None = None, steps: int | None = None,
                  epoch_aligned: bool = True, transform: Callable | None = None,
                  workers: int | None = None, threads: int = 1, buffer: int = 2,
-                 shard: grain.sharding.ShardOptions | None = None):
+                 shard: grain.sharding.ShardOptions | None = None, order: Callable[[int], np.ndarray] | None = None):
         shard = shard or grain.sharding.ShardByJaxProcess()
         workers = default_workers(split) if workers is None else workers
         if batch_size < 1 or chunk_steps < 1 or workers < 0 or threads < 0 or buffer < 1:
@@ -187,7 +192,7 @@ class Stream:
         self.split = split
         count = self.plan.num_chunks
         self.dataset = grain.MapDataset.range(sys.maxsize if count is None else count).map_with_index(
-            _ReadChunk(split, self.plan, transform))
+            _ReadChunk(split, self.plan, transform, order))
         self.workers, self.threads, self.buffer = workers, threads, buffer
         self._iter = None
         self._pending: dict | None = None  # a state to continue from when the iterator is next made
@@ -203,7 +208,8 @@ class Stream:
         if self.workers:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                             per_worker_buffer_size=self.buffer))
+                                                             per_worker_buffer_size=self.buffer),
+                                worker_init_fn=functools.partial(end_with_parent, os.getpid()))
         return iter(ds)
 
     def _iterator(self):
@@ -288,6 +294,21 @@ class Stream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def end_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1, interval_s: float = 0.5) -> None:
+    """Grain's `worker_init_fn` for lrjax's workers: a daemon thread ends this worker (`os._exit`) within
+    `interval_s` of its parent process `parent` ending, however it ended (SIGKILL included), where a
+    worker would otherwise wait on its full queue for ever. A watch on the parent's pid rather than
+    prctl's PR_SET_PDEATHSIG, which fires when the parent's *thread* that started the worker ends
+    (Grain starts its workers from short-lived threads)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lrjax-parent-watch").start()
 
 
 def _absl_flags_parsed() -> None:
@@ -417,6 +438,14 @@ def _zeros(stream: Stream, sharding: jax.sharding.NamedSharding):
                np.zeros(shape, np.float32), sharding)
 
 
+def _check_chunk(check, chunk: dict[str, np.ndarray], name: str) -> None:
+    """`check` (`lrjax.validate.later_batches`, or None) on a chunk's examples, its K batches as one
+    (views: an example's index is step * batch + row)."""
+    if check is not None:
+        x, y = chunk["x"], chunk["y"]
+        check((x.reshape(-1, *x.shape[2:]), y.reshape(-1)), name)
+
+
 class StepFeed(Feed):
     """Runs the training steps [g, end) that the loop asks for (`lrjax.loop.run`'s chunks, which
     end at epoch ends and at multiples of the step cadences) from a stream whose chunks of K steps
@@ -444,6 +473,7 @@ class StepFeed(Feed):
     def _take(self, count: int):
         while len(self._buffer) < count:
             chunk = next(self.stream)
+            _check_chunk(self.check, chunk, f"data (its {self.stream.split.name} split, chunk {self._read})")
             self._read += 1
             self._states[self._read] = self.stream.state()
             self._buffer += [((chunk["x"][i], chunk["y"][i]), chunk["w"][i]) for i in range(self._skip, self.k)
@@ -473,28 +503,31 @@ class StepFeed(Feed):
 class StreamEvaluator:
     """Evaluation passes over a split streamed in order (`eval_stream`, endless, so its workers start
     once): after `compile(state)`, `evaluator(state)` adds up the compiled `steps.evaluate_chunk`'s
-    weighted sums over one pass and returns the means (device arrays, nothing waited for)."""
+    weighted sums over one pass and returns the means (device arrays, nothing waited for). `fetch`
+    turns a chunk's (x, y) into the loss's batch on the device (default: uint8 images, float32)."""
 
     def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
-                 workers: int | None = None):
+                 workers: int | None = None, fetch=steps_lib.given_uint8):
         devices = mesh_lib.data_axis_size(sharding.mesh)
         batch_size = max(devices, min(batch_size, len(split)) // devices * devices)  # a small split: one batch
         self.stream = eval_stream(split, batch_size, epochs=None,
                                   chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)
-        self.sharding = sharding
+        self.sharding, self.fetch = sharding, fetch
+        self.check = None  # check(batch, name) of each chunk (lrjax.validate.later_batches)
 
     def zeros(self):
         return _zeros(self.stream, self.sharding)
 
     def compile(self, state) -> set[str]:
         """Compiles the evaluation of a chunk for `state`'s shapes; returns the names it reports."""
-        lowered = steps_lib.evaluate_chunk.lower(state, None, *self.zeros(), fetch=steps_lib.given_uint8)
+        lowered = steps_lib.evaluate_chunk.lower(state, None, *self.zeros(), fetch=self.fetch)
         self._program = lowered.compile()
         return {k for k in lowered.out_info if k != "count"}
 
     def __call__(self, state) -> dict[str, jax.Array]:
         sums = None
-        for chunk in self.stream.epoch():
+        for i, chunk in enumerate(self.stream.epoch()):
+            _check_chunk(self.check, chunk, f"data (its {self.stream.split.name} split, chunk {i})")
             s = self._program(state, None, *put((chunk["x"], chunk["y"]), chunk["w"], self.sharding))
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         count = sums.pop("count")
@@ -517,8 +550,10 @@ class StreamInput(feeds.Input):
         self.steps_per_epoch = steps_lib.steps_per_epoch(self.num_examples, batch_size)
 
     def _feed(self, seed: int, chunk: int, total_steps: int, workers=None) -> StepFeed:
-        return StepFeed(Stream(self.splits.train, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
+        feed = StepFeed(Stream(self.splits.train, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
                                epoch_aligned=False, workers=workers), chunk_sharding(self.mesh))
+        feed.check = self.check
+        return feed
 
     def train_feed(self, seed: int, cadence: int, total_steps: int) -> StepFeed:
         return self._feed(seed, min(self.chunk_steps, self.steps_per_epoch), total_steps, self.workers)
@@ -531,4 +566,6 @@ class StreamInput(feeds.Input):
         return sources.resident_arrays(valid if count is None else dataclasses.replace(valid, keys=valid.keys[:count]))
 
     def evaluator(self, batch_size: int) -> StreamEvaluator:
-        return StreamEvaluator(self.splits.valid, batch_size, chunk_sharding(self.mesh))
+        evaluator = StreamEvaluator(self.splits.valid, batch_size, chunk_sharding(self.mesh))
+        evaluator.check = self.check
+        return evaluator

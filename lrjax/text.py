@@ -17,6 +17,12 @@ loss (`lrjax.tasks.next_token`) receives `{"tokens": int32 [B, context + 1]}`. A
 `windows_per_epoch` random windows: len(train) // (context + 1) (one pass's worth of tokens),
 capped at `MAX_WINDOWS_PER_EPOCH` so an epoch of a few-MB corpus stays short on a CPU. Validation
 and test are the non-overlapping windows of their splits, evaluated as resident examples.
+
+`TextStreamInput` (`--input stream`, or `auto` when the corpus exceeds the device-memory budget) holds
+nothing on the devices: lrjax's Grain stream (`lrjax.stream.Stream`, `StepFeed`) reads each chunk's
+windows from the memmap on the host (`Windows`), at the same starts per (seed, epoch) as `TextInput`
+(`epoch_starts`), so a streamed fit or range test computes what the resident one does; validation
+streams its non-overlapping windows too. A sweep needs the resident input.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import hashlib
 import os
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import feeds, resident
+from lrjax import feeds, resident, steps
 from lrjax import mesh as mesh_lib
 from lrjax.errors import ConfigError, DataError
 
@@ -53,11 +60,13 @@ class Corpus:
     y_train = y_valid = y_test = None  # the examples are dicts {"tokens": ...} (`lrjax.data.split_examples`)
 
     def __init__(self, tokens: np.ndarray, context: int, name: str = "text", source: str = "tokens",
-                 files: int = 0, skipped: int = 0, max_windows: int | None = MAX_WINDOWS_PER_EPOCH):
+                 files: int = 0, skipped: int = 0, max_windows: int | None = MAX_WINDOWS_PER_EPOCH,
+                 input: str = "resident"):
         if context < 1:
             raise ConfigError(f"--context must be >= 1, got {context}")
         self.tokens, self.context, self.name, self.source = tokens, int(context), name, source
         self.files, self.skipped = files, skipped
+        self.input = input  # 'resident' (TextInput) or 'stream' (TextStreamInput): what input_for gives
         n = len(tokens)
         cut = int(n * SPLIT_FRACTION)
         self.bounds = {"train": (0, n - 2 * cut), "valid": (n - 2 * cut, n - cut), "test": (n - cut, n)}
@@ -72,10 +81,16 @@ class Corpus:
         lo, hi = self.bounds[name]
         return self.tokens[lo:hi]
 
-    def windows(self, name: str) -> dict[str, np.ndarray]:
-        """The non-overlapping windows of a split, as int32 examples {"tokens": [n, context + 1]}."""
+    def windows(self, name: str, count: int | None = None) -> dict[str, np.ndarray]:
+        """The (first `count`) non-overlapping windows of a split, as int32 examples {"tokens": [n, context + 1]}."""
         t, w = self.split(name), self.context + 1
-        return {"tokens": np.asarray(t[: len(t) // w * w], np.int32).reshape(-1, w)}
+        n = len(t) // w if count is None else min(count, len(t) // w)
+        return {"tokens": np.asarray(t[: n * w], np.int32).reshape(-1, w)}
+
+    @property
+    def resident_nbytes(self) -> int:
+        """What `TextInput` puts on each device: the uint8 training tokens, the int32 validation windows."""
+        return len(self.split("train")) + 4 * len(self.split("valid"))
 
     @property
     def x_train(self):
@@ -91,9 +106,13 @@ class Corpus:
     def x_test(self):
         return self.windows("test")
 
-    def input_for(self, who: str, *, batch_size: int, mesh, chunk_steps: int = 64, **_) -> "TextInput":
-        """The `Input` the entry points use (`lrjax.inputs.make_input` calls this)."""
-        return TextInput(self, batch_size, mesh)
+    def input_for(self, who: str, *, batch_size: int, mesh, chunk_steps: int = 64, **_) -> feeds.Input:
+        """The `Input` the entry points use (`lrjax.inputs.make_input` calls this), by `self.input`."""
+        if self.input == "resident":
+            return TextInput(self, batch_size, mesh)
+        if who == "sweep":
+            raise ConfigError("sweep: a streamed text corpus is not supported; use --input resident")
+        return TextStreamInput(self, batch_size, mesh, chunk_steps)
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {hi - lo}" for k, (lo, hi) in self.bounds.items())
@@ -141,12 +160,22 @@ def read_tokens(files: list[Path]) -> tuple[np.ndarray, int, int]:
 
 
 def write_cache(path: Path, tokens: np.ndarray, files: int, skipped: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, len(tokens), files, skipped, hashlib.sha256(tokens.tobytes()).digest()))
-        f.write(tokens.tobytes())
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    """The token file at `path`, written under a temporary name of this process's and renamed; a
+    read-only or full cache folder is said in one line and the run goes on without the cache."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, len(tokens), files, skipped, hashlib.sha256(tokens.tobytes()).digest()))
+            f.write(tokens.tobytes())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    except OSError as e:
+        print(f"lrjax: cannot write the token cache in {path.parent} ({e.strerror or e}); running without the cache",
+              file=sys.stderr, flush=True)
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file would keep the space
+        except OSError:
+            pass
 
 
 def read_cache(path: Path) -> tuple[np.ndarray, int, int]:
@@ -178,7 +207,11 @@ def load_corpus(data_dir, context: int, cache_dir, max_windows: int | None = MAX
         try:
             loaded = read_cache(path)
         except (OSError, ValueError) as e:
-            print(f"lrjax: token cache {path} is damaged ({e}); rebuilding it", file=sys.stderr, flush=True)
+            print(f"lrjax: token cache {path} is damaged ({e}); removed, rebuilding it", file=sys.stderr, flush=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: read from the files, the write says so
     if loaded is None:
         loaded = read_tokens(files)
         if len(loaded[0]) == 0:
@@ -261,11 +294,89 @@ class TextInput(feeds.Input):
         return mesh_lib.replicate(tree, self.mesh)
 
     def valid_examples(self, count: int | None = None):
-        valid = self.corpus.windows("valid")
-        return valid if count is None else {"tokens": valid["tokens"][:count]}
+        return self.corpus.windows("valid", count)
 
     def evaluator(self, batch_size: int) -> feeds.Evaluator:
         return feeds.Evaluator(self._replicate(self.valid_examples()), batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed Input: windows read from the memmap on the host, through lrjax's Grain stream
+# ---------------------------------------------------------------------------------------------
+
+class Windows:
+    """The windows of `length` tokens in tokens[lo:hi] as a split `lrjax.stream.Stream` reads:
+    `read(positions)` gives the windows starting at lo + position * `stride` (uint8 [b, length], and
+    int32 zeros where an image split has labels); `len` is the windows a pass reads (`count`)."""
+
+    def __init__(self, tokens: np.ndarray, lo: int, hi: int, length: int, stride: int, count: int, name: str):
+        self.tokens, self.lo, self.hi, self.length, self.stride = tokens, lo, hi, length, stride
+        self.count, self.name, self.example_shape = count, name, (length,)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        view = np.lib.stride_tricks.sliding_window_view(self.tokens[self.lo:self.hi], self.length)
+        return view[np.asarray(positions) * self.stride], np.zeros(len(positions), np.int32)
+
+
+def window_order(seed: int, first_epoch: int, num_train: int, length: int, windows: int, batch_size: int,
+                 epoch: int) -> np.ndarray:
+    """The window starts of the stream's pass `epoch` (0-based): `epoch_starts` of epoch
+    `first_epoch + epoch`, as `TextInput` draws them (training epochs are 1-based, the range test is 0)."""
+    return epoch_starts(seed, first_epoch + epoch, num_train, length, windows, batch_size)[0].reshape(-1)
+
+
+def window_batch(_, batch, w):
+    """The streamed windows' fetch: a chunk step's uint8 windows (x; y unused) as the task's int32 tokens."""
+    return steps.fed_batch({"tokens": batch[0].astype(jnp.int32)}, w)
+
+
+class TextStreamInput(feeds.Input):
+    """A `Corpus` streamed through Grain in chunks of `chunk_steps` steps: nothing on the devices
+    but each chunk's windows (see the module docstring)."""
+
+    kind = "stream"
+    seeds = 1
+
+    def __init__(self, corpus: Corpus, batch_size: int, mesh, chunk_steps: int):
+        self.corpus, self.batch_size, self.mesh, self.chunk_steps = corpus, int(batch_size), mesh, int(chunk_steps)
+        self.length = corpus.context + 1
+        self.num_train = len(corpus.split("train"))
+        self.num_examples = corpus.windows_per_epoch
+        self.steps_per_epoch = -(-corpus.windows_per_epoch // self.batch_size)
+
+    def _feed(self, seed: int, first_epoch: int, windows: int, chunk: int, total_steps: int):
+        from lrjax import stream  # Grain: imported where the streamed path is used
+
+        split = Windows(self.corpus.tokens, *self.corpus.bounds["train"], self.length, 1, windows, "train")
+        order = functools.partial(window_order, int(seed), first_epoch, self.num_train, self.length, windows,
+                                  self.batch_size)
+        feed = stream.StepFeed(stream.Stream(split, self.batch_size, chunk_steps=chunk, seed=seed, steps=total_steps,
+                                             epoch_aligned=False, workers=0, order=order),
+                               feeds.chunk_sharding(self.mesh))
+        feed.fetch = window_batch
+        return feed
+
+    def train_feed(self, seed: int, cadence: int, total_steps: int):
+        return self._feed(seed, 1, self.num_examples, min(self.chunk_steps, self.steps_per_epoch), total_steps)
+
+    def range_feed(self, seeds: list[int], chunk: int, num_steps: int):
+        if len(seeds) != 1:
+            raise ConfigError("a text range test runs one seed: use --num-seeds 1")
+        # as TextInput's: the range test's steps as one long epoch 0 of as many windows
+        return self._feed(seeds[0], 0, num_steps * self.batch_size, chunk, num_steps)
+
+    def valid_examples(self, count: int | None = None):
+        return self.corpus.windows("valid", count)
+
+    def evaluator(self, batch_size: int):
+        from lrjax import stream
+
+        lo, hi = self.corpus.bounds["valid"]
+        split = Windows(self.corpus.tokens, lo, hi, self.length, self.length, (hi - lo) // self.length, "valid")
+        return stream.StreamEvaluator(split, batch_size, feeds.chunk_sharding(self.mesh), workers=0, fetch=window_batch)
 
 
 def generate(model, prompt: bytes, tokens: int, context: int, temperature: float = 0.0, seed: int = 0) -> bytes:

@@ -15,7 +15,8 @@ What is checked, per split (training, validation; `evaluate`'s x and y):
 Arrays are checked as they were passed, on the host, before `lrjax.inputs.make_input` copies them
 to the devices; streamed splits (`lrjax.sources.Splits`) on the first examples of each split, read
 straight from the source; iterables of batches on their first batch (`lrjax.feeds.BatchFeed.peek`,
-once the input has read it: `check_first_batch`).
+once the input has read it: `check_first_batch`); the batches and chunks read after the first, as they
+are read (`later_batches`: never a second pass).
 
 `range_first_step` (the range test) and `check_first_step` (the training loop) explain a loss
 that is already non-finite at the first step (computed before any update, so the rate is not the
@@ -79,10 +80,39 @@ def check_input(who: str, model, data, *, loss_fn=tasks.classification, valid=No
 
 def check_first_batch(who: str, model, inp, *, loss_fn=tasks.classification) -> None:
     """The first batch of an iterable's `Input` (`lrjax.feeds.IterableInput`), read now and still the
-    first trained on; nothing for the other kinds (`check_input` has seen their data)."""
+    first trained on; and for the batches and chunks read later (an iterable's, a stream's), a check
+    of each as it is read (`inp.check` / `feed.check`: `later_batches`). Nothing for resident arrays,
+    which `check_input` has seen whole."""
     feed = getattr(inp, "feed", None) if inp.kind == "iterable" else None
     if feed is not None:
-        _check_split(who, "training", _module(model), _from_batch(feed.peek(), "data (its first batch)"), loss_fn)
+        classes = _check_split(who, "training", _module(model), _from_batch(feed.peek(), "data (its first batch)"),
+                               loss_fn)
+        feed.check = later_batches(who, classes)
+    elif inp.kind == "stream" and hasattr(inp, "splits"):  # images; a text corpus's bytes are all valid tokens
+        shape = (_PROBE, *inp.splits.train.example_shape)
+        classes = None if loss_fn is not tasks.classification else _num_outputs(
+            who, _module(model), jax.ShapeDtypeStruct(shape, np.float32), "data (its train split) images")
+        inp.check = later_batches(who, classes)
+
+
+def later_batches(who: str, classes: int | None):
+    """`check(batch, name)` for a batch or chunk read after the first (already checked against the first
+    batch's structure, shapes and dtypes): floating leaves finite and, for the default task (`classes`
+    outputs), the labels of an (x, y) batch in [0, classes). Host numpy on what was read anyway: a sum
+    per floating leaf (none for a stream's uint8 images) and a min and max of the labels."""
+
+    def check(batch, name: str) -> None:
+        named = _from_batch(batch, name)
+        for leaf_name, a in named.leaves:
+            if np.issubdtype(a.dtype, np.floating) or _is_jax_float(a.dtype):
+                bad = _first_not_finite(a)
+                if bad is not None:
+                    raise DataError(f"{who}: {leaf_name} holds {bad[1]} at {leaf_name}[{', '.join(map(str, bad[0]))}] "
+                                    f"({bad[2]} of its {a.size} values are not finite): clean or drop those examples")
+        if classes is not None and named.labels is not None:
+            _check_labels(who, *named.leaves[named.labels], classes)
+
+    return check
 
 
 def _module(model):
@@ -107,8 +137,8 @@ def not_finite_at_first_step(lr: float, models=()) -> None:
             if bad is not None:
                 raise TrainingDiverged(msg + f"; the model's parameter {_dotted(path)} holds "
                                        f"{bad[1]} at {list(bad[0])}: initialise it again")
-    raise TrainingDiverged(msg + "; look for inputs the checks did not see (batches after the first of a "
-                           "stream), or a loss function that is not finite on these examples (e.g. log of 0)"
+    raise TrainingDiverged(msg + "; look for a loss function that is not finite on these examples (e.g. log "
+                           "of 0), or inputs the checks did not see (an Input of your own)"
                            + ("" if models else ", or non-finite parameters"))
 
 

@@ -85,14 +85,22 @@ def _tfds_prepared(name: str, folder) -> bool:
     return tfds_source.is_prepared(name, str(folder))
 
 
+def _budget(cfg: Config) -> int:
+    return (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
+            else memory.default_budget())
+
+
 def load(cfg: Config) -> Dataset | sources.Splits:
     """The data by the path --input chooses (resident, or streamed where auto finds them over
     --device-memory-budget), with the choice and its reason printed. `--dataset text`: the corpus
-    of --data-dir (`lrjax.text`), its training tokens resident."""
+    of --data-dir (`lrjax.text`), its training tokens resident or streamed from the token memmap."""
     if cfg.dataset == "text":
         t0 = time.perf_counter()
         corpus = text.load_corpus(cfg.data_dir, cfg.context, cfg.resolved_cache_dir)
         _say(cfg, f"{corpus.describe()} ({time.perf_counter() - t0:.2f}s)")
+        corpus.input, reason = memory.choose_input(cfg.input, corpus.resident_nbytes,
+                                                   _budget(cfg) if cfg.input == "auto" else 0)
+        _say(cfg, reason)
         return corpus
     if cfg.input == "resident":
         data = load_resident(cfg)
@@ -102,9 +110,7 @@ def load(cfg: Config) -> Dataset | sources.Splits:
         return data
     t0 = time.perf_counter()
     splits = stream_splits(cfg)
-    budget = (memory.parse_size(cfg.device_memory_budget) if cfg.device_memory_budget is not None
-              else memory.default_budget())
-    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), budget)
+    mode, reason = memory.choose_input(cfg.input, memory.resident_nbytes(splits), _budget(cfg))
     _say(cfg, reason)
     if mode == "resident":
         train, test = splits.train.examples, splits.test.examples
@@ -233,10 +239,12 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
             if result.verification is not None:  # the default's candidate stage (lrjax.verify)
                 phases["verification"] = result.verification.seconds
             phases["other"] = time.perf_counter() - t0 - sum(phases.values())  # model init, set-up
-            started = t_found - result.wall_time_s  # find_lr's clock: after the examples' transfer
+            tested = t_found - phases.get("verification", 0.0)  # the stage runs after the test
+            started = tested - result.wall_time_s  # find_lr's clock: after the examples' transfer
             timeline.update(set_up=[_CLOCK(t_set_up), _CLOCK(started)],
                             range_test_compile=[_CLOCK(started), _CLOCK(started + result.compile_time_s)],
-                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(t_found)],
+                            range_test=[_CLOCK(started + result.compile_time_s), _CLOCK(tested)],
+                            **({"verification": [_CLOCK(tested), _CLOCK(t_found)]} if "verification" in phases else {}),
                             outputs=[_CLOCK(t), _CLOCK(t + phases["outputs"])])
             (workdir / "lr_find.json").write_text(json.dumps(
                 {**result.to_json(), "startup_s": _STARTUP_S, "phases_s": phases, "timeline_s": timeline}, indent=1))

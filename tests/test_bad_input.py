@@ -159,6 +159,53 @@ def test_iterable_whose_later_batch_changes_structure_names_the_training_data():
         call("find_lr", data, None)
 
 
+@pytest.mark.parametrize("fn", ["find_lr", "fit"])
+@pytest.mark.parametrize("bad, message", [
+    ("labels", r"data \(its batch 3, pass 1\)\[1\] holds label 7 at index 2, outside \[0, 3\)"),
+    ("nan", r"data \(its batch 3, pass 1\)\[0\] holds nan at data \(its batch 3, pass 1\)\[0\]\[4, 1, 0\]")])
+def test_iterable_later_batches_are_checked_as_they_are_read(fn, bad, message, tmp_path):
+    data = batches()
+    x, y = data[2]
+    if bad == "labels":
+        y = y.copy()
+        y[2] = 7
+    else:
+        x = x.copy()
+        x[4, 1, 0] = np.nan
+    data[2] = (x, y)
+    with pytest.raises(DataError, match=message):
+        call(fn, data, tmp_path / "w", valid=valid_pair())
+
+
+class LabelsHidden:
+    """An ArrayExamples whose labels are not an attribute (as a TFDS split's): seen only as they are read."""
+
+    def __init__(self, examples):
+        self.examples, self.example_shape = examples, examples.example_shape
+
+    def __len__(self):
+        return len(self.examples)
+
+    def read(self, keys):
+        return self.examples.read(keys)
+
+
+def test_streamed_chunks_are_checked_as_they_are_read(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(validate, "_STREAM_PROBE", 8)  # the first 8 examples pass; a later one is out of range
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (40, H, H), np.uint8)
+    labels = rng.integers(0, CLASSES, 40)
+    labels[30] = CLASSES  # validation is the first 8: a training example, past the first chunk
+    splits = sources.array_splits(images, labels, images[:8], labels[:8], valid_size=8)
+    splits = dataclasses.replace(splits, train=dataclasses.replace(
+        splits.train, examples=LabelsHidden(splits.train.examples)))
+    for fn in ("find_lr", "fit"):
+        with pytest.raises(DataError, match=rf"data \(its train split, chunk \d+\)\[1\] holds label {CLASSES}"):
+            call(fn, splits, tmp_path / fn, batch_size=8)
+
+
 def test_valid_given_beside_an_iterable_is_checked(tmp_path):
     x, y = valid_pair()
     with pytest.raises(DataError, match=r"valid\[1\] holds label 9"):
@@ -356,7 +403,8 @@ def test_two_writers_at_once_leave_one_good_entry(fake_tfds, tmp_path):
         np.testing.assert_array_equal(z["train_labels"], fake_tfds[0]["train"][1])
 
 
-def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
+def idx_folder(tmp_path, monkeypatch):
+    """Four small settled IDX files whose checksums lrjax.idx knows; (folder, their arrays)."""
     import gzip
     import hashlib
     import os
@@ -376,6 +424,13 @@ def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
     sums = {key: hashlib.sha256(gzip.decompress((folder / name).read_bytes())).hexdigest()
             for key, name in idx_lib.FILES.items()}
     monkeypatch.setitem(idx_lib.SHA256, "mnist", sums)  # checked files are the ones remembered
+    return folder, arrays
+
+
+def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
+    from lrjax import idx as idx_lib
+
+    folder, arrays = idx_folder(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     idx_lib.read_idx_folder(folder, "mnist", cache_dir=cache)
     copies = sorted((cache / "idx").glob("*.idx"))
@@ -391,6 +446,27 @@ def test_a_damaged_idx_copy_is_said_and_rebuilt(tmp_path, capsys, monkeypatch):
     assert [c.stat().st_size for c in copies] == sizes  # rebuilt
 
 
+@pytest.mark.parametrize("errno_", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_idx_cache_means_running_without_it(tmp_path, capsys, monkeypatch, errno_):
+    import errno
+    import os
+    import pathlib
+
+    from lrjax import idx as idx_lib
+
+    folder, arrays = idx_folder(tmp_path, monkeypatch)
+
+    def refuse(self, target):  # as the filesystem refuses (a chmod would not stop root)
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(pathlib.Path, "replace", refuse)
+    out = idx_lib.read_idx_folder(folder, "mnist", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(out["train_labels"], arrays["train_labels"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "running without the cache" in lines[0] and os.strerror(getattr(errno, errno_)) in lines[0]
+    assert list((tmp_path / "cache" / "idx").iterdir()) == []  # nor a partial file
+
+
 def test_device_arrays_are_checked_where_they_live(monkeypatch):
     # jax arrays off the host (an accelerator's, another process's rows) are reduced with jax.numpy;
     # here the CPU's arrays are taken for such arrays
@@ -402,3 +478,97 @@ def test_device_arrays_are_checked_where_they_live(monkeypatch):
     with pytest.raises(DataError, match="y_train holds label 3 at index 4"):
         check("fit", model(), dataset(y_train=jnp.asarray(d.y_train).at[4].set(3)))
     check("fit", model(), dataset(x_train=jnp.asarray(d.x_train), y_train=jnp.asarray(d.y_train)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compilation cache folder (lrjax.jaxcache)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    import jax
+
+    from lrjax import jaxcache
+
+    folder = tmp_path / "jax"
+    jaxcache.enable(folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program kept, however quick
+    yield folder
+    jaxcache.enable(None)
+
+
+def compile_one(scale: float):
+    """A program of its own (a constant no other test uses), compiled again after clear_caches."""
+    import jax
+
+    jax.clear_caches()
+    return float(jax.jit(lambda x: (jnp.sin(x) * scale).sum())(np.arange(5, dtype=np.float32)))
+
+
+def whole_entry(entry) -> bool:
+    from lrjax import jaxcache
+
+    return jaxcache.HealingCache(entry.parent).get(entry.name.removesuffix(jaxcache.SUFFIX)) is not None
+
+
+def test_a_truncated_compilation_cache_entry_is_removed_and_compiled_again(compilation_cache, capsys):
+    from lrjax import jaxcache
+
+    want = compile_one(3.25)
+    [entry] = compilation_cache.glob(f"*{jaxcache.SUFFIX}")
+    whole = entry.read_bytes()
+    assert whole.startswith(jaxcache.MAGIC)
+    capsys.readouterr()
+    assert compile_one(3.25) == want and capsys.readouterr().err == ""  # read back, no word
+    entry.write_bytes(whole[: len(whole) // 2])  # a partial write
+    assert compile_one(3.25) == want
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0] and str(entry) in lines[0], lines
+    assert whole_entry(entry)  # compiled again and written anew
+    entry.write_bytes(whole[:20] + bytes([whole[20] ^ 1]) + whole[21:])  # one bit flipped
+    assert compile_one(3.25) == want and "CRC-32" in capsys.readouterr().err
+    assert [p.name for p in compilation_cache.iterdir()] == [entry.name]  # no temporary file left
+
+
+def test_an_entry_jax_wrote_itself_is_replaced_without_a_word(compilation_cache, capsys):
+    from lrjax import jaxcache
+
+    compile_one(4.5)
+    [entry] = compilation_cache.glob(f"*{jaxcache.SUFFIX}")
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[jaxcache.HEADER.size:])  # JAX's own format: no header
+    capsys.readouterr()
+    compile_one(4.5)
+    assert capsys.readouterr().err == "" and whole_entry(entry)
+
+
+@pytest.mark.parametrize("errno_", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_compilation_cache_means_running_without_it(compilation_cache, capsys, monkeypatch,
+                                                                        errno_):
+    import errno
+    import os
+
+    from lrjax import jaxcache
+
+    def refuse(src, dst):  # as the filesystem refuses (a chmod would not stop root)
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(jaxcache.os, "replace", refuse)
+    capsys.readouterr()
+    assert compile_one(5.75) == pytest.approx(float(np.sin(np.arange(5.0)).sum()) * 5.75, rel=1e-5)
+    compile_one(6.75)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "running without the cache" in lines[0] and os.strerror(getattr(errno, errno_)) in lines[0]
+    assert list(compilation_cache.iterdir()) == []  # nor a partial file
+
+
+def test_two_processes_filling_one_entry_leave_it_whole(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lrjax import jaxcache
+
+    caches = [jaxcache.HealingCache(tmp_path) for _ in range(4)]
+    values = [bytes([i]) * 200_000 for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: caches[i].put("k", values[i]), range(4)))
+    assert caches[0].get("k") in values and [p.name for p in tmp_path.iterdir()] == ["k-cache"]

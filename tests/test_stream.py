@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -450,3 +451,62 @@ def test_worker_processes_give_the_same_chunks_and_resume_across_worker_counts(s
 def test_default_workers(splits, tiny_tfds):
     assert stream.default_workers(splits.train) == 0  # arrays: one numpy gather a batch, no processes
     assert 1 <= stream.default_workers(tfds_splits("mnist", tiny_tfds / "tfds", valid_size=20).train) <= 4
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_stream import make_splits
+from lrjax.stream import Stream
+if __name__ == "__main__":
+    s = Stream(make_splits().train, 16, chunk_steps=2, epochs=None, workers=2)
+    next(s)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Living processes below `pid` (read from /proc: ppid is the 4th field of /proc/PID/stat)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
+    # ~10 s: a streamed run's Grain workers (multiprocessing spawn) must not outlive a SIGKILLed parent.
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        workers = descendants(proc.pid)
+        assert len(workers) >= 2  # the two Grain workers (and multiprocessing's resource tracker)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if alive(p)]
+    for p in left:  # a failing test leaves nothing behind either
+        os.kill(p, 9)
+    assert not left, f"processes {left} outlived their SIGKILLed parent"

@@ -65,6 +65,24 @@ def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, capsys):
         text.read_cache(cached)  # intact again
 
 
+@pytest.mark.parametrize("errno_", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_cache_folder_means_running_without_the_cache(tmp_path, capsys, monkeypatch, errno_):
+    import errno
+    import os
+
+    paths = write_corpus(tmp_path / "c")
+
+    def refuse(src, dst):  # as the filesystem refuses (a chmod would not stop root)
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(text.os, "replace", refuse)
+    corpus = text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
+    assert bytes(np.asarray(corpus.tokens)) == b"".join(p.read_bytes() for p in paths)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "running without the cache" in lines[0] and os.strerror(getattr(errno, errno_)) in lines[0]
+    assert list((tmp_path / "cache" / "text").iterdir()) == []  # nor a partial file
+
+
 def test_a_changed_file_gives_a_new_cache_entry(tmp_path):
     paths = write_corpus(tmp_path / "c")
     text.load_corpus(tmp_path / "c", 16, tmp_path / "cache")
@@ -213,3 +231,60 @@ def test_lrjax_sweep_on_text_ranks_by_validation_loss(tmp_path, capsys, monkeypa
     j = json.loads((tmp_path / "w" / "sweep.json").read_text())
     assert j["rank_by"] == "val_loss" and j["best_lr"] == pytest.approx(1e-2)  # 1e-4 barely moves in one epoch
     assert "val_bits_per_byte" in j["members"][0]
+
+
+def streamed(corpus):
+    import copy
+
+    out = copy.copy(corpus)
+    out.input = "stream"
+    return out
+
+
+@pytest.mark.slow
+def test_a_streamed_corpus_trains_as_the_resident_one_and_resumes(tmp_path):
+    from lrjax.train import fit
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache", max_windows=80)  # 3 steps, the last padded
+    kw = dict(lr=3e-3, epochs=3, batch_size=32, loss_fn=tasks.next_token, progress=None, stream_chunk_steps=2)
+    resident = fit(tiny(), optax.adamw, corpus, **kw)
+    stream = fit(tiny(), optax.adamw, streamed(corpus), workdir=tmp_path / "a", **kw)
+    for name in ("loss", "token_accuracy", "val_loss", "val_bits_per_byte"):
+        np.testing.assert_allclose([h[name] for h in stream.history], [h[name] for h in resident.history],
+                                   rtol=1e-5, err_msg=name)
+    fit(tiny(), optax.adamw, streamed(corpus), workdir=tmp_path / "b", stop_after=1, **kw)
+    resumed = fit(tiny(), optax.adamw, streamed(corpus), workdir=tmp_path / "b", **kw)
+    assert resumed.resumed_from is not None and resumed.epochs_run == 3
+    for a, b in zip(jax.tree.leaves(stream.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_streamed_range_test_equals_the_resident_one(tmp_path):
+    from lrjax.range_test import find_lr
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache")
+    kw = dict(batch_size=16, start_lr=1e-4, end_lr=1.0, num_steps=40, chunk_steps=16, loss_fn=tasks.next_token)
+    a = find_lr(tiny(), optax.adamw, corpus, **kw)
+    b = find_lr(tiny(), optax.adamw, streamed(corpus), **kw)
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5)
+    assert b.suggestion == pytest.approx(a.suggestion, rel=1e-6)
+
+
+def test_input_auto_keeps_a_small_corpus_resident_and_stream_streams_it(tmp_path, capsys):
+    from lrjax import workflow
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    cfg = dict(dataset="text", model="transformer", data_dir=str(tmp_path / "c"), context=8,
+               cache_dir=str(tmp_path / "cache"))
+    assert workflow.load(Config(**cfg)).input == "resident"
+    assert "input: resident" in capsys.readouterr().out
+    assert workflow.load(Config(**cfg, input="auto", device_memory_budget="1KB")).input == "stream"
+    corpus = workflow.load(Config(**cfg, input="stream"))
+    assert corpus.input == "stream" and "--input stream" in capsys.readouterr().out
+    inp = corpus.input_for("fit", batch_size=4, mesh=mesh_lib.make_mesh("auto"))
+    assert isinstance(inp, text.TextStreamInput) and inp.kind == "stream"
+    with pytest.raises(Exception, match="--input resident"):
+        corpus.input_for("sweep", batch_size=4, mesh=mesh_lib.make_mesh("auto"))

@@ -156,11 +156,12 @@ def test_find_lr_job_reports_its_phases(tmp_path, data, monkeypatch):
     assert j["startup_s"] > 0  # this process's start to lrjax's import (Linux)
     # the timeline: the same phases as [start, end] since the process started, in the order they ran
     spans = j["timeline_s"]
-    assert list(spans) == ["startup", "data_load", "set_up", "range_test_compile", "range_test", "outputs"]
+    assert list(spans) == ["startup", "data_load", "set_up", "range_test_compile", "range_test", "verification",
+                           "outputs"]
     assert spans["startup"] == [0.0, j["startup_s"]]
     ends = [x for span in spans.values() for x in span]
     assert ends == sorted(ends)
-    for name in ("data_load", "range_test_compile", "range_test", "outputs"):
+    for name in ("data_load", "range_test_compile", "range_test", "verification", "outputs"):
         assert spans[name][1] - spans[name][0] == pytest.approx(j["phases_s"][name], abs=2e-4)
     # given its data (lrjax run), the job loads none
     workflow.find_lr_job(cfg(tmp_path, start_lr=1e-3, end_lr=50.0, num_steps=60), data)

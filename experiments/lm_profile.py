@@ -1,0 +1,77 @@
+"""Where the default Transformer's training step spends its time on the CPU (the `lm` bench's profile).
+
+    python experiments/lm_profile.py [--cores]   # --cores: lrjax.use_cpu_cores() first, as the CLI does
+
+Batch 32, context 128, d 128, 4 layers, 4 heads, adamw; each row the median of 10 calls of one jitted
+program (after a warm-up): the forward loss, the loss and its gradient, the whole `steps.train_step`,
+with the CPU attention lrjax uses (two einsums and a masked softmax) and with
+`jax.nn.dot_product_attention(is_causal=True)`; and, where several devices exist, the train step with
+the batch split over them (what fit runs after `use_cpu_cores`).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def main() -> int:
+    import lrjax
+
+    if "--cores" in sys.argv:
+        lrjax.use_cpu_cores()
+    import jax
+    import optax
+
+    from lrjax import mesh as mesh_lib
+    from lrjax import models, steps, tasks
+
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}
+    w = np.ones(32, np.float32)
+    adamw = functools.partial(optax.adamw, weight_decay=0.1)
+
+    def med(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    own = models.causal_attention
+    print(f"jax {jax.__version__}, {jax.device_count()} devices")
+    for name, attention in (("einsum attention (lrjax's CPU path)", own),
+                            ("jax.nn.dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(
+                                q, k, v, is_causal=True))):
+        models.causal_attention = attention
+        state = steps.init_state(models.transformer(256, 128), adamw, 1e-3, loss_fn=tasks.next_token)
+        from flax import nnx
+
+        def loss(params):
+            model = nnx.merge(state.graphdef, params, state.rest)
+            return tasks.next_token(model, batch)[0].mean()
+
+        fwd = med(jax.jit(loss), state.params)
+        grad = med(jax.jit(jax.value_and_grad(loss)), state.params)
+        step = med(jax.jit(steps.train_step), state, batch, w)
+        print(f"{name:40s} forward {fwd:6.1f} ms  forward+backward {grad:6.1f} ms  train step {step:6.1f} ms "
+              f"(optimizer and the rest {step - grad:5.1f} ms)", flush=True)
+        if jax.device_count() > 1:
+            mesh = mesh_lib.make_mesh("auto")
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            split = jax.device_put((batch, w), sharding)
+            state_r = mesh_lib.replicate(state, mesh)
+            print(f"{'':40s} train step, batch split over {jax.device_count()} devices "
+                  f"{med(jax.jit(steps.train_step), state_r, *split):6.1f} ms", flush=True)
+    models.causal_attention = own
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
