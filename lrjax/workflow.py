@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, memory, optimizers, overlap, sources, steps, tasks, tb, text
+from lrjax import faults, memory, optimizers, overlap, sharding, sources, steps, tasks, tb, text
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
@@ -223,7 +223,7 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
             skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
             # seed s of several starts from model_for(seed + s); one seed is the model itself
             init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
-            dtype=cfg.dtype, loss_fn=task_for(data))
+            dtype=cfg.dtype, loss_fn=task_for(data), sharding_rules=sharding.parse_rules(cfg.sharding_rules))
         t_found = time.perf_counter()
     finally:
         bar.close()
@@ -309,7 +309,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
         progress=print if cfg.progress else None, dtype=cfg.dtype, schedule=cfg.schedule,
         eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        log_every_steps=cfg.log_every_steps, loss_fn=task_for(data))
+        log_every_steps=cfg.log_every_steps, loss_fn=task_for(data),
+        sharding_rules=sharding.parse_rules(cfg.sharding_rules))
     if result.interrupted:
         raise Interrupted(result)
     t = time.perf_counter()
@@ -338,6 +339,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset, "model": cfg.model,
         "wall_time_s": wall, "phases_s": phases, "startup_s": _STARTUP_S, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
+        # the mesh the state was created on (the first segment's); each resumed segment's own under `segments`
+        "state_bytes_per_device": result.segments[0]["state_bytes_per_device"], "segments": result.segments,
         "history": result.history,
     }
     if jax.process_index() == 0:
@@ -347,9 +350,14 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
     shown = ", ".join(f"test {k.replace('_', ' ')} {v:.4f}" for k, v in test.items() if k != "loss")
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
-              f"{shown}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
+              f"{shown}, test loss {test['loss']:.4f}; state {_mib(result.segments[-1]['state_bytes_per_device'])} "
+              f"per device on {result.segments[-1]['mesh_shape']}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
     return metrics
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def checkpointed_run(cfg: Config) -> dict[str, Any] | None:
