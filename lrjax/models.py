@@ -212,8 +212,12 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: i
 def initialised(cls: type[nnx.Module], *args, seed: int) -> nnx.Module:
     """`cls(*args, rngs=nnx.Rngs(seed))` with its weights from one compiled program: the same weights
     as building the model eagerly, which compiles every random draw separately (~1 s for the MLP in
-    every new process on a 2-core CPU). `args` must be hashable."""
-    return nnx.merge(_graphdef(cls, *args), _state(cls, args, jax.random.key(seed)))
+    every new process on a 2-core CPU). `args` must be hashable. Inside a trace (`lrjax.sharding.create_model`'s
+    program, `nnx.eval_shape`) the module is built directly: the enclosing program compiles it."""
+    key = jax.random.key(seed)
+    if isinstance(key, jax.core.Tracer):
+        return cls(*args, rngs=nnx.Rngs(key))
+    return nnx.merge(_graphdef(cls, *args), _state(cls, args, key))
 
 
 @functools.lru_cache

@@ -157,8 +157,11 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
     return optimizers.Recipe(base, cfg.weight_decay, cfg.grad_accum_steps, plateau)
 
 
-def model_for(cfg: Config, data: Dataset, seed: int | None = None):
-    """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
+def model_for(cfg: Config, data: Dataset, seed: int | None = None, mesh=None):
+    """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed);
+    on a `mesh` with fsdp/tensor axes, created sharded by --sharding-rules (`sharding.create_model`)."""
+    if mesh is not None and sharding.is_sharded(mesh):
+        return sharding.create_model(lambda: model_for(cfg, data, seed), mesh, sharding.parse_rules(cfg.sharding_rules))
     if isinstance(data, text.Corpus):
         shape, classes = (data.context,), text.VOCAB
     elif isinstance(data, sources.Splits):
@@ -216,7 +219,8 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
-            model_for(cfg, data), optimizer_for(cfg), data, batch_size=cfg.batch_size,
+            model_for(cfg, data, mesh=mesh if cfg.num_seeds == 1 else None), optimizer_for(cfg), data,
+            batch_size=cfg.batch_size,
             start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
             diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
             eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
@@ -303,7 +307,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
                        restore_best_weights=cfg.restore_best)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
     result: FitResult = fit(
-        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)), data,
+        model_for(cfg, data, mesh=mesh), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)),
+        data,
         lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,

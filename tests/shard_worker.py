@@ -43,6 +43,20 @@ def main():
     model = mlp(64, (64, 32), 4, seed=3)  # the first kernel (64 x 64) splits over fsdp=8, 4 and 2
     mesh = mesh_lib.make_mesh(shape)
     out = {"devices": jax.device_count()}
+    if job == "create":  # the registry's models created sharded: their weights, each array's spec
+        from flax import nnx
+
+        from lrjax import models
+
+        for name, make in (("mlp", lambda: models.mlp(784, (300, 100), 10, seed=2)),
+                           ("cnn", lambda: models.cnn((28, 28, 1), 10, seed=1)),
+                           ("transformer", lambda: models.transformer(256, 128, 256, 2, 4, seed=0))):
+            made = nnx.state(sharding.create_model(make, mesh), nnx.Param)
+            out[name] = {"same": digest(made) == digest(nnx.state(make(), nnx.Param)),
+                         "specs": sorted({str(spec(a)) for a in jax.tree.leaves(made)}),
+                         "bytes": sharding.bytes_per_device(made)}
+        print("RESULT " + json.dumps(out))
+        return
     if job == "fit":  # fit:EPOCHS
         r = fit(model, optax.adam, data, lr=3e-3, epochs=int(sys.argv[4]), batch_size=16, seed=3, mesh=mesh,
                 early_stopping=EarlyStopping(patience=9, restore_best_weights=False), workdir=workdir,

@@ -92,3 +92,13 @@ def test_fsdp8_checkpoint_restores_on_4_2_1_devices_and_resumes(tmp_path):
     assert [s["mesh_shape"] for s in resumed["segments"]] == ["fsdp=8", "fsdp=4"]
     assert resumed["segments"][1]["first_epoch"] == 2
     assert resumed["segments"][1]["state_bytes_per_device"] > eight["state_bytes_per_device"]
+
+
+@pytest.mark.slow
+def test_models_created_sharded_keep_their_weights(tmp_path):
+    got = run_worker(["create", tmp_path, "data=2,fsdp=2,tensor=2"], devices=8)
+    for name in ("mlp", "cnn", "transformer"):
+        assert got[name]["same"], name  # sharding.create_model: the weights of building the model directly
+    assert "['fsdp', 'tensor']" in got["transformer"]["specs"] and "['tensor', 'fsdp']" in got["transformer"]["specs"]
+    assert "[None, None, 'fsdp', 'tensor']" in got["cnn"]["specs"]  # a 3x3 conv: its channels split
+    assert "['fsdp', 'tensor']" in got["mlp"]["specs"]
