@@ -102,3 +102,11 @@ def test_models_created_sharded_keep_their_weights(tmp_path):
     assert "['fsdp', 'tensor']" in got["transformer"]["specs"] and "['tensor', 'fsdp']" in got["transformer"]["specs"]
     assert "[None, None, 'fsdp', 'tensor']" in got["cnn"]["specs"]  # a 3x3 conv: its channels split
     assert "['fsdp', 'tensor']" in got["mlp"]["specs"]
+
+
+def test_sharding_rules_flag_is_checked_with_the_config():
+    from lrjax.config import Config
+
+    assert Config(sharding_rules="embed=none,mlp=fsdp").sharding_rules == "embed=none,mlp=fsdp"
+    with pytest.raises(ConfigError, match="embed=model"):
+        Config(sharding_rules="embed=model")
