@@ -57,6 +57,13 @@ def main():
                          "bytes": sharding.bytes_per_device(made)}
         print("RESULT " + json.dumps(out))
         return
+    if job == "find_lr":  # one seed's range test, its state sharded on the mesh
+        from lrjax.range_test import find_lr
+
+        r = find_lr(model, optax.adam, data, batch_size=16, start_lr=1e-4, end_lr=1.0, num_steps=60, mesh=mesh,
+                    method="valley")
+        print("RESULT " + json.dumps({**out, "losses": np.asarray(r.losses).tolist()}))
+        return
     if job == "fit":  # fit:EPOCHS
         r = fit(model, optax.adam, data, lr=3e-3, epochs=int(sys.argv[4]), batch_size=16, seed=3, mesh=mesh,
                 early_stopping=EarlyStopping(patience=9, restore_best_weights=False), workdir=workdir,

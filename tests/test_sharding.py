@@ -95,6 +95,15 @@ def test_fsdp8_checkpoint_restores_on_4_2_1_devices_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_range_test_with_sharded_state_equals_one_device(tmp_path):
+    one = run_worker(["find_lr", tmp_path, "1"], devices=1)["losses"]
+    for shape in ("fsdp=8", "data=2,fsdp=2,tensor=2"):
+        got = run_worker(["find_lr", tmp_path, shape], devices=8)["losses"]
+        assert len(got) == len(one) >= 30, shape
+        np.testing.assert_allclose(got[:30], one[:30], rtol=1e-5, err_msg=shape)  # before the rates get high
+
+
+@pytest.mark.slow
 def test_models_created_sharded_keep_their_weights(tmp_path):
     got = run_worker(["create", tmp_path, "data=2,fsdp=2,tensor=2"], devices=8)
     for name in ("mlp", "cnn", "transformer"):
