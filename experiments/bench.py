@@ -18,6 +18,11 @@ Sections (ratio = baseline time / variant time, so > 1 means faster than the bas
           (fit's own `TextInput` feed and `steps.train_chunk`; baseline), the same step jitted in a
           Python loop, and PyTorch on 2 threads (experiments/peers/torch_lm.py, --torch-python), all
           on the same windows; --lm-steps shortens the epoch
+  sharding the Transformer of the sharded-models acceptance (d 256, 2 layers, 4 heads, context 128,
+          batch 32, adamw): ms a training step and the state bytes per device on data=N (baseline,
+          replicated), fsdp=N and, with 8 devices or more, data=2,fsdp=2,tensor=2 (N = the devices,
+          at most 8; alone on a CPU the section simulates 8 devices, whose times only show it runs:
+          8 simulated devices share the machine's cores)
   process each subcommand as a user runs it: whole fresh processes timed from outside (find-lr,
           train/run --epochs 2, sweep --epochs 1 on 4 rates), next to `python -c "import jax,
           flax.nnx, optax"` (baseline; here the ratio is the variant's time over the baseline's)
@@ -768,6 +773,38 @@ def bench_lm(a):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bench_sharding(a):
+    """The `sharding` section (module docstring): training steps on each mesh, the same batches."""
+    from lrjax import models, sharding, tasks
+
+    n = min(8, jax.device_count())
+    meshes = [f"data={n}", f"fsdp={n}"] + (["data=2,fsdp=2,tensor=2"] if n >= 8 else [])
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}
+    w = np.ones(32, np.float32)
+    adamw = functools.partial(optax.adamw, weight_decay=0.1)
+    k = a.sharding_steps
+    base = None
+    for spec in meshes:
+        mesh = mesh_lib.make_mesh(spec)
+        model = models.transformer(256, 128, 256, 2, 4)
+        state = steps.init_state(model, adamw, 1e-3, loss_fn=tasks.next_token, mesh=mesh)
+        with jax.set_mesh(mesh):
+            step = jax.jit(lambda s, b, w: steps.train_step(s, *steps.fed_batch(b, w)))
+            state, m = step(state, batch, w)  # compile and warm up
+            jax.block_until_ready(m)
+
+            def run(state=state):
+                for _ in range(k):
+                    state, m = step(state, batch, w)
+                jax.block_until_ready(m)
+
+            t = timed(run, a.repeats)[0]
+        held = sharding.bytes_per_device((state.params, state.opt_state))
+        row("sharding", f"{spec}, {k} steps", t, base, f"{t / k * 1000:.0f} ms a step, state {held:,} bytes a device")
+        base = base or t
+
+
 def print_timeline(spans: dict[str, list], width: int = 60) -> None:
     """Each phase as [start, end] and a bar on one shared scale, so overlapping phases show."""
     spans = {k: v for k, v in spans.items() if v and None not in v}
@@ -809,6 +846,7 @@ def main():
                    help="process section: an interpreter with torch for the PyTorch peer (.[peers-torch]; "
                         "default $LRJAX_TORCH_PYTHON, else no PyTorch row)")
     p.add_argument("--lm-steps", type=int, default=None, help="lm section: steps to time (default: the epoch)")
+    p.add_argument("--sharding-steps", type=int, default=5, help="sharding section: steps timed on each mesh")
     p.add_argument("--json", default=None, help="also write the table here")
     a = p.parse_args()
     if a.data_dir:  # absolute: the process section's children run in another folder
@@ -823,12 +861,15 @@ def main():
         write_json(a.json, None)
         if sections == ["process"]:
             return 0
+    if sections == ["sharding"] and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # 8 simulated CPU devices (read when the backend starts; no effect on a GPU's devices)
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     lrjax.use_cpu_cores()  # before JAX starts, as the CLI does: each CPU core a device for members
-    if sections == ["lm"]:  # no image data needed
+    if sections in (["lm"], ["sharding"]):  # no image data needed
         dev = jax.devices()[0]
-        print(f"lrjax bench, lm: {dev.platform} x{jax.device_count()}, jax {jax.__version__}, {cpu_name()} "
+        print(f"lrjax bench, {sections[0]}: {dev.platform} x{jax.device_count()}, jax {jax.__version__}, {cpu_name()} "
               f"x{os.cpu_count()}, repeats {a.repeats}")
-        bench_lm(a)
+        (bench_lm if sections == ["lm"] else bench_sharding)(a)
         write_json(a.json, dev)
         return 0
     a.seeds = [int(k) for k in a.seeds.split(",")]

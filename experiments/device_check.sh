@@ -6,7 +6,7 @@
 # (lr_find.png), tqdm or crc32c, and only the working tree travels (64 MiB in all). So this script
 # uses the jax that is there, installs the carried wheels of whatever else is missing into a folder
 # of its own (nothing installed is replaced), reads Fashion-MNIST from files carried with the tree,
-# runs bench.py's range, seeds, epoch and sweep sections and then its process section, and writes
+# runs bench.py's range, seeds, epoch and sweep sections, then its process and sharding sections, and writes
 # the JSON and the printed tables to $OUT.
 #
 # Prepare, on the development machine (both folders are .gitignored; ~24 MB + 30 MB):
@@ -18,7 +18,7 @@
 #   command: bash experiments/device_check.sh      timeout_s: 560
 #   carry:   ["experiments/wheels", "experiments/device_data"]
 # Here: env.txt (GPU, versions), bench_gpu.{txt,json} (in-process sections), bench_gpu_process.
-# {txt,json} (whole CLI processes), goals.txt (the issue's three GPU goals, read off the JSON).
+# {txt,json} (whole CLI processes), bench_gpu_sharding.{txt,json} (the sharded Transformer's step), goals.txt (the issue's three GPU goals, read off the JSON).
 # Each JSON is rewritten after every section, so a section cut short by its timeout keeps the rest.
 # A local smoke test of the script itself: PYTHON=.venv/bin/python BENCH_ARGS=--quick OUT=/tmp/dc bash ...
 
@@ -71,7 +71,11 @@ timeout "${BENCH_TIMEOUT:-280}" "$PY" experiments/bench.py --data-dir "$DATA" --
 echo "in-process sections: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s so far"
 timeout "${PROCESS_TIMEOUT:-170}" "$PY" experiments/bench.py --data-dir "$DATA" --sections process --repeats 2 \
   --json "$OUT/bench_gpu_process.json" 2>&1 | tee "$OUT/bench_gpu_process.txt"
-echo "process section: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s in all"
+echo "process section: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s so far"
+# The sharded Transformer's step on data=N, fsdp=N (and data=2,fsdp=2,tensor=2 from 8 GPUs), N = the GPUs (<= 8)
+timeout "${SHARDING_TIMEOUT:-45}" "$PY" experiments/bench.py --sections sharding --repeats 2 \
+  --json "$OUT/bench_gpu_sharding.json" 2>&1 | tee "$OUT/bench_gpu_sharding.txt"
+echo "sharding section: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s in all"
 
 "$PY" - "$OUT/bench_gpu.json" <<'EOF' 2>&1 | tee "$OUT/goals.txt"
 """The issue's GPU goals, read off the bench's rows (a row missing: its section did not finish)."""

@@ -115,7 +115,10 @@ class Config:
                                   "WORKDIR/lr_find.json where it exists)", ("sweep",))
     # --- devices and clusters ---
     mesh_shape: str = _f("auto", "devices: 'auto' (all on data; on a CPU, seeds and sweep rates over the cores) "
-                         "or e.g. '4' or 'members=2,data=4'")
+                         "or e.g. '4', 'members=2,data=4', 'fsdp=8' or 'data=2,fsdp=2,tensor=2' (fsdp and tensor "
+                         "shard the parameters and optimizer state: docs/sharding.md)")
+    sharding_rules: str | None = _f(None, "logical-axis rules replacing lrjax's (NAME=AXIS,...), e.g. "
+                                    "'embed=fsdp,mlp=tensor,heads=none' (docs/sharding.md)")
     coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
     num_processes: int | None = _f(None, "jax.distributed process count (multi-host)")
     process_id: int | None = _f(None, "jax.distributed process id (multi-host)")
@@ -205,6 +208,10 @@ class Config:
             from lrjax.mesh import parse_mesh_shape
 
             parse_mesh_shape(self.mesh_shape, 1)  # its syntax now; the device count when the job starts
+        if self.sharding_rules is not None:
+            from lrjax.sharding import parse_rules
+
+            parse_rules(self.sharding_rules)
 
     # Convenience -------------------------------------------------------------------------------
     def replace(self, **changes) -> "Config":

@@ -50,8 +50,9 @@ def steps_per_pass(data, given: int | None, keyword: str) -> int:
                           "make one epoch)") from None
 
 
-def chunk_sharding(mesh: jax.sharding.Mesh, axis: str = "data") -> jax.sharding.NamedSharding:
-    """Chunks [K, B, ...] split along the batch over `axis` of `mesh`."""
+def chunk_sharding(mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] | None = None) -> jax.sharding.NamedSharding:
+    """Chunks [K, B, ...] split along the batch over `axis` of `mesh` (default: its batch axes)."""
+    axis = axis if axis is not None else mesh_lib.batch_axes(mesh)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axis))
 
 

@@ -1,9 +1,11 @@
 """Devices, meshes, shardings and `jax.distributed` start-up. Nothing else of lrjax is imported here.
 
 One code path for 1..N devices: programs run under `jax.set_mesh(mesh)` with a `data` axis (and
-optionally a `members` axis for sweeps and multi-seed range tests). Data and parameters are
-replicated; inside the compiled programs each batch is constrained to be split along `data`, so every
-device gathers and computes only its slice of the batch and XLA inserts the gradient all-reduce.
+optionally a `members` axis for sweeps and multi-seed range tests, and `fsdp` and `tensor` axes for
+models larger than one device). Inside the compiled programs each batch is constrained to be split
+along `data` x `fsdp` (`BATCH_AXES`), so every device gathers and computes only its slice of the batch
+and XLA inserts the gradient all-reduce. Parameters and optimizer state are placed by
+`lrjax.sharding` (replicated on a mesh of `data` alone; sharded over `fsdp` and `tensor`).
 
 On a CPU, XLA runs this model's small steps on one core. `use_cpu_cores()` makes every core a JAX
 device, and the 'auto' mesh then puts the independent members of a program (range-test seeds, sweep
@@ -21,6 +23,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lrjax.errors import ConfigError
 
+AXES = ("members", "data", "fsdp", "tensor")  # the mesh axes lrjax knows, in mesh order
+BATCH_AXES = ("data", "fsdp")  # a batch is split over both: FSDP is data parallelism with sharded state
 _cores_as_devices = False  # set by use_cpu_cores(): the CPU devices are this machine's cores
 
 
@@ -41,7 +45,8 @@ def use_cpu_cores() -> int:
 
 
 def parse_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
-    """'auto' -> all devices on `data`; '4' -> 4 on `data`; 'members=2,data=4' -> both axes."""
+    """'auto' -> all devices on `data`; '4' -> 4 on `data`; 'members=2,data=4' -> both axes;
+    'data=2,fsdp=2,tensor=2' -> also the parameter axes (`fsdp`, `tensor` appear only when named)."""
     spec = spec.strip()
     if spec == "auto":
         return {"data": num_devices}
@@ -50,15 +55,17 @@ def parse_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
         names = [name.strip() for name, _ in pairs]
         axes = {name: int(size) for name, (_, size) in zip(names, pairs)}
     except ValueError:
-        raise ConfigError(f"--mesh-shape {spec!r} is not 'auto', an integer or 'members=M,data=D'") from None
-    unknown = set(axes) - {"members", "data"}
+        raise ConfigError(f"--mesh-shape {spec!r} is not 'auto', an integer or 'members=M,data=D' "
+                          "(axes: members, data, fsdp, tensor)") from None
+    unknown = set(axes) - set(AXES)
     if unknown:
-        raise ConfigError(f"--mesh-shape: unknown axis {sorted(unknown)}; use members and data")
+        raise ConfigError(f"--mesh-shape: unknown axis {sorted(unknown)}; use {', '.join(AXES)}")
     if len(axes) < len(names):
         raise ConfigError(f"--mesh-shape {spec!r} names an axis twice")
     if any(size < 1 for size in axes.values()):
         raise ConfigError(f"--mesh-shape {spec!r}: axis sizes must be positive")
-    return {"members": axes.get("members", 1), "data": axes.get("data", 1)}
+    return {"members": axes.get("members", 1), "data": axes.get("data", 1),
+            **{name: axes[name] for name in ("fsdp", "tensor") if name in axes}}
 
 
 def make_mesh(spec: str = "auto", members: int = 1) -> jax.sharding.Mesh:
@@ -87,7 +94,14 @@ def make_mesh(spec: str = "auto", members: int = 1) -> jax.sharding.Mesh:
 
 
 def data_axis_size(mesh: jax.sharding.Mesh | None = None) -> int:
-    return axis_size("data", mesh)
+    """How many ways a batch is split: the sizes of `data` and `fsdp` multiplied."""
+    return axis_size("data", mesh) * axis_size("fsdp", mesh)
+
+
+def batch_axes(mesh: jax.sharding.Mesh | None = None) -> tuple[str, ...]:
+    """The axes of `mesh` (default: the ambient one) a batch is split over, in mesh order."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return tuple(a for a in BATCH_AXES if a in (mesh.axis_names or ()))
 
 
 def axis_size(name: str, mesh: jax.sharding.Mesh | None = None) -> int:
@@ -143,15 +157,15 @@ def map_members(fn, members, *shared, loop: str = "vmap"):
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     d = data_axis_size(mesh)
     if batch_size % d:
-        raise ConfigError(f"batch size {batch_size} is not divisible by the {d} devices of the mesh's data axis "
+        raise ConfigError(f"batch size {batch_size} is not divisible by the {d} devices of the mesh's data x fsdp axes "
                           "(--batch-size, --mesh-shape)")
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
-    """Inside a compiled program: split the leading (batch) axis over the ambient mesh's `data` axis."""
+    """Inside a compiled program: split the leading (batch) axis over the ambient mesh's `data` x `fsdp`."""
     if data_axis_size() <= 1:
         return x
-    return jax.lax.with_sharding_constraint(x, P("data"))
+    return jax.lax.with_sharding_constraint(x, P(batch_axes()))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

@@ -23,7 +23,8 @@ glorot_uniform = jax.nn.initializers.glorot_uniform()
 
 def _sharded(init, *names):
     """`init` with logical axis names (`nnx.with_partitioning`), so that a mesh can shard the parameter.
-    Annotations only (no eager sharding): on today's data-parallel mesh parameters are replicated."""
+    Annotations only (no eager sharding): `lrjax.sharding`'s rules turn them into shardings where the
+    state is created (`steps.init_state`); on a mesh of `data` alone the parameters are replicated."""
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
@@ -33,9 +34,12 @@ class MLP(nnx.Module):
     def __init__(self, in_features: int, hidden_sizes: Sequence[int] = (300, 100),
                  num_classes: int = 10, *, rngs: nnx.Rngs):
         widths = [in_features, *hidden_sizes]
-        self.hidden = nnx.List([nnx.Linear(a, b, kernel_init=glorot_uniform, rngs=rngs)
+        # logical axes: each layer's inputs "embed" (fsdp), its hidden units "mlp" (tensor), the classes "vocab"
+        self.hidden = nnx.List([nnx.Linear(a, b, kernel_init=_sharded(glorot_uniform, "embed", "mlp"),
+                                           bias_init=_sharded(nnx.initializers.zeros, "mlp"), rngs=rngs)
                                 for a, b in zip(widths[:-1], widths[1:])])
-        self.out = nnx.Linear(widths[-1], num_classes, kernel_init=glorot_uniform, rngs=rngs)
+        self.out = nnx.Linear(widths[-1], num_classes, kernel_init=_sharded(glorot_uniform, "embed", "vocab"),
+                              bias_init=_sharded(nnx.initializers.zeros, "vocab"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
@@ -54,15 +58,21 @@ class CNN(nnx.Module):
         height, width, depth = input_shape
         convs, norms = [], []
         for c in channels:
-            convs.append(nnx.Conv(depth, c, (3, 3), padding="SAME", kernel_init=glorot_uniform,
+            # logical axes: the window "conv" (replicated), input channels "embed", output channels "channels"
+            convs.append(nnx.Conv(depth, c, (3, 3), padding="SAME",
+                                  kernel_init=_sharded(glorot_uniform, "conv", "conv", "embed", "channels"),
+                                  bias_init=_sharded(nnx.initializers.zeros, "channels"),
                                   conv_general_dilated=conv_general_dilated, rngs=rngs))
-            norms.append(nnx.BatchNorm(c, rngs=rngs))
+            norms.append(nnx.BatchNorm(c, scale_init=_sharded(nnx.initializers.ones, "channels"),
+                                       bias_init=_sharded(nnx.initializers.zeros, "channels"), rngs=rngs))
             depth, height, width = c, height // 2, width // 2
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.drop_features = nnx.Dropout(dropout, rngs=rngs)
-        self.dense = nnx.Linear(height * width * depth, dense, kernel_init=glorot_uniform, rngs=rngs)
+        self.dense = nnx.Linear(height * width * depth, dense, kernel_init=_sharded(glorot_uniform, "embed", "mlp"),
+                                bias_init=_sharded(nnx.initializers.zeros, "mlp"), rngs=rngs)
         self.drop_dense = nnx.Dropout(dropout, rngs=rngs)
-        self.out = nnx.Linear(dense, num_classes, kernel_init=glorot_uniform, rngs=rngs)
+        self.out = nnx.Linear(dense, num_classes, kernel_init=_sharded(glorot_uniform, "mlp", "vocab"),
+                              bias_init=_sharded(nnx.initializers.zeros, "vocab"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for conv, norm in zip(self.convs, self.norms):
@@ -202,8 +212,12 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: i
 def initialised(cls: type[nnx.Module], *args, seed: int) -> nnx.Module:
     """`cls(*args, rngs=nnx.Rngs(seed))` with its weights from one compiled program: the same weights
     as building the model eagerly, which compiles every random draw separately (~1 s for the MLP in
-    every new process on a 2-core CPU). `args` must be hashable."""
-    return nnx.merge(_graphdef(cls, *args), _state(cls, args, jax.random.key(seed)))
+    every new process on a 2-core CPU). `args` must be hashable. Inside a trace (`lrjax.sharding.create_model`'s
+    program, `nnx.eval_shape`) the module is built directly: the enclosing program compiles it."""
+    key = jax.random.key(seed)
+    if isinstance(key, jax.core.Tracer):
+        return cls(*args, rngs=nnx.Rngs(key))
+    return nnx.merge(_graphdef(cls, *args), _state(cls, args, key))
 
 
 @functools.lru_cache

@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import feeds, inputs, optimizers, steps, suggest, tasks, validate, verify
+from lrjax import feeds, inputs, optimizers, sharding, steps, suggest, tasks, validate, verify
 from lrjax.errors import ConfigError
 from lrjax.steps import OptimizerFactory, TrainState
 from lrjax.tasks import LossFn
@@ -276,7 +276,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
             init_fn: Callable[[int], nnx.Module] | None = None,
             mesh: jax.sharding.Mesh | None = None, member_loop: str | None = None,
             loss_fn: LossFn = tasks.classification, dtype=None, valid=None,
-            verify_steps: int | None = None) -> RangeTestResult:
+            verify_steps: int | None = None, sharding_rules=None) -> RangeTestResult:
     """Runs the learning-rate range test and returns a `RangeTestResult`.
 
     `model` gives the architecture (never changed); seed s of `num_seeds` starts from `init_fn(seed + s)`
@@ -285,8 +285,9 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     seed). The rate grows from `start_lr` to `end_lr` over `num_steps` (default one epoch), or by
     `factor` per step; left as None they follow the optimizer's family (`optimizers.range_defaults`).
     `eval_every` > 0 adds a validation curve on `eval_examples` examples. `method` picks the suggestion
-    (`lrjax.suggest`). Batches split over `mesh`'s `data` axis, seeds over `members` (`member_loop`:
-    'vmap' or 'map'). `stop_on_divergence=False` runs every chunk (benchmarks). See docs/guide.md.
+    (`lrjax.suggest`). Batches split over `mesh`'s `data` x `fsdp`, seeds over `members` (`member_loop`: 'vmap'
+    or 'map'), one seed's state over `fsdp`/`tensor` by `sharding_rules`; `stop_on_divergence=False` runs every
+    chunk (benchmarks). See docs/guide.md.
     The default method, "verified", adds a short stage after the test (`lrjax.verify`, docs/suggestion.md):
     rates below the curve's turn trained from the starting weights for `verify_steps` (default an eighth
     of an epoch), the lowest validation loss wins; `result.verification` holds what it measured.
@@ -305,8 +306,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
     batch_size = inp.batch_size
     mesh_lib.check_batch_size(batch_size, mesh)
     validate.check_first_batch("find_lr", model, inp, loss_fn=loss_fn)
-    # Everything below runs under the mesh (batches split over `data`, seeds over `members`).
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):  # everything below: batches split over `data` x `fsdp`, seeds over `members`
         t_start = time.perf_counter()
         # Under gradient accumulation (optimizers.Recipe) the rate rises once per optimizer step of k
         # micro-batches, and the curve records each optimizer step's mean loss over its micro-batches.
@@ -318,7 +318,8 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         models = [init_fn(seed + s) for s in range(num_seeds)] if init_fn else [model] * num_seeds
         # Several seeds fill whole blocks of the `members` axis; filler seeds never run (see _init_carries).
         total = mesh_lib.padded_members(num_seeds, mesh) if num_seeds > 1 else 1
-        states = [steps.init_state(m, optimizer, start_lr, loss_fn=loss_fn, dtype=dtype)
+        shard = dict(mesh=mesh if num_seeds == 1 and sharding.is_sharded(mesh) else None, rules=sharding_rules)
+        states = [steps.init_state(m, optimizer, start_lr, loss_fn=loss_fn, dtype=dtype, **shard)
                   for m in models + models[-1:] * (total - num_seeds)]
         num_chunks, chunk = _chunking(num_steps, chunk_steps)
         carry = _init_carries(states, real=num_seeds)
@@ -341,7 +342,7 @@ def find_lr(model: nnx.Module, optimizer: OptimizerFactory, data, *, batch_size:
         if method == suggest.DEFAULT_METHOD:
             # one seed's program, the test's own where it ran one seed
             program = program if num_seeds == 1 else partial(_run_chunk, chunk=chunk, fetch=feed.fetch)
-            new_state = lambda: steps.init_state(models[0], optimizer, start_lr, loss_fn=loss_fn, dtype=dtype)  # noqa: E731
+            new_state = lambda: steps.init_state(models[0], optimizer, start_lr, loss_fn=loss_fn, dtype=dtype, **shard)  # noqa: E731
             _verify(result, inp, program, new_state, args, chunk, num_chunks * chunk, verify_steps=verify_steps,
                     eval_examples=eval_examples, mesh=mesh)
     return result

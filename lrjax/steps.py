@@ -26,7 +26,7 @@ import optax
 from flax import nnx, struct
 
 from lrjax import mesh as mesh_lib
-from lrjax import optimizers, tasks
+from lrjax import optimizers, sharding, tasks
 from lrjax.errors import ConfigError
 from lrjax.tasks import LossFn
 
@@ -55,6 +55,7 @@ class TrainState(struct.PyTreeNode):
     loss_fn: LossFn = struct.field(pytree_node=False)
     dtype: Any = struct.field(pytree_node=False, default=None)  # compute dtype; None: the parameters'
     schedule: Any = struct.field(pytree_node=False, default=None)  # step -> rate (lrjax.schedules), or None
+    rules: Any = struct.field(pytree_node=False, default=None)  # logical-axis rules (lrjax.sharding); None: RULES
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -92,12 +93,16 @@ def check_optimizer(optimizer) -> None:
 
 
 def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: float = 1e-3, *,
-               loss_fn: LossFn = tasks.classification, dtype=None, schedule=None) -> TrainState:
+               loss_fn: LossFn = tasks.classification, dtype=None, schedule=None, mesh=None,
+               rules=None) -> TrainState:
     """Splits `model` once and builds the optimizer state; the model object itself is not touched later.
 
     `dtype` (e.g. `jnp.bfloat16`) is the compute dtype of mixed precision: parameters and optimizer
     state stay as they are (float32), each step computes with a copy cast to `dtype`. `schedule`
-    (step -> rate, see `lrjax.schedules`) sets the rate before every training step.
+    (step -> rate, see `lrjax.schedules`) sets the rate before every training step. With a `mesh` the
+    state is placed on it: replicated, or, where it has `fsdp`/`tensor` axes, created sharded by the
+    logical-axis `rules` (`lrjax.sharding`; None: `sharding.RULES`) by one program whose outputs are
+    the shards (`jax.jit(..., out_shardings=...)`), so no device holds the whole state.
     """
     check_optimizer(optimizer)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -109,18 +114,28 @@ def init_state(model: nnx.Module, optimizer: OptimizerFactory = optax.sgd, lr: f
     view.eval()
     eval_def = nnx.graphdef(view)
     dtype = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
-    return _init_state(params, rest, lr, graphdef=train_def, eval_graphdef=eval_def, optimizer=optimizer,
-                       loss_fn=loss_fn, dtype=dtype, schedule=schedule)
+    static = dict(graphdef=train_def, eval_graphdef=eval_def, optimizer=optimizer, loss_fn=loss_fn, dtype=dtype,
+                  schedule=schedule, rules=None if rules is None else tuple(map(tuple, rules)))
+    if mesh is None or not sharding.is_sharded(mesh):
+        state = _init_state(params, rest, lr, **static)
+        return state if mesh is None else mesh_lib.replicate(state, mesh)
+    if jax.process_count() > 1:  # each process's copy of the model as one global (replicated) input
+        params, rest = mesh_lib.replicate((params, rest), mesh)
+    build = partial(_new_state, **static)
+    targets = sharding.shardings(jax.eval_shape(build, params, rest, lr), mesh, static["rules"])
+    with jax.set_mesh(mesh):
+        return jax.jit(build, out_shardings=targets, compiler_options=ONE_SHOT)(params, rest, lr)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "eval_graphdef", "optimizer", "loss_fn", "dtype", "schedule"),
-         compiler_options=ONE_SHOT)
-def _init_state(params, rest, lr, *, graphdef, eval_graphdef, optimizer, loss_fn, dtype, schedule) -> TrainState:
-    # One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the
-    # state, so later donation never touches the model's arrays.
-    return TrainState(params=params, rest=rest, opt_state=make_tx(optimizer, lr).init(params),
-                      step=jnp.zeros([], jnp.int32), graphdef=graphdef, eval_graphdef=eval_graphdef,
-                      optimizer=optimizer, loss_fn=loss_fn, dtype=dtype, schedule=schedule)
+def _new_state(params, rest, lr, **static) -> TrainState:
+    return TrainState(params=params, rest=rest, opt_state=make_tx(static["optimizer"], lr).init(params),
+                      step=jnp.zeros([], jnp.int32), **static)
+
+
+# One compiled program (not a dozen eager ops), and its outputs are fresh buffers owned by the state,
+# so later donation never touches the model's arrays.
+_init_state = jax.jit(_new_state, static_argnames=("graphdef", "eval_graphdef", "optimizer", "loss_fn", "dtype",
+                                                   "schedule", "rules"), compiler_options=ONE_SHOT)
 
 
 class _Precision:
@@ -185,7 +200,8 @@ def train_step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, di
     (_, (means, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     # `value`: the loss, for a plateau reduction in the optimizer (lrjax.optimizers.Recipe); others ignore it
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=means["loss"])
-    params = optax.apply_updates(state.params, updates)
+    # on a mesh with parameter axes, the new parameters and optimizer state stay sharded as they came
+    params, opt_state = sharding.constrain((optax.apply_updates(state.params, updates), opt_state), state.rules)
     new = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
     return new, {**means, "lr": state.lr}
 

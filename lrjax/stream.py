@@ -34,6 +34,7 @@ from lrjax import steps as steps_lib
 from lrjax.steps import epoch_permutation, to_float  # noqa: F401 (to_float: stream's public name too)
 from lrjax.errors import CheckpointError, ConfigError, DataError
 from lrjax import feeds, sources
+from lrjax import mesh as mesh_lib
 from lrjax.feeds import Feed, check_process_rows, chunk_sharding, put, stack_steps  # noqa: F401
 from lrjax.sources import ArrayExamples, Split
 
@@ -507,7 +508,7 @@ class StreamEvaluator:
 
     def __init__(self, split: Split, batch_size: int, sharding: jax.sharding.NamedSharding, chunk_steps: int = 8,
                  workers: int | None = None, fetch=steps_lib.given_uint8):
-        devices = sharding.mesh.shape["data"] if "data" in sharding.mesh.shape else 1
+        devices = mesh_lib.data_axis_size(sharding.mesh)
         batch_size = max(devices, min(batch_size, len(split)) // devices * devices)  # a small split: one batch
         self.stream = eval_stream(split, batch_size, epochs=None,
                                   chunk_steps=min(chunk_steps, -(-len(split) // batch_size)), workers=workers)

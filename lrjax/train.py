@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import inputs, loop, optimizers, schedules, steps, tasks, validate
+from lrjax import inputs, loop, optimizers, schedules, sharding, steps, tasks, validate
 from lrjax import mesh as mesh_lib
 from lrjax.callbacks import Callback, Checkpoint, EarlyStopping, Progress, TensorBoard
 from lrjax.errors import ConfigError, TrainingDiverged
@@ -45,6 +45,8 @@ class FitResult:
     resumed_from: int | None = None
     wall_time_s: float = 0.0
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the run's parts: {mesh_shape, state_bytes_per_device (largest device's params + optimizer state), first_epoch}
+    segments: list[dict] = dataclasses.field(default_factory=list)
 
     def model(self) -> nnx.Module:
         return self.state.model()
@@ -67,7 +69,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
         dtype=None, callbacks: list[Callback] = (), schedule: str = "constant",
         eval_every_steps: int | None = None, checkpoint_every_steps: int | None = None,
         log_every_steps: int | None = None, stream_chunk_steps: int = 64,
-        stream_workers: int | None = None, valid=None, steps_per_epoch: int | None = None) -> FitResult:
+        stream_workers: int | None = None, valid=None, steps_per_epoch: int | None = None,
+        sharding_rules=None) -> FitResult:
     """Trains `model` from its weights (the object itself is not modified) and returns a `FitResult`.
 
     `optimizer` is a factory taking `learning_rate` (`optax.sgd`, `lrjax.optimizers.Recipe`, ...).
@@ -79,6 +82,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     (a function taking a line; None: silent) act per evaluation (each epoch, or every
     `eval_every_steps`); with a `workdir`, `checkpoints` (resumed when present) and `tensorboard`
     (`log_every_steps` for per-step scalars). `schedule` (`lrjax.schedules`) peaks at `lr`.
+    On a `mesh` with `fsdp`/`tensor` axes the state is sharded by `sharding_rules` (`lrjax.sharding`).
     `stop_after` ends after that epoch as a preemption would. SIGTERM/SIGINT stop after the current
     chunk, with a checkpoint. Raises `TrainingDiverged` on a non-finite loss. See docs/guide.md.
     """
@@ -100,8 +104,8 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     accum = getattr(optimizer, "grad_accum_steps", 1)
     spe = inp.steps_per_epoch
     sched = schedules.make(schedule, lr, -(-epochs * spe // accum), accum)
-    state = mesh_lib.replicate(steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype,
-                                                schedule=sched), mesh)
+    state = steps.init_state(model, optimizer, lr, loss_fn=loss_fn, dtype=dtype, schedule=sched, mesh=mesh,
+                             rules=sharding_rules)
     tr = loop.Trainer(state, epochs=epochs, steps_per_epoch=spe, eval_every_steps=eval_every_steps,
                       checkpoint_every_steps=checkpoint_every_steps, stop_after=stop_after,
                       meta={"config": config, "run_name": None, "lr": lr, "seed": seed})
@@ -118,6 +122,7 @@ def fit(model: nnx.Module, optimizer: OptimizerFactory, data, *, lr: float, epoc
     resumed_from, board = None, None
     try:
         resumed_from = _resume(tr, ckpt, config, workdir)
+        _new_segment(tr, mesh)
         from lrjax import tb
 
         tr.meta["run_name"] = tr.meta["run_name"] or tb.new_run_name()
@@ -153,10 +158,19 @@ def _resume(tr: loop.Trainer, ckpt: Checkpoint | None, config: dict, workdir) ->
     target, _ = tr.snapshot()
     resumed_from, tree, meta = manager.restore(target, check_meta=lambda m: _check_meta(m, config, manager.directory))
     tr.restore(tree, meta)
-    tr.meta["run_name"] = meta["run_name"]
+    tr.meta["run_name"], tr.meta["segments"] = meta["run_name"], list(meta.get("segments", []))
     loop.log(f"lrjax: resuming {workdir} from epoch {tr.epoch}" + (f", step {tr.step}" if tr.by_step else "")
              + f" (checkpoint {resumed_from})")
     return resumed_from
+
+
+def _new_segment(tr: loop.Trainer, mesh) -> None:
+    """This process's part of the run (a fresh start or a resume) in the meta checkpoints carry: its mesh,
+    the largest device's parameter and optimizer-state bytes there, the first epoch it trains."""
+    shape = ",".join(f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1) or "data=1"
+    state_bytes = sharding.bytes_per_device((tr.state.params, tr.state.opt_state))
+    tr.meta["segments"] = [*tr.meta.get("segments", []), {"mesh_shape": shape, "state_bytes_per_device": state_bytes,
+                                                          "first_epoch": tr.epoch + 1}]
 
 
 def _train(tr: loop.Trainer, cbs: list, evaluator, timings: dict, ckpt) -> str | None:
@@ -205,7 +219,7 @@ def _result(tr: loop.Trainer, interrupted, board, resumed_from, wall_time_s: flo
     return FitResult(state=final, history=history, best_epoch=es.best_epoch, best_val_loss=best_val_loss,
                      epochs_run=len(history), stopped_early=es.should_stop, interrupted=interrupted,
                      run_dir=board.run_dir if board else None, resumed_from=resumed_from,
-                     wall_time_s=wall_time_s, timings=timings)
+                     wall_time_s=wall_time_s, timings=timings, segments=list(tr.meta.get("segments", [])))
 
 
 META_KEYS = ("epoch", "early_stopping", "history", "run_name")

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from lrjax import mesh as mesh_lib
-from lrjax import faults, memory, optimizers, overlap, sources, steps, tasks, tb, text
+from lrjax import faults, memory, optimizers, overlap, sharding, sources, steps, tasks, tb, text
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
@@ -157,8 +157,11 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
     return optimizers.Recipe(base, cfg.weight_decay, cfg.grad_accum_steps, plateau)
 
 
-def model_for(cfg: Config, data: Dataset, seed: int | None = None):
-    """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed)."""
+def model_for(cfg: Config, data: Dataset, seed: int | None = None, mesh=None):
+    """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed);
+    on a `mesh` with fsdp/tensor axes, created sharded by --sharding-rules (`sharding.create_model`)."""
+    if mesh is not None and sharding.is_sharded(mesh):
+        return sharding.create_model(lambda: model_for(cfg, data, seed), mesh, sharding.parse_rules(cfg.sharding_rules))
     if isinstance(data, text.Corpus):
         shape, classes = (data.context,), text.VOCAB
     elif isinstance(data, sources.Splits):
@@ -216,14 +219,15 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
     bar = _Progress(cfg, num_steps)
     try:
         result = find_lr(
-            model_for(cfg, data), optimizer_for(cfg), data, batch_size=cfg.batch_size,
+            model_for(cfg, data, mesh=mesh if cfg.num_seeds == 1 else None), optimizer_for(cfg), data,
+            batch_size=cfg.batch_size,
             start_lr=cfg.start_lr, factor=cfg.factor, end_lr=cfg.end_lr, num_steps=num_steps,
             diverge_factor=cfg.diverge_factor, beta=cfg.beta, num_seeds=cfg.num_seeds, seed=cfg.seed,
             eval_every=cfg.eval_every, method=cfg.suggestion, skip_start=cfg.skip_start,
             skip_end=cfg.skip_end, chunk_steps=cfg.chunk_steps, progress=bar,
             # seed s of several starts from model_for(seed + s); one seed is the model itself
             init_fn=(lambda s: model_for(cfg, data, s)) if cfg.num_seeds > 1 else None, mesh=mesh,
-            dtype=cfg.dtype, loss_fn=task_for(data))
+            dtype=cfg.dtype, loss_fn=task_for(data), sharding_rules=sharding.parse_rules(cfg.sharding_rules))
         t_found = time.perf_counter()
     finally:
         bar.close()
@@ -303,13 +307,15 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
                        restore_best_weights=cfg.restore_best)
     mesh = mesh_lib.make_mesh(cfg.mesh_shape)
     result: FitResult = fit(
-        model_for(cfg, data), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)), data,
+        model_for(cfg, data, mesh=mesh), optimizer_for(cfg, steps.steps_per_epoch(train_size(data), cfg.batch_size)),
+        data,
         lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, early_stopping=es, workdir=workdir,
         keep_latest=cfg.keep_latest, eval_batch_size=cfg.eval_batch_size,
         config={**cfg.to_dict(), **(config or {}), "lr": lr}, mesh=mesh, stop_after=stop_after,
         progress=print if cfg.progress else None, dtype=cfg.dtype, schedule=cfg.schedule,
         eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        log_every_steps=cfg.log_every_steps, loss_fn=task_for(data))
+        log_every_steps=cfg.log_every_steps, loss_fn=task_for(data),
+        sharding_rules=sharding.parse_rules(cfg.sharding_rules))
     if result.interrupted:
         raise Interrupted(result)
     t = time.perf_counter()
@@ -338,6 +344,8 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
         "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "dataset": cfg.dataset, "model": cfg.model,
         "wall_time_s": wall, "phases_s": phases, "startup_s": _STARTUP_S, **(extra or {}),
         "tensorboard": str(result.run_dir) if result.run_dir else None,
+        # the mesh the state was created on (the first segment's); each resumed segment's own under `segments`
+        "state_bytes_per_device": result.segments[0]["state_bytes_per_device"], "segments": result.segments,
         "history": result.history,
     }
     if jax.process_index() == 0:
@@ -347,9 +355,14 @@ def train_job(cfg: Config, data: Dataset | None = None, lr: float | None = None,
     stop = f"stopped early, best epoch {result.best_epoch}" if result.stopped_early else "epoch limit reached"
     shown = ", ".join(f"test {k.replace('_', ' ')} {v:.4f}" for k, v in test.items() if k != "loss")
     _say(cfg, f"trained {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} at lr {lr:.4g} ({stop}); "
-              f"{shown}, test loss {test['loss']:.4f}; {metrics['wall_time_s']:.1f}s")
+              f"{shown}, test loss {test['loss']:.4f}; state {_mib(result.segments[-1]['state_bytes_per_device'])} "
+              f"per device on {result.segments[-1]['mesh_shape']}; {metrics['wall_time_s']:.1f}s")
     _say(cfg, f"metrics: {workdir / 'metrics.json'}\ntensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
     return metrics
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def checkpointed_run(cfg: Config) -> dict[str, Any] | None:

@@ -74,6 +74,14 @@ def main():
         out["checkpoints"] = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
         out["resumed_from"] = r.resumed_from
         print(f"RESUMED {r.resumed_from}", flush=True)  # every process: they must agree
+    elif job == "fit_fsdp":  # parameters and optimizer state sharded over fsdp=2 (each process: half)
+        r = fit(model_fn(3), optax.sgd, data, lr=0.05, epochs=3, batch_size=16, seed=3, mesh=mesh_lib.make_mesh("fsdp=2"),
+                early_stopping=EarlyStopping(patience=3), workdir=workdir, progress=None)
+        out["history"] = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]
+        out["test"] = r.evaluate(data.x_test, data.y_test)
+        kernel = r.state.params["hidden"][0]["kernel"].get_value()
+        print("LOCAL " + json.dumps({"kernel": list(kernel.shape), "shards": [list(s.data.shape) for s in
+                                                                               kernel.addressable_shards]}), flush=True)
     elif job == "fit_stream":  # the streamed path: each process reads its rows of every global batch
         splits = sources.array_splits(*synthetic_arrays(n_train=512, valid=128, n_test=64, size=6, classes=4,
                                                         noise=120), valid_size=128, name="synthetic")

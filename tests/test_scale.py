@@ -90,6 +90,20 @@ def test_two_processes_agree_with_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_shard_the_state_over_fsdp(tmp_path):
+    """fsdp=2 over 2 processes: each process holds half of every sharded parameter (and its optimizer
+    state), and the run equals one process with 2 devices on the same mesh."""
+    outs = run_two_processes(tmp_path / "mp", job="fit_fsdp")
+    for out, _ in outs:
+        local = json.loads([ln for ln in out.splitlines() if ln.startswith("LOCAL ")][-1][len("LOCAL "):])
+        assert local == {"kernel": [36, 16], "shards": [[18, 16]]}
+    multi = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert multi["processes"] == 2
+    single = run_worker(["fit_fsdp", tmp_path / "sp"], devices=2)
+    assert_same_training(single, multi)
+
+
+@pytest.mark.slow
 def test_two_processes_stream_like_one_and_like_the_resident_path(tmp_path):
     """Streamed input in a 2-process job: each process reads its rows of every batch (Grain's
     sharding by JAX process) and the run equals a 1-process streamed run and the resident run; so
