@@ -94,13 +94,13 @@ def test_png_child_closed_without_a_curve_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_png_child_imports_no_jax():
-    # the child's imports with the lrjax package stood in for: plots and what it needs, JAX never
-    # (the package's own import would bring JAX, seconds of the core the parent is working on)
+    # the child's imports and warm-up with the lrjax package stood in for: plots and what it needs,
+    # JAX never (the package's own import would bring JAX, seconds of the core the parent is working on)
     import subprocess
     import sys
     from pathlib import Path
 
-    check = overlap._CHILD_IMPORTS + "\nassert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
+    check = overlap._CHILD_IMPORTS + overlap._CHILD_WARM + "\nassert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
     out = subprocess.run([sys.executable, "-c", check, str(Path(overlap.__file__).parent)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
