@@ -172,7 +172,8 @@ def test_each_checkpoint_holds_its_own_history(tmp_path, data):
 
 
 def _comparable(metrics: dict) -> dict:
-    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "phases_s", "tensorboard")}
+    # `segments` records each start and resume (compared on its own below)
+    out = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "phases_s", "tensorboard", "segments")}
     out["history"] = strip_times(out["history"])
     return out
 
@@ -192,6 +193,7 @@ def test_train_job_resume_matches_uninterrupted(tmp_path, data):
     file_b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert _comparable(file_a) == _comparable(file_b) == _comparable(json.loads(json.dumps(a)))
     assert _comparable(b) == _comparable(a)
+    assert [s["first_epoch"] for s in file_a["segments"]] == [1] and [s["first_epoch"] for s in file_b["segments"]] == [1, 5]
     assert file_a["stopped_early"] and file_a["epochs_run"] == file_a["best_epoch"] + 3 < 40
     assert file_a["best_val_loss"] == min(h["val_loss"] for h in file_a["history"])
     # the wall time by phase (the data came from the caller: no load)
