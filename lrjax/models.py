@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lrjax import sharding
 from lrjax.steps import ONE_SHOT
 
 # Keras Dense defaults (Glorot uniform kernel, zero bias), so results compare with the seed's Keras model.
@@ -212,12 +213,23 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: i
 def initialised(cls: type[nnx.Module], *args, seed: int) -> nnx.Module:
     """`cls(*args, rngs=nnx.Rngs(seed))` with its weights from one compiled program: the same weights
     as building the model eagerly, which compiles every random draw separately (~1 s for the MLP in
-    every new process on a 2-core CPU). `args` must be hashable. Inside a trace (`lrjax.sharding.create_model`'s
+    every new process on a 2-core CPU). `args` must be hashable. Inside a trace (`create_sharded`'s
     program, `nnx.eval_shape`) the module is built directly: the enclosing program compiles it."""
     key = jax.random.key(seed)
     if isinstance(key, jax.core.Tracer):
         return cls(*args, rngs=nnx.Rngs(key))
     return nnx.merge(_graphdef(cls, *args), _state(cls, args, key))
+
+
+def create_sharded(make, mesh, rules=None) -> nnx.Module:
+    """The module `make()` builds, its arrays created sharded on `mesh` by the rules (`lrjax.sharding`;
+    flax's `nnx.eval_shape` + `jax.jit(..., out_shardings=...)` pattern), so a model larger than one
+    device is never whole on one; the same weights as `make()` itself (JAX's partitionable threefry)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    targets = sharding.shardings(abstract, mesh, rules)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(make()), out_shardings=targets, compiler_options=ONE_SHOT)()
+    return nnx.merge(graphdef, state)
 
 
 @functools.lru_cache

@@ -117,17 +117,6 @@ def place(tree, mesh, rules=None):
     return jax.tree.map(assemble, tree, targets)
 
 
-def create_model(make, mesh, rules=None) -> nnx.Module:
-    """The module `make()` builds, its arrays created sharded by the rules on `mesh` (flax's
-    `nnx.eval_shape` + `jax.jit(..., out_shardings=...)` pattern), so a model larger than one device
-    is never whole on one; the same weights as `make()` itself (JAX's partitionable threefry)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    targets = shardings(abstract, mesh, rules)
-    with jax.set_mesh(mesh):
-        return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=targets,
-                                           compiler_options={"xla_backend_optimization_level": 0})())  # steps.ONE_SHOT
-
-
 def constrain(tree, rules=None):
     """Inside a compiled program under a mesh with parameter axes: `tree` kept where the rules put it
     (so a step's new parameters and optimizer state leave sharded as they came)."""

@@ -26,7 +26,7 @@ from lrjax import faults, memory, optimizers, overlap, sharding, sources, steps,
 from lrjax.config import Config
 from lrjax.data import Dataset, default_data_dir, from_arrays, load_dataset, split_examples
 from lrjax.errors import ConfigError, DataError, LrjaxError
-from lrjax.models import build_model
+from lrjax.models import build_model, create_sharded
 from lrjax.monitors import EarlyStopping
 from lrjax.range_test import RangeTestResult, find_lr
 from lrjax.timing import process_age_s, process_clock
@@ -159,9 +159,9 @@ def optimizer_for(cfg: Config, steps_per_epoch: int | None = None):
 
 def model_for(cfg: Config, data: Dataset, seed: int | None = None, mesh=None):
     """`--model` from the registry (`lrjax.models.register_model`), initialised from `seed` (default --seed);
-    on a `mesh` with fsdp/tensor axes, created sharded by --sharding-rules (`sharding.create_model`)."""
+    on a `mesh` with fsdp/tensor axes, created sharded by --sharding-rules (`lrjax.models.create_sharded`)."""
     if mesh is not None and sharding.is_sharded(mesh):
-        return sharding.create_model(lambda: model_for(cfg, data, seed), mesh, sharding.parse_rules(cfg.sharding_rules))
+        return create_sharded(lambda: model_for(cfg, data, seed), mesh, sharding.parse_rules(cfg.sharding_rules))
     if isinstance(data, text.Corpus):
         shape, classes = (data.context,), text.VOCAB
     elif isinstance(data, sources.Splits):

@@ -18,7 +18,7 @@ from conftest import synthetic  # noqa: E402
 from lrjax import sharding, steps  # noqa: E402
 from lrjax import mesh as mesh_lib  # noqa: E402
 from lrjax.checkpoint import Checkpointer  # noqa: E402
-from lrjax.models import mlp  # noqa: E402
+from lrjax.models import create_sharded, mlp  # noqa: E402
 from lrjax.monitors import EarlyStopping  # noqa: E402
 from lrjax.train import fit  # noqa: E402
 
@@ -51,7 +51,7 @@ def main():
         for name, make in (("mlp", lambda: models.mlp(784, (300, 100), 10, seed=2)),
                            ("cnn", lambda: models.cnn((28, 28, 1), 10, seed=1)),
                            ("transformer", lambda: models.transformer(256, 128, 256, 2, 4, seed=0))):
-            made = nnx.state(sharding.create_model(make, mesh), nnx.Param)
+            made = nnx.state(create_sharded(make, mesh), nnx.Param)
             out[name] = {"same": digest(made) == digest(nnx.state(make(), nnx.Param)),
                          "specs": sorted({str(spec(a)) for a in jax.tree.leaves(made)}),
                          "bytes": sharding.bytes_per_device(made)}

@@ -107,7 +107,7 @@ def test_range_test_with_sharded_state_equals_one_device(tmp_path):
 def test_models_created_sharded_keep_their_weights(tmp_path):
     got = run_worker(["create", tmp_path, "data=2,fsdp=2,tensor=2"], devices=8)
     for name in ("mlp", "cnn", "transformer"):
-        assert got[name]["same"], name  # sharding.create_model: the weights of building the model directly
+        assert got[name]["same"], name  # models.create_sharded: the weights of building the model directly
     assert "['fsdp', 'tensor']" in got["transformer"]["specs"] and "['tensor', 'fsdp']" in got["transformer"]["specs"]
     assert "[None, None, 'fsdp', 'tensor']" in got["cnn"]["specs"]  # a 3x3 conv: its channels split
     assert "['fsdp', 'tensor']" in got["mlp"]["specs"]
