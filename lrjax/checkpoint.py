@@ -120,12 +120,13 @@ class Checkpointer:
         one `LrjaxError` naming its step (`WriteError` for a full or read-only filesystem)."""
         self._finish()
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
-                                                            meta=ocp.args.JsonSave(meta)),
-                              metrics={k: float(v) for k, v in metrics.items()}, force=force)
+            with faults.uninterruptible():  # a Ctrl-C inside Orbax's Thread.start would half-start it
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
+                                                                meta=ocp.args.JsonSave(meta)),
+                                  metrics={k: float(v) for k, v in metrics.items()}, force=force)
+                self._saving = step
         except Exception as e:
             raise self._save_failed(e, step) from e
-        self._saving = step
 
     def _finish(self) -> None:
         """Waits for the asynchronous save; its failure is raised here (once: Orbax raises it once)."""

@@ -224,6 +224,38 @@ def quiet_background_errors() -> None:
     quiet_unraisable(_from_abandoned_orbax_write)
 
 
+# Sections a Ctrl-C must not cut ---------------------------------------------------------------
+
+_uninterruptible = {"depth": 0, "pending": False}
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """A section an interrupt must not cut in two, e.g. Orbax starting a save's thread (cut inside
+    `Thread.start`, the thread is half-started and the save can be neither finished nor joined).
+    `lrjax.loop.Signals` asks `defer_interrupt()` before it raises; a deferred interrupt is raised
+    here as the (outermost) section ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _uninterruptible["depth"] += 1
+    try:
+        yield
+    finally:
+        _uninterruptible["depth"] -= 1
+    if _uninterruptible["depth"] == 0 and _uninterruptible["pending"]:
+        _uninterruptible["pending"] = False
+        raise KeyboardInterrupt
+
+
+def defer_interrupt() -> bool:
+    """Inside an `uninterruptible()` section: records the interrupt for the section's end, True."""
+    if _uninterruptible["depth"]:
+        _uninterruptible["pending"] = True
+        return True
+    return False
+
+
 # Waiting for the device ------------------------------------------------------------------------
 
 def wait_ready(tree: Any, poll_s: float = 0.002, between: Callable[[], None] | None = None) -> Any:

@@ -26,7 +26,8 @@ from lrjax.errors import TrainingDiverged
 
 class Signals:
     """SIGTERM/SIGINT become a flag read between chunks; a second SIGINT interrupts at once, also
-    while the host waits for the device (`faults.wait_ready` sleeps in slices so the handler runs).
+    while the host waits for the device (`faults.wait_ready` sleeps in slices so the handler runs),
+    but never inside a `faults.uninterruptible()` section: there it is raised as the section ends.
     The handler only records (no I/O: a print could re-enter one it interrupted); the loop reports it.
 
     A KeyboardInterrupt that lands where Python cannot raise it (a garbage-collector callback, a
@@ -47,6 +48,8 @@ class Signals:
 
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
+            if faults.defer_interrupt():  # raised as the section (a checkpoint's start) ends
+                return
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 

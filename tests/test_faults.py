@@ -582,6 +582,37 @@ def test_processes_agree_on_falling_back_and_on_refusing(tmp_path):
     assert step_dirs(tmp_path / "mp" / "checkpoints") == before
 
 
+def test_a_second_ctrl_c_inside_a_checkpoint_start_waits_for_it(tmp_path, monkeypatch):
+    """Orbax starts a save's thread inside `save()`; a Ctrl-C raised inside `Thread.start` left it
+    half-started, and closing the checkpointer then failed ("cannot join thread before it is
+    started"). The interrupt is raised once `save()` has returned; the save completes and closes."""
+    import threading
+
+    from lrjax.loop import Signals
+
+    ckpt = Checkpointer(tmp_path / "c")
+    tree = {"w": jnp.arange(4.0)}
+    real_start = threading.Thread.start
+
+    def start(thread):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, before the thread has started
+        real_start(thread)
+
+    with Signals() as signals:
+        signals.received = "SIGINT"  # the first came earlier
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(1, tree, {"epoch": 1}, {"val_loss": 1.0})
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        ckpt.close()
+    assert Checkpointer(tmp_path / "c").latest_meta() == {"epoch": 1}
+    with Signals() as signals:  # outside such a section the second Ctrl-C still interrupts at once
+        signals.received = "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
 def test_an_interrupt_lost_in_a_gc_callback_is_raised_again():
     """A second Ctrl-C can land inside a garbage-collector callback (JAX registers one), where Python
     prints "Exception ignored" and drops it: `Signals` keeps it and raises it between chunks."""
