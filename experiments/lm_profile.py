@@ -1,6 +1,7 @@
 """Where the default Transformer's training step spends its time on the CPU (the `lm` bench's profile).
 
     python experiments/lm_profile.py [--cores]   # --cores: lrjax.use_cpu_cores() first, as the CLI does
+    python experiments/lm_profile.py --xla-flags # the train step under XLA's CPU library flags, fresh processes
 
 Batch 32, context 128, d 128, 4 layers, 4 heads, adamw; each row the median of 10 calls of one jitted
 program (after a warm-up): the forward loss, the loss and its gradient, the whole `steps.train_step`,
@@ -19,7 +20,53 @@ import time
 import numpy as np
 
 
+# XLA:CPU's library paths for dots and fusions (jax 0.10's flag names; XNNPACK is on by default).
+FLAG_SETS = ("", "--xla_cpu_use_xnnpack=false", "--xla_cpu_use_onednn=true",
+             "--xla_cpu_experimental_xnn_fusion_type=dot", "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
+             "--xla_cpu_experimental_onednn_fusion_type=dot", "--xla_cpu_experimental_ynn_fusion_type=dot",
+             "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "")
+
+
+def one_step() -> None:
+    """The default Transformer's train step (median of 6 calls), in this process's XLA_FLAGS."""
+    import functools
+    import os
+
+    import jax
+    import optax
+
+    from lrjax import models, steps, tasks
+
+    rng = np.random.default_rng(0)
+    batch, w = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}, np.ones(32, np.float32)
+    state = steps.init_state(models.transformer(256, 128), functools.partial(optax.adamw, weight_decay=0.1), 1e-3,
+                             loss_fn=tasks.next_token)
+    step = jax.jit(steps.train_step)
+    _, m = jax.block_until_ready(step(state, batch, w))
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(state, batch, w))
+        times.append(time.perf_counter() - t0)
+    print(f"{os.environ.get('XLA_FLAGS') or '(defaults)':75s} train step {statistics.median(times) * 1000:6.1f} ms  "
+          f"loss {float(m['loss']):.6f}", flush=True)
+
+
+def flag_sets() -> int:
+    import os
+    import subprocess
+
+    for flags in FLAG_SETS:
+        subprocess.run([sys.executable, __file__, "--one-step"], env={**os.environ, "XLA_FLAGS": flags}, check=True)
+    return 0
+
+
 def main() -> int:
+    if "--one-step" in sys.argv:
+        one_step()
+        return 0
+    if "--xla-flags" in sys.argv:
+        return flag_sets()
     import lrjax
 
     if "--cores" in sys.argv:

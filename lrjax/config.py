@@ -41,11 +41,11 @@ class Config:
                                "(default: $LRJAX_CACHE_DIR or ~/.cache/lrjax)")
     input: str = _f("auto", "input path: resident (every split as float32 on every device), stream (uint8 chunks "
                     "read through Grain, converted on the device) or auto (resident when the data fit "
-                    "--device-memory-budget, else streamed; the choice is printed)", ("find-lr", "train", "run"))
+                    "--device-memory-budget, else streamed; the choice is printed; sweep: text only, images are resident)", ALL)
     device_memory_budget: str | None = _f(None, "device memory the resident data may take on each device, a size "
                                           "such as 20MB or 4GB (default: half of an accelerator's memory; on "
                                           "CPU half of host memory shared among the devices and the host's copy)",
-                                          ("find-lr", "train", "run"))
+                                          ALL)
     seed: int = _f(42, "seed for model init, batch order and everything random", ALL + ("sample",))
     batch_size: int = _f(32, "global batch size (divided across devices)")
     model: str = _f("mlp", "model: mlp (the seed's MLP) or cnn (a compact CNN with BatchNorm and Dropout); "

@@ -50,6 +50,7 @@ SPLIT_FRACTION = 0.05  # of the token stream: test (the end), validation (just b
 # load and well under one on idle cores; the acceptance corpus (stdlib email+xml+json, 0.74 MB) has
 # 5,144 windows, under the cap.
 MAX_WINDOWS_PER_EPOCH = 6_400
+PROBE_WINDOWS = 256  # the training windows the input checks read (`Corpus.x_train`)
 MAGIC = b"LRJXTOK1"
 HEADER = struct.Struct("<8sQII32s")  # magic, token count, files read, files skipped, sha256 of the tokens
 
@@ -94,9 +95,10 @@ class Corpus:
 
     @property
     def x_train(self):
-        """The training split's non-overlapping windows: what the input checks and the default
-        suggestion's candidate stage (`lrjax.verify`) read; training draws random windows instead."""
-        return self.windows("train")
+        """The training split's first windows, what the input checks read (a model's input shape; every
+        byte is a valid token, so the whole split needs no check and no int32 copy of it is made);
+        training draws random windows from the tokens instead."""
+        return self.windows("train", PROBE_WINDOWS)
 
     @property
     def x_valid(self):
@@ -110,8 +112,6 @@ class Corpus:
         """The `Input` the entry points use (`lrjax.inputs.make_input` calls this), by `self.input`."""
         if self.input == "resident":
             return TextInput(self, batch_size, mesh)
-        if who == "sweep":
-            raise ConfigError("sweep: a streamed text corpus is not supported; use --input resident")
         return TextStreamInput(self, batch_size, mesh, chunk_steps)
 
     def describe(self) -> str:
@@ -253,7 +253,7 @@ class TextInput(feeds.Input):
     """A `Corpus` for `fit`, `find_lr` and `sweep`: training tokens resident on the devices, random windows."""
 
     kind = "resident"
-    seeds = 1
+    seeds = None  # any number: each seed cuts its own windows from the same tokens
 
     def __init__(self, corpus: Corpus, batch_size: int, mesh):
         self.corpus, self.batch_size, self.mesh = corpus, int(batch_size), mesh
@@ -277,12 +277,14 @@ class TextInput(feeds.Input):
         return self._feed(self._order(seed), self.steps_per_epoch, cadence, cadence != self.steps_per_epoch)
 
     def range_feed(self, seeds: list[int], chunk: int, num_steps: int) -> resident.ResidentFeed:
-        if len(seeds) != 1:
-            raise ConfigError("a text range test runs one seed: use --num-seeds 1")
-        # the range test's steps as one long "epoch" of as many windows (epoch 0: not a training epoch's)
-        rows = epoch_starts(int(seeds[0]), 0, self.num_train, self.length, num_steps * self.batch_size,
-                            self.batch_size)
-        return self._feed(lambda _: rows, num_steps, chunk)
+        # the range test's steps as one long "epoch" of as many windows (epoch 0: not a training epoch's),
+        # each seed its own windows, seeds split over `members` as `lrjax.resident`'s range feed
+        rows = resident.seeds_order(lambda s, _: epoch_starts(s, 0, self.num_train, self.length,
+                                                              num_steps * self.batch_size, self.batch_size), seeds)(0)
+        rows = rows if len(seeds) > 1 else tuple(a[0] for a in rows)
+        feed = self._feed(lambda _: rows, num_steps, chunk, seed_axis=len(seeds) > 1)
+        feed.place = lambda t: mesh_lib.spread_members(self._replicate(t))
+        return feed
 
     def sweep_feed(self, seeds: list[int], chunk: int) -> resident.ResidentFeed:
         # each seed's windows of the epoch, as `fit` draws them (every rate of a seed on the same
@@ -367,6 +369,13 @@ class TextStreamInput(feeds.Input):
             raise ConfigError("a text range test runs one seed: use --num-seeds 1")
         # as TextInput's: the range test's steps as one long epoch 0 of as many windows
         return self._feed(seeds[0], 0, num_steps * self.batch_size, chunk, num_steps)
+
+    def sweep_feed(self, seeds: list[int], chunk: int):
+        if len(seeds) != 1:
+            raise ConfigError("a streamed text sweep runs one seed (every rate on its windows): use --num-seeds 1, "
+                              "or --input resident")
+        # each epoch's windows as `fit` streams them; endless: the sweep reads its epochs and closes it
+        return self._feed(seeds[0], 1, self.num_examples, min(chunk, self.steps_per_epoch), None)
 
     def valid_examples(self, count: int | None = None):
         return self.corpus.windows("valid", count)

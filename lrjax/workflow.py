@@ -452,7 +452,10 @@ def sweep_job(cfg: Config, data: Dataset | None = None, suggestions: dict | None
     from lrjax.numeric import nan_reduce
     from lrjax.sweeps import lr_grid, sweep, write_sweep_events
 
-    if data is None:  # a sweep trains resident data (a text corpus: its tokens resident, `lrjax.text`)
+    if data is None:  # a sweep trains resident images; a text corpus resident or streamed (`lrjax.text`)
+        if cfg.dataset != "text" and cfg.input == "stream":
+            raise ConfigError("sweep: images are trained resident (--input resident or auto); --input stream is for "
+                              "--dataset text")
         data = load(cfg) if cfg.dataset == "text" else load_resident(cfg)
     workdir = Path(cfg.workdir)
     grid = lr_grid(cfg.lrs, cfg.num_lrs)

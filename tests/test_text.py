@@ -273,6 +273,34 @@ def test_a_streamed_range_test_equals_the_resident_one(tmp_path):
     assert b.suggestion == pytest.approx(a.suggestion, rel=1e-6)
 
 
+@pytest.mark.slow
+def test_a_streamed_sweep_equals_the_resident_one(tmp_path):
+    from lrjax.sweeps import sweep
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache", max_windows=80)  # 3 steps, the last padded
+    kw = dict(epochs=2, batch_size=32, loss_fn=tasks.next_token, seeds=[5], chunk_steps=2)
+    a = sweep(lambda s: tiny(seed=s), optax.adamw, corpus, [1e-3, 1e-2], **kw)
+    b = sweep(lambda s: tiny(seed=s), optax.adamw, streamed(corpus), [1e-3, 1e-2], **kw)
+    for name in ("loss", "val_loss", "val_bits_per_byte"):
+        np.testing.assert_allclose(b.metrics[name], a.metrics[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_text_range_test_seeds_together_equal_separate_runs(tmp_path):
+    from lrjax.range_test import find_lr
+
+    write_corpus(tmp_path / "c", n_files=3, size=4000)
+    corpus = text.load_corpus(tmp_path / "c", 8, tmp_path / "cache")
+    kw = dict(batch_size=16, start_lr=1e-4, end_lr=0.1, num_steps=30, chunk_steps=16, loss_fn=tasks.next_token,
+              method="valley")
+    together = find_lr(tiny(), optax.adamw, corpus, num_seeds=2, seed=3, init_fn=lambda s: tiny(seed=s), **kw)
+    for s in range(2):
+        alone = find_lr(tiny(seed=3 + s), optax.adamw, corpus, seed=3 + s, **kw)
+        np.testing.assert_allclose(together.per_seed_losses[s], alone.losses, rtol=2e-4, atol=2e-5)
+    assert not np.allclose(together.per_seed_losses[0], together.per_seed_losses[1], rtol=1e-3)  # own windows
+
+
 def test_input_auto_keeps_a_small_corpus_resident_and_stream_streams_it(tmp_path, capsys):
     from lrjax import workflow
 
@@ -286,5 +314,5 @@ def test_input_auto_keeps_a_small_corpus_resident_and_stream_streams_it(tmp_path
     assert corpus.input == "stream" and "--input stream" in capsys.readouterr().out
     inp = corpus.input_for("fit", batch_size=4, mesh=mesh_lib.make_mesh("auto"))
     assert isinstance(inp, text.TextStreamInput) and inp.kind == "stream"
-    with pytest.raises(Exception, match="--input resident"):
-        corpus.input_for("sweep", batch_size=4, mesh=mesh_lib.make_mesh("auto"))
+    with pytest.raises(Exception, match="--input resident"):  # a streamed sweep: every rate on one seed's windows
+        corpus.input_for("sweep", batch_size=4, mesh=mesh_lib.make_mesh("auto")).sweep_feed([1, 2], 4)
