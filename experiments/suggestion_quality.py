@@ -127,12 +127,41 @@ def task_of(cell: dict):
     return lrjax.tasks.classification
 
 
+def rescored(old: dict, r, run, source: str) -> dict:
+    """`old` (a seed's record) with the default method scored anew from range test `r`, against the
+    grid `old` holds: every other suggestion of `r` must equal `old`'s (the same curve), so the grid and
+    their scores stand; the default's new rate is trained alone (a sweep's members train independently),
+    unless the grid or a method already scored it."""
+    default = suggest.DEFAULT_METHOD
+    for m, v in old["methods"].items():
+        new = r.suggestions.get(m) if m in r.suggestions else EXTRA[m](r)
+        if m != default and not (v["lr"] is None and new is None or v["lr"] and new and np.isclose(new, v["lr"], rtol=1e-6)):
+            raise RuntimeError(f"seed {old['seed']}: {m} suggests {new} now and {v['lr']} in {source}: another "
+                               "curve, so its grid does not apply; run the cell without --rescore")
+    lr = float(r.suggestions[default])
+    known = {**dict(zip(old["grid"], old["grid_accuracy"])),
+             **{v["lr"]: v["accuracy"] for m, v in old["methods"].items() if m != default and v["lr"]}}
+    hit = [k for k in known if np.isclose(k, lr, rtol=1e-9)]
+    if hit:
+        score, diverged = known[hit[0]], False
+    else:
+        scores, div = run(np.array([lr]))
+        score, diverged = float(scores[0]), bool(div[0])
+    worst = np.inf if old["lower_is_better"] else 0.0
+    score = worst if diverged or not np.isfinite(score) else score
+    rec = {**old, "methods": {**old["methods"], default: {"lr": lr, "accuracy": score, "fraction": score / old[
+        "best_grid_accuracy"], "diverged": diverged}}}
+    rec["rescored"] = {"grid_from": source, "previous": old["methods"][default]}
+    return rec
+
+
 def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: None, range_data=None,
-               length_mult: int = 1, lr_free: bool = False) -> list[dict]:
+               length_mult: int = 1, lr_free: bool = False, old: dict | None = None, source: str = "") -> list[dict]:
     """Per seed: the range test's suggestions (on `range_data`, default `data`; `length_mult` x its default
     one-epoch length) scored against the best rate of a grid over its span trained on `data` (by validation
     accuracy, or loss for cells with metric "loss"); with `lr_free`, the learning-rate-free optimizers too;
-    `done(records, curves)` after each seed."""
+    `done(records, curves)` after each seed. With `old` (seed -> record of `source`), only the default
+    method is scored anew, against the old record's grid (`rescored`)."""
     opt = optimizers.get(cell["optimizer"])
     model_fn = model_fn_for(cell, data)
     loss_fn, by_loss = task_of(cell), cell.get("metric") == "loss"
@@ -152,7 +181,9 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
 
         span = tuple(cell.get("grid_span", (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1]))))
         suggestions = {**r.suggestions, **{k: fn(r) for k, fn in EXTRA.items()}}
-        rec = {"seed": seed, **score_suggestions(suggestions, span, run, cell["grid"], lower_is_better=by_loss),
+        scored = (rescored(old[seed], r, run, source) if old is not None else
+                  {"seed": seed, **score_suggestions(suggestions, span, run, cell["grid"], lower_is_better=by_loss)})
+        rec = {**scored,
                "curve": {"points": len(r.lrs), "first_lr": float(r.lrs[0]), "last_lr": float(r.lrs[-1]),
                          "diverged_lr": r.diverged_lr, "lag_growth": suggest.lag_growth(r.lrs, r.beta),
                          "warnings": r.warnings, "length_mult": length_mult},
@@ -217,6 +248,9 @@ def main():
     p.add_argument("--report", action="store_true", help="print the tables of --json and exit")
     p.add_argument("--length-mult", type=int, default=1, help="the range test runs this many epochs (cell NAME@Kx)")
     p.add_argument("--lr-free", action="store_true", help="also train the learning-rate-free optimizers")
+    p.add_argument("--rescore", default=None, help="a record (JSON) of the same cells and seeds: rerun each range "
+                   "test and score only the default method anew, against that record's grids (after a change of "
+                   "the default; the other suggestions must come out as recorded)")
     a = p.parse_args()
     path = Path(a.json)
     out = json.loads(path.read_text()) if path.exists() else {"cells": {}}
@@ -272,7 +306,11 @@ def main():
             full if cell["range_train"] is None else full.take(cell["range_train"], len(full.x_valid)))
         if cell["model"] == "mlp-halves" and range_data is full:
             range_data = halves(full)
-        score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free)
+        old = None
+        if a.rescore:
+            old = {r["seed"]: r for r in json.loads(Path(a.rescore).read_text())["cells"][name]["records"]}
+        score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free,
+                   old=old, source=a.rescore or "")
         c = out["cells"][name]
         print("\n" + table_text(name, c, c["records"]) + "\n", flush=True)
     print(f"written {path}")

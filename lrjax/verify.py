@@ -46,6 +46,13 @@ EPOCH_FRACTION = 8
 # rises more gently than above it, so the lower of two rates a short run cannot tell apart is the safer.
 TOLERANCE = 0.01
 MAX_EXTRA = 4  # rates below the last candidate tried while the pick is the lowest tried
+# The pick between the candidates: the vertex of the parabola through the picked candidate's loss and its
+# two neighbours' (in log rate), at most half a spacing away (a factor 2**0.5). Candidates 2x apart leave
+# the best up to 1.4x from every one of them, and on lrjax's Transformer LM (2 epochs) 1.4x below the best
+# rate cost 2-4% of validation loss; the vertex falls between candidates where the losses say so, at no cost
+# in training. Without two finite neighbours, or where the three points do not curve upwards (a plateau,
+# noise), the candidate stands.
+MAX_SHIFT = 0.5  # in spacings (log rate)
 
 
 @dataclasses.dataclass
@@ -54,7 +61,8 @@ class Verification:
 
     candidates: list[float]
     val_losses: list[float | None]  # None where the candidate diverged
-    picked: float | None
+    picked: float | None  # the suggestion: `candidate` moved between its neighbours by `refine`
+    candidate: float | None  # the candidate `pick` chose
     anchor: float  # the rate the candidates hang from (`suggest.turn`)
     steps: int  # training steps of every candidate
     train_examples: int
@@ -85,6 +93,27 @@ def pick(candidates, val_losses, tolerance: float = TOLERANCE) -> float | None:
     return float(rates[near[np.argmin(rates[near])]])
 
 
+def refine(candidates, val_losses, picked: float | None, spacing: float = SPACING,
+           max_shift: float = MAX_SHIFT) -> float | None:
+    """`picked` moved to the vertex of the parabola through its loss and its neighbours' in log rate
+    (the candidates `spacing` x apart on either side), by at most `max_shift` spacings; `picked` itself
+    where a neighbour is missing or not finite or the points do not curve upwards."""
+    if picked is None:
+        return None
+    rates = np.asarray(candidates, np.float64)
+    v = np.asarray([np.nan if x is None else x for x in val_losses], np.float64)
+    at = lambda r: np.flatnonzero(np.isclose(rates, r, rtol=1e-9))  # noqa: E731
+    here, up, down = at(picked), at(picked * spacing), at(picked / spacing)
+    if not (len(here) and len(up) and len(down)):
+        return picked
+    f0, f_up, f_down = v[here[0]], v[up[0]], v[down[0]]
+    curvature = f_up - 2 * f0 + f_down
+    if not (np.isfinite([f0, f_up, f_down]).all() and curvature > 0):
+        return picked
+    shift = float(np.clip((f_down - f_up) / (2 * curvature), -max_shift, max_shift))  # in spacings, up positive
+    return float(picked * spacing ** shift)
+
+
 def _losses(values) -> list[float | None]:
     return [None if v is None or not np.isfinite(v) else float(v) for v in values]
 
@@ -109,6 +138,7 @@ def verify(anchor: float, train: Callable[[np.ndarray], list[float | None]], *, 
         rates.append(min(rates) / SPACING)
         val += _losses(train(np.asarray(rates[-1:])))
         picked = pick(rates, val)
-    return Verification(candidates=rates, val_losses=val, picked=picked, anchor=float(anchor),
+    candidate, picked = picked, refine(rates, val, picked)
+    return Verification(candidates=rates, val_losses=val, picked=picked, candidate=candidate, anchor=float(anchor),
                         steps=int(steps), train_examples=int(steps) * int(batch_size), valid_examples=int(valid_examples),
                         seconds=time.perf_counter() - t0)

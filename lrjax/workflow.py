@@ -269,7 +269,9 @@ def _find_lr_job(cfg: Config, data: Dataset | None, png: overlap.PngChild) -> Ra
         losses = ", ".join(f"{lr:.3g} {loss:.4f}" if loss is not None else f"{lr:.3g} diverged"
                            for lr, loss in zip(v.candidates, v.val_losses))
         _say(cfg, f"verification: {len(v.candidates)} rates below the curve's turn ({v.anchor:.3g}) trained {v.steps} "
-                  f"steps each, validation loss: {losses}; {v.seconds:.1f}s")
+                  f"steps each, validation loss: {losses}; {v.seconds:.1f}s"
+                  + (f"; best {v.candidate:.3g}, between its neighbours {v.picked:.3g}"
+                     if v.picked is not None and v.picked != v.candidate else ""))
     _say(cfg, f"suggested lr ({result.method}): {result.suggestion:.4g}  -> {workdir / 'lr_find.png'}")
     for note in result.notes:
         _say(cfg, f"note: {note}")

@@ -137,7 +137,8 @@ def test_outputs(tmp_path, data):
         assert key in j, key
     assert set(j["suggestions"]) == set(suggest.METHODS) | {suggest.DEFAULT_METHOD}
     v = j["verification"]  # what the default's verification stage measured
-    assert len(v["candidates"]) == len(v["val_losses"]) == 6 and v["picked"] in v["candidates"]
+    assert len(v["candidates"]) == len(v["val_losses"]) == 6 and v["candidate"] in v["candidates"]
+    assert 2 ** -0.5 <= v["picked"] / v["candidate"] <= 2 ** 0.5 and j["suggestion"] == v["picked"]
     assert v["anchor"] == j["suggestions"]["turn"] == v["candidates"][0]
     assert j["find_lr_time_s"] > j["wall_time_s"]
     assert j["suggestion"] == j["suggestions"][j["method"]]

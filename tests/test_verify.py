@@ -68,14 +68,35 @@ def test_verify_goes_below_the_candidates_while_the_lowest_wins():
     assert calls[0] == verify.NUM_CANDIDATES and all(c == 1 for c in calls[1:])
     assert v.candidates[:verify.NUM_CANDIDATES] == verify.candidate_rates(0.04).tolist()
     assert np.allclose(np.diff(np.log2(v.candidates)), -1.0)
-    assert v.picked == verify.pick(v.candidates, v.val_losses)
-    assert 1e-4 <= v.picked <= 6e-4 and v.picked > min(v.candidates)  # bracketed: a lower rate did worse
+    assert v.candidate == verify.pick(v.candidates, v.val_losses)
+    assert 1e-4 <= v.candidate <= 6e-4 and v.candidate > min(v.candidates)  # bracketed: a lower rate did worse
+    # a gentle valley: the rates below it tie within 1%, the pick is the lowest tied, and the parabola
+    # through it and its neighbours moves it towards the valley by at most half a spacing
+    assert v.candidate < v.picked <= min(3e-4, v.candidate * 2 ** 0.5) * (1 + 1e-9)
 
     def flat(rates):
         return [1.0] * len(rates)  # every rate ties: the stage stops after MAX_EXTRA more
 
     v = verify.verify(0.04, flat, steps=12, batch_size=16, valid_examples=100)
     assert len(v.candidates) == verify.NUM_CANDIDATES + verify.MAX_EXTRA and v.picked == min(v.candidates)
+    assert v.picked == v.candidate  # a plateau does not curve: the candidate stands
+
+
+def test_refine_moves_the_pick_to_the_parabolas_vertex_by_half_a_spacing_at_most():
+    rates = [0.08, 0.04, 0.02, 0.01]
+    # losses quadratic in log2(rate) with the minimum at 0.03: the vertex is found exactly
+    valley = [(np.log2(r / 0.03)) ** 2 for r in rates]
+    assert verify.refine(rates, valley, 0.04) == pytest.approx(0.03)
+    assert verify.refine(rates, valley, 0.02) == pytest.approx(0.02 * 2 ** 0.5)  # 0.58 spacings away: half of one
+    assert verify.refine(rates, [1.0, 0.5, 0.5, 1.0], 0.02) == pytest.approx(0.02 * 2 ** 0.5)
+    assert verify.refine(rates, [1.0, 0.6, 0.5, 0.6], 0.02) == 0.02  # symmetric neighbours: no move
+    assert verify.refine(rates, [1.0, 0.5, 0.6, 0.7], 0.04) == pytest.approx(0.04 * 2 ** ((0.6 - 1.0) / 1.2))
+    for losses, at in (([0.9, 0.7, 0.5, 0.3], 0.02),  # no upward curvature
+                       ([None, 0.5, 0.4, 0.6], 0.04),  # a neighbour diverged
+                       ([0.9, 0.5, 0.4, 0.6], 0.01),  # the lowest rate: one neighbour only
+                       ([0.9, 0.5, float("nan"), 0.6], 0.04)):
+        assert verify.refine(rates, losses, at) == at
+    assert verify.refine(rates, valley, None) is None
 
 
 def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data):
@@ -88,7 +109,8 @@ def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data)
     v = r.verification
     assert v.steps == 12 and v.train_examples == 192 and v.valid_examples == 100
     assert len(v.val_losses) == 6 and all(x is not None and np.isfinite(x) for x in v.val_losses)
-    assert r.suggestion == v.picked == verify.pick(v.candidates, v.val_losses)
+    assert v.candidate == verify.pick(v.candidates, v.val_losses)
+    assert r.suggestion == v.picked == verify.refine(v.candidates, v.val_losses, v.candidate)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), before, strict=True):  # the model is left alone
         np.testing.assert_array_equal(np.asarray(a), b)
     for rate, loss in zip(v.candidates[::5], v.val_losses[::5]):
