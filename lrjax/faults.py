@@ -241,10 +241,12 @@ def uninterruptible() -> Iterator[None]:
     _uninterruptible["depth"] += 1
     try:
         yield
-    finally:
+    finally:  # an error leaving the section ends the run anyway: the deferred interrupt goes with it
         _uninterruptible["depth"] -= 1
-    if _uninterruptible["depth"] == 0 and _uninterruptible["pending"]:
-        _uninterruptible["pending"] = False
+        pending = _uninterruptible["depth"] == 0 and _uninterruptible["pending"]
+        if pending:
+            _uninterruptible["pending"] = False
+    if pending:
         raise KeyboardInterrupt
 
 
