@@ -27,29 +27,43 @@ FLAG_SETS = ("", "--xla_cpu_use_xnnpack=false", "--xla_cpu_use_onednn=true",
              "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "")
 
 
+def inputs():
+    """The profile's batch (32 windows of 128 + 1 random bytes), its weights and the optimizer (adamw, wd 0.1)."""
+    import optax
+
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}
+    return batch, np.ones(32, np.float32), functools.partial(optax.adamw, weight_decay=0.1)
+
+
+def median_ms(fn, *args, calls: int = 10) -> float:
+    """The median of `calls` calls of `fn(*args)` (after a warm-up), in milliseconds."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
 def one_step() -> None:
     """The default Transformer's train step (median of 6 calls), in this process's XLA_FLAGS."""
-    import functools
     import os
 
     import jax
-    import optax
 
     from lrjax import models, steps, tasks
 
-    rng = np.random.default_rng(0)
-    batch, w = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}, np.ones(32, np.float32)
-    state = steps.init_state(models.transformer(256, 128), functools.partial(optax.adamw, weight_decay=0.1), 1e-3,
-                             loss_fn=tasks.next_token)
+    batch, w, adamw = inputs()
+    state = steps.init_state(models.transformer(256, 128), adamw, 1e-3, loss_fn=tasks.next_token)
     step = jax.jit(steps.train_step)
-    _, m = jax.block_until_ready(step(state, batch, w))
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(state, batch, w))
-        times.append(time.perf_counter() - t0)
-    print(f"{os.environ.get('XLA_FLAGS') or '(defaults)':75s} train step {statistics.median(times) * 1000:6.1f} ms  "
-          f"loss {float(m['loss']):.6f}", flush=True)
+    _, m = step(state, batch, w)
+    ms = median_ms(step, state, batch, w, calls=6)
+    print(f"{os.environ.get('XLA_FLAGS') or '(defaults)':75s} train step {ms:6.1f} ms  loss {float(m['loss']):.6f}",
+          flush=True)
 
 
 def flag_sets() -> int:
@@ -72,24 +86,11 @@ def main() -> int:
     if "--cores" in sys.argv:
         lrjax.use_cpu_cores()
     import jax
-    import optax
 
     from lrjax import mesh as mesh_lib
     from lrjax import models, steps, tasks
 
-    rng = np.random.default_rng(0)
-    batch = {"tokens": rng.integers(0, 256, (32, 129)).astype(np.int32)}
-    w = np.ones(32, np.float32)
-    adamw = functools.partial(optax.adamw, weight_decay=0.1)
-
-    def med(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000
+    batch, w, adamw = inputs()
 
     own = models.causal_attention
     print(f"jax {jax.__version__}, {jax.device_count()} devices")
@@ -104,9 +105,9 @@ def main() -> int:
             model = nnx.merge(state.graphdef, params, state.rest)
             return tasks.next_token(model, batch)[0].mean()
 
-        fwd = med(jax.jit(loss), state.params)
-        grad = med(jax.jit(jax.value_and_grad(loss)), state.params)
-        step = med(jax.jit(steps.train_step), state, batch, w)
+        fwd = median_ms(jax.jit(loss), state.params)
+        grad = median_ms(jax.jit(jax.value_and_grad(loss)), state.params)
+        step = median_ms(jax.jit(steps.train_step), state, batch, w)
         print(f"{name:40s} forward {fwd:6.1f} ms  forward+backward {grad:6.1f} ms  train step {step:6.1f} ms "
               f"(optimizer and the rest {step - grad:5.1f} ms)", flush=True)
         if jax.device_count() > 1:
@@ -115,7 +116,7 @@ def main() -> int:
             split = jax.device_put((batch, w), sharding)
             state_r = mesh_lib.replicate(state, mesh)
             print(f"{'':40s} train step, batch split over {jax.device_count()} devices "
-                  f"{med(jax.jit(steps.train_step), state_r, *split):6.1f} ms", flush=True)
+                  f"{median_ms(jax.jit(steps.train_step), state_r, *split):6.1f} ms", flush=True)
     models.causal_attention = own
     return 0
 
