@@ -267,8 +267,9 @@ class TextInput(feeds.Input):
         return lambda epoch: epoch_starts(seed, epoch, self.num_train, self.length, self.num_examples,
                                           self.batch_size)
 
-    def _feed(self, order, steps: int, k: int, masked: bool = True, seed_axis: bool = False) -> resident.ResidentFeed:
-        feed = resident.ResidentFeed(self.train, order, steps, k, place=self._replicate, masked=masked,
+    def _feed(self, order, steps: int, k: int, masked: bool = True, seed_axis: bool = False,
+              place=None) -> resident.ResidentFeed:
+        feed = resident.ResidentFeed(self.train, order, steps, k, place=place or self._replicate, masked=masked,
                                      seed_axis=seed_axis)
         feed.fetch = window_fetch(self.length)
         return feed
@@ -279,12 +280,12 @@ class TextInput(feeds.Input):
     def range_feed(self, seeds: list[int], chunk: int, num_steps: int) -> resident.ResidentFeed:
         # the range test's steps as one long "epoch" of as many windows (epoch 0: not a training epoch's),
         # each seed its own windows, seeds split over `members` as `lrjax.resident`'s range feed
-        rows = resident.seeds_order(lambda s, _: epoch_starts(s, 0, self.num_train, self.length,
-                                                              num_steps * self.batch_size, self.batch_size), seeds)(0)
-        rows = rows if len(seeds) > 1 else tuple(a[0] for a in rows)
-        feed = self._feed(lambda _: rows, num_steps, chunk, seed_axis=len(seeds) > 1)
-        feed.place = lambda t: mesh_lib.spread_members(self._replicate(t))
-        return feed
+        def draw(seed, _=None):
+            return epoch_starts(seed, 0, self.num_train, self.length, num_steps * self.batch_size, self.batch_size)
+
+        rows = resident.seeds_order(draw, seeds)(0) if len(seeds) > 1 else draw(int(seeds[0]))
+        return self._feed(lambda _: rows, num_steps, chunk, seed_axis=len(seeds) > 1,
+                          place=lambda t: mesh_lib.spread_members(self._replicate(t)))
 
     def sweep_feed(self, seeds: list[int], chunk: int) -> resident.ResidentFeed:
         # each seed's windows of the epoch, as `fit` draws them (every rate of a seed on the same
