@@ -352,8 +352,9 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
             eval_examples: int, mesh) -> None:
     """The default's verification stage (`lrjax.verify`) after the test: its pick becomes the suggestion,
     or, where it cannot run or finds nothing, `suggest.FALLBACK_METHOD`'s (with a note saying why).
-    Each candidate runs the test's compiled chunk `program` from a fresh state (`new_state()`) at a
-    constant rate over the test's first batches (at most its `length` padded steps)."""
+    Each candidate runs the test's compiled chunk `program` from a fresh state (`new_state()`) over the
+    test's first batches (at most its `length` padded steps), at its rate and then a cooldown
+    (`verify.candidate_schedule`)."""
     anchor = result.suggestions.get("turn")
     reason = None
     if inp.kind == "iterable":  # one pass of the user's batches: the first ones cannot be read again
@@ -380,7 +381,7 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
             outs = []
             for rate in rates:  # dispatched one after another; read once all have run
                 carry, feed = _init_carries([new_state()], real=1), inp.range_feed([result.seed], chunk, n)
-                lrs = np.full(length, rate, np.float32)
+                lrs = verify.candidate_schedule(rate, n, length)
                 try:
                     for start in range(0, n, chunk):
                         carry, out = program(carry, np.int32(start), feed.context, *feed.take(min(chunk, n - start)),

@@ -57,6 +57,13 @@ MAX_EXTRA = 4  # rates below the last candidate tried while the pick is the lowe
 # in training. Without two finite neighbours, or where the three points do not curve upwards (a plateau,
 # noise), the candidate stands.
 MAX_SHIFT = 0.5  # in spacings (log rate)
+# Each candidate's last quarter of steps decays linearly to zero (a cooldown, as warmup-stable-decay
+# schedules end). A constant rate leaves the weights as noisy as the rate is high, and a short run scores
+# that noise: higher rates look worse after 40 steps than they turn out after two epochs (short-horizon
+# bias). The cooldown removes most of it before the candidate is scored, at no extra step. On lrjax's
+# Transformer LM (seed 42, 188 steps an epoch) constant-rate candidates picked 1.27e-3 (two epochs: on a
+# shelf 3.7% above the best grid rate's loss), cooled ones 2.54e-3 (within the best rates' band).
+COOLDOWN = 0.25  # of the stage's steps
 
 
 @dataclasses.dataclass
@@ -116,6 +123,21 @@ def refine(candidates, val_losses, picked: float | None, spacing: float = SPACIN
         return picked
     shift = float(np.clip((f_down - f_up) / (2 * curvature), -max_shift, max_shift))  # in spacings, up positive
     return float(picked * spacing ** shift)
+
+
+def candidate_schedule(rate: float, steps: int, length: int, cooldown: float | None = None) -> np.ndarray:
+    """A candidate's per-step rates over `length` (padded) steps: `rate`, then over the last `cooldown`
+    (default `COOLDOWN`) of its `steps` (at least one step) linearly down to zero; the padding past
+    `steps` keeps `rate` (never run)."""
+    cooldown = COOLDOWN if cooldown is None else cooldown
+    if not 0 < steps <= length or not 0 <= cooldown <= 1:
+        raise ValueError(f"candidate_schedule: need 0 < steps <= length and 0 <= cooldown <= 1, got {steps}, "
+                         f"{length}, {cooldown}")
+    lrs = np.full(length, rate, np.float32)
+    if cooldown > 0:
+        k = max(1, int(round(cooldown * steps)))
+        lrs[steps - k:steps] = rate * np.linspace(1, 0, k + 1, dtype=np.float32)[1:]
+    return lrs
 
 
 def _losses(values) -> list[float | None]:

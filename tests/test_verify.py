@@ -42,6 +42,19 @@ def data():
     return synthetic(n_train=512, valid=128, n_test=64, size=6, classes=4, noise=150)
 
 
+def test_a_candidate_cools_down_to_zero_over_the_last_quarter_of_its_steps():
+    lrs = verify.candidate_schedule(0.1, steps=8, length=12)
+    np.testing.assert_allclose(lrs[:6], 0.1)
+    np.testing.assert_allclose(lrs[6:8], [0.05, 0.0], atol=1e-8)  # 2 of 8 steps: halfway, then zero
+    np.testing.assert_allclose(lrs[8:], 0.1)  # the padding is never run
+    np.testing.assert_allclose(verify.candidate_schedule(0.1, 40, 40)[30:], 0.1 * np.arange(10, -1, -1)[1:] / 10,
+                               atol=1e-8)
+    assert verify.candidate_schedule(0.1, 3, 3)[-1] == 0.0  # at least one step
+    np.testing.assert_allclose(verify.candidate_schedule(0.1, 5, 5, cooldown=0.0), 0.1)
+    with pytest.raises(ValueError):
+        verify.candidate_schedule(0.1, steps=6, length=5)
+
+
 def test_verify_scores_the_candidates_with_what_train_returns():
     seen = []
 
@@ -99,9 +112,13 @@ def test_refine_moves_the_pick_to_the_parabolas_vertex_by_half_a_spacing_at_most
     assert verify.refine(rates, valley, None) is None
 
 
-def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data):
-    """A candidate's validation loss is what the range test itself measures when its rate stays at that
-    candidate: the same compiled steps over the same first batches, evaluated on the same examples."""
+def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data, monkeypatch):
+    """Without the cooldown, a candidate's validation loss is what the range test itself measures when its
+    rate stays at that candidate: the same compiled steps over the same first batches, evaluated on the
+    same examples. With it (the default) the scores differ."""
+    cooled = lrjax.find_lr(lrjax.mlp(36, (16,), 4, seed=0), optax.adam, data, batch_size=16, num_steps=150, seed=0,
+                           start_lr=1e-4, end_lr=10.0, verify_steps=12, eval_examples=100).verification
+    monkeypatch.setattr(verify, "COOLDOWN", 0.0)
     model = lrjax.mlp(36, (16,), 4, seed=0)
     before = [np.asarray(a).copy() for a in jax.tree.leaves(nnx.state(model))]
     r = lrjax.find_lr(model, optax.adam, data, batch_size=16, num_steps=150, seed=0, start_lr=1e-4, end_lr=10.0,
@@ -118,6 +135,8 @@ def test_find_lr_candidates_are_the_tests_first_batches_at_a_constant_rate(data)
                              factor=1 + 1e-7, eval_every=11, eval_examples=100, method="lagsafe",
                              stop_on_divergence=False)  # a rate that (all but) stays
         np.testing.assert_allclose(flat.val_losses[-1], loss, rtol=1e-5)
+    assert cooled.candidates[:6] == v.candidates[:6]  # the same test, the same anchor
+    assert not np.allclose(cooled.val_losses[:6], v.val_losses[:6], rtol=1e-3)
 
 
 def test_find_lr_default_verifies_and_a_rule_does_not(data):
