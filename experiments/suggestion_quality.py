@@ -159,12 +159,15 @@ def rescored(old: dict, r, run, source: str) -> dict:
 
 
 def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: None, range_data=None,
-               length_mult: int = 1, lr_free: bool = False, old: dict | None = None, source: str = "") -> list[dict]:
+               length_mult: int = 1, lr_free: bool = False, old: dict | None = None, source: str = "",
+               trained: dict | None = None) -> list[dict]:
     """Per seed: the range test's suggestions (on `range_data`, default `data`; `length_mult` x its default
     one-epoch length) scored against the best rate of a grid over its span trained on `data` (by validation
     accuracy, or loss for cells with metric "loss"); with `lr_free`, the learning-rate-free optimizers too;
     `done(records, curves)` after each seed. With `old` (seed -> record of `source`), only the default
-    method is scored anew, against the old record's grid (`rescored`)."""
+    method is scored anew, against the old record's grid (`rescored`). `trained` (seed -> {rate: (score,
+    diverged)}, `scores_of`) holds rates already trained for the same seed, data and epochs: they are not
+    trained again (a sweep's members train independently)."""
     opt = optimizers.get(cell["optimizer"])
     model_fn = model_fn_for(cell, data)
     loss_fn, by_loss = task_of(cell), cell.get("metric") == "loss"
@@ -178,9 +181,15 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
         find_s = time.perf_counter() - t0
 
         def run(lrs, optimizer=opt, seed=seed):
-            s = lrjax.sweep(model_fn, optimizer, data, lrs, seeds=[seed], epochs=cell["epochs"], batch_size=32,
-                            loss_fn=loss_fn)
-            return (s.best("val_loss")[0] if by_loss else s.best_val_accuracy[0]), s.diverged[0]
+            known = (trained or {}).get(seed, {}) if optimizer is opt else {}
+            found = [next((v for r, v in known.items() if np.isclose(r, lr, rtol=1e-9)), None) for lr in lrs]
+            todo = [lr for lr, f in zip(lrs, found) if f is None]
+            if todo:
+                s = lrjax.sweep(model_fn, optimizer, data, todo, seeds=[seed], epochs=cell["epochs"], batch_size=32,
+                                loss_fn=loss_fn)
+                new = iter(zip(s.best("val_loss")[0] if by_loss else s.best_val_accuracy[0], s.diverged[0]))
+            found = [f if f is not None else next(new) for f in found]
+            return np.array([f[0] for f in found]), np.array([f[1] for f in found])
 
         span = tuple(cell.get("grid_span", (float(r.lrs[0]), r.diverged_lr or float(r.lrs[-1]))))
         suggestions = {**r.suggestions, **{k: fn(r) for k, fn in EXTRA.items()}}
@@ -210,6 +219,16 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
             flush=True)
         done(records, curves)
     return records
+
+
+def scores_of(records: list[dict]) -> dict:
+    """seed -> {rate: (score, diverged)} of every grid rate and suggested rate the records trained."""
+    out = {}
+    for r in records:
+        known = {lr: (v, False) for lr, v in zip(r["grid"], r["grid_accuracy"])}
+        known.update({m["lr"]: (m["accuracy"], m["diverged"]) for m in r["methods"].values() if m["lr"]})
+        out[r["seed"]] = known
+    return out
 
 
 def table_text(name: str, cell: dict, records: list[dict]) -> str:
@@ -254,6 +273,8 @@ def main():
     p.add_argument("--rescore", default=None, help="a record (JSON) of the same cells and seeds: rerun each range "
                    "test and score only the default method anew, against that record's grids (after a change of "
                    "the default; the other suggestions must come out as recorded)")
+    p.add_argument("--reuse", default=None, help="a record (JSON) holding the same cells at the default length: "
+                   "rates it trained for a seed (its grid, its suggestions) are not trained again (for --length-mult)")
     a = p.parse_args()
     path = Path(a.json)
     out = json.loads(path.read_text()) if path.exists() else {"cells": {}}
@@ -312,8 +333,15 @@ def main():
         old = None
         if a.rescore:
             old = {r["seed"]: r for r in json.loads(Path(a.rescore).read_text())["cells"][name]["records"]}
+        trained = None
+        if a.reuse:  # the same cell at another length: its grid and rates trained for the same seeds
+            other = json.loads(Path(a.reuse).read_text())["cells"].get(base)
+            same_cell = other and all(other.get(k) == json.loads(json.dumps(v)) for k, v in cell.items() if k != "train")
+            trained = scores_of(other["records"]) if same_cell else None
+            if trained is None:
+                p.error(f"--reuse {a.reuse} holds no record of {base} as defined now")
         score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free,
-                   old=old, source=a.rescore or "")
+                   old=old, source=a.rescore or "", trained=trained)
         c = out["cells"][name]
         print("\n" + table_text(name, c, c["records"]) + "\n", flush=True)
     print(f"written {path}")
