@@ -49,9 +49,9 @@ CELLS = {
     "mlp-adam": dict(model="mlp", optimizer="adam", train=11000, range_train=None, grid=10, epochs=4),
     "mlp-adamw": dict(model="mlp", optimizer="adamw", train=11000, range_train=None, grid=10, epochs=4),
     # SGD's default growth (x1.005) would reach only 2.5e-3 in the subset's 188 steps: the range is
-    # given as start -> end instead, ending where SGD on this CNN
-    # diverges (~3). The grids are 2x apart around the best rates of round f's 6-point grids over the whole
-    # span (16-40x apart: too coarse to resolve the best within 2x)
+    # given as start -> end instead, ending where SGD on this CNN diverges (~3). The CNN grids are 2x apart
+    # around the best rates of round f's 6-point grids over the test's span (16-40x apart: too coarse to
+    # resolve the best within 2x)
     "cnn-sgd": dict(model="cnn", optimizer="sgd", train=6000, grid=8, epochs=3, range=dict(end_lr=10.0),
                     grid_span=(2.5e-3, 0.32)),
     "cnn-adam": dict(model="cnn", optimizer="adam", train=6000, grid=8, epochs=3, grid_span=(6.25e-5, 8e-3)),
