@@ -130,6 +130,20 @@ def task_of(cell: dict):
     return lrjax.tasks.classification
 
 
+def scores_of(record: dict, skip=()) -> dict:
+    """{rate: (score, diverged)} of every grid rate and suggested rate (but the methods in `skip`) a seed's
+    record trained."""
+    known = {lr: (v, False) for lr, v in zip(record["grid"], record["grid_accuracy"])}
+    known.update({v["lr"]: (v["accuracy"], v["diverged"]) for m, v in record["methods"].items()
+                  if m not in skip and v["lr"]})
+    return known
+
+
+def known_score(known: dict, lr: float):
+    """`known`'s (score, diverged) at rate `lr` (to 1e-9, relative), or None."""
+    return next((v for rate, v in known.items() if np.isclose(rate, lr, rtol=1e-9)), None)
+
+
 def rescored(old: dict, r, run, source: str) -> dict:
     """`old` (a seed's record) with the default method scored anew from range test `r`, against the
     grid `old` holds: every other suggestion of `r` must equal `old`'s (the same curve), so the grid and
@@ -142,11 +156,9 @@ def rescored(old: dict, r, run, source: str) -> dict:
             raise RuntimeError(f"seed {old['seed']}: {m} suggests {new} now and {v['lr']} in {source}: another "
                                "curve, so its grid does not apply; run the cell without --rescore")
     lr = float(r.suggestions[default])
-    known = {**dict(zip(old["grid"], old["grid_accuracy"])),
-             **{v["lr"]: v["accuracy"] for m, v in old["methods"].items() if m != default and v["lr"]}}
-    hit = [k for k in known if np.isclose(k, lr, rtol=1e-9)]
+    hit = known_score(scores_of(old, skip=(default,)), lr)
     if hit:
-        score, diverged = known[hit[0]], False
+        score, diverged = hit
     else:
         scores, div = run(np.array([lr]))
         score, diverged = float(scores[0]), bool(div[0])
@@ -166,7 +178,7 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
     accuracy, or loss for cells with metric "loss"); with `lr_free`, the learning-rate-free optimizers too;
     `done(records, curves)` after each seed. With `old` (seed -> record of `source`), only the default
     method is scored anew, against the old record's grid (`rescored`). `trained` (seed -> {rate: (score,
-    diverged)}, `scores_of`) holds rates already trained for the same seed, data and epochs: they are not
+    diverged)}, `scores_of` of a record) holds rates already trained for the same seed, data and epochs: they are not
     trained again (a sweep's members train independently)."""
     opt = optimizers.get(cell["optimizer"])
     model_fn = model_fn_for(cell, data)
@@ -182,7 +194,7 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
 
         def run(lrs, optimizer=opt, seed=seed):
             known = (trained or {}).get(seed, {}) if optimizer is opt else {}
-            found = [next((v for r, v in known.items() if np.isclose(r, lr, rtol=1e-9)), None) for lr in lrs]
+            found = [known_score(known, lr) for lr in lrs]
             todo = [lr for lr, f in zip(lrs, found) if f is None]
             if todo:
                 s = lrjax.sweep(model_fn, optimizer, data, todo, seeds=[seed], epochs=cell["epochs"], batch_size=32,
@@ -219,16 +231,6 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
             flush=True)
         done(records, curves)
     return records
-
-
-def scores_of(records: list[dict]) -> dict:
-    """seed -> {rate: (score, diverged)} of every grid rate and suggested rate the records trained."""
-    out = {}
-    for r in records:
-        known = {lr: (v, False) for lr, v in zip(r["grid"], r["grid_accuracy"])}
-        known.update({m["lr"]: (m["accuracy"], m["diverged"]) for m in r["methods"].values() if m["lr"]})
-        out[r["seed"]] = known
-    return out
 
 
 def table_text(name: str, cell: dict, records: list[dict]) -> str:
@@ -337,7 +339,7 @@ def main():
         if a.reuse:  # the same cell at another length: its grid and rates trained for the same seeds
             other = json.loads(Path(a.reuse).read_text())["cells"].get(base)
             same_cell = other and all(other.get(k) == json.loads(json.dumps(v)) for k, v in cell.items() if k != "train")
-            trained = scores_of(other["records"]) if same_cell else None
+            trained = {r["seed"]: scores_of(r) for r in other["records"]} if same_cell else None
             if trained is None:
                 p.error(f"--reuse {a.reuse} holds no record of {base} as defined now")
         score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free,
