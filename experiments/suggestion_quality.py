@@ -144,6 +144,11 @@ def known_score(known: dict, lr: float):
     return next((v for rate, v in known.items() if np.isclose(rate, lr, rtol=1e-9)), None)
 
 
+def defines(stored: dict | None, cell: dict) -> bool:
+    """Whether a stored cell (JSON) has the definition `cell` (the training examples aside)."""
+    return bool(stored) and all(stored.get(k) == json.loads(json.dumps(v)) for k, v in cell.items() if k != "train")
+
+
 def rescored(old: dict, r, run, source: str) -> dict:
     """`old` (a seed's record) with the default method scored anew from range test `r`, against the
     grid `old` holds: every other suggestion of `r` must equal `old`'s (the same curve), so the grid and
@@ -311,7 +316,7 @@ def main():
         print(f"{name}: {train_size(data)} training examples, range test + sweep of {cell['grid']} grid rates and the "
               f"suggestions, {cell['epochs']} epochs, seeds {seeds[0]}-{seeds[-1]}", flush=True)
         same = out["cells"].get(name, {})
-        same = same if all(same.get(k) == v for k, v in cell.items() if k != "train") else {}
+        same = same if defines(same, cell) else {}
         kept = [r for r in same.get("records", []) if r["seed"] not in seeds]
         seconds = same.get("seconds", 0.0) if kept else 0.0
         t0 = time.perf_counter()
@@ -338,8 +343,7 @@ def main():
         trained = None
         if a.reuse:  # the same cell at another length: its grid and rates trained for the same seeds
             other = json.loads(Path(a.reuse).read_text())["cells"].get(base)
-            same_cell = other and all(other.get(k) == json.loads(json.dumps(v)) for k, v in cell.items() if k != "train")
-            trained = {r["seed"]: scores_of(r) for r in other["records"]} if same_cell else None
+            trained = {r["seed"]: scores_of(r) for r in other["records"]} if defines(other, cell) else None
             if trained is None:
                 p.error(f"--reuse {a.reuse} holds no record of {base} as defined now")
         score_cell(cell, data, seeds, done=save, range_data=range_data, length_mult=a.length_mult, lr_free=a.lr_free,
