@@ -372,10 +372,13 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
         n = min(length, verify.default_steps(inp.steps_per_epoch) if verify_steps is None else int(verify_steps))
         if n < 1:
             raise ValueError(f"find_lr: verify_steps must be positive, got {verify_steps}")
-        m = steps.num_examples(valid)
-        evaluator = feeds.Evaluator(mesh_lib.replicate(valid, mesh), min(1000, m))
+        # whole batches only: the candidates are scored with each batch's own normalisation statistics
+        # (`steps.batch_statistics`), which padding would change
+        b = min(1000, steps.num_examples(valid))
+        m = steps.num_examples(valid) // b * b
+        evaluator = feeds.Evaluator(mesh_lib.replicate(jax.tree.map(lambda a: a[:m], valid), mesh), b)
         val, hp = args[2:]
-        compiled = []  # the evaluation compiles once, for the first candidate
+        compiled = []  # the evaluation's model structure; it compiles once, for the first candidate
 
         def train(rates):
             outs = []
@@ -389,9 +392,9 @@ def _verify(result: RangeTestResult, inp, program, new_state, args, chunk: int, 
                 finally:
                     feed.close()
                 if not compiled:
-                    evaluator.compile(carry.state)
-                    compiled.append(True)
-                outs.append((out["diverged_step"], evaluator(carry.state)["loss"]))
+                    compiled.append(steps.batch_statistics(carry.state).eval_graphdef)
+                    evaluator.compile(carry.state.replace(eval_graphdef=compiled[0]))
+                outs.append((out["diverged_step"], evaluator(carry.state.replace(eval_graphdef=compiled[0]))["loss"]))
             return [None if int(d) >= 0 else float(v) for d, v in jax.device_get(outs)]
 
         result.verification = verify.verify(anchor, train, steps=n, batch_size=result.batch_size, valid_examples=m)

@@ -216,6 +216,17 @@ def eval_step(state: TrainState, batch: Batch, weights) -> dict[str, jax.Array]:
     return {**sums, "count": jnp.sum(weights)}
 
 
+def batch_statistics(state: TrainState) -> TrainState:
+    """`state` whose evaluation normalises each evaluated batch by its own statistics (BatchNorm's
+    `use_running_average=False`, dropout still off) instead of the running averages; the same state
+    for a model without such layers. For scoring weights trained a few dozen steps: BatchNorm's
+    averages (momentum 0.99) still hold 0.99**40 = 67% of their initial values after 40 steps, and
+    they, not the weights, decide such an evaluation (`lrjax.verify`)."""
+    view = nnx.merge(state.eval_graphdef, state.params, state.rest)
+    view.set_attributes(use_running_average=False, raise_if_not_found=False)
+    return state.replace(eval_graphdef=nnx.graphdef(view))
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch order, drawn on the host
 # ---------------------------------------------------------------------------------------------

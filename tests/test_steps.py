@@ -307,3 +307,33 @@ def test_regression_task_is_mean_squared_error_and_fit_learns_it():
     val = [h["val_loss"] for h in r.history]
     assert val[-1] < 0.1 * val[0], val
     assert "val_mean_absolute_error" in r.history[-1]
+
+
+class _NormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden, self.norm = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+        self.drop, self.out = nnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jax.nn.relu(self.norm(self.hidden(x)))))
+
+
+def test_batch_statistics_normalises_by_the_evaluated_batch_with_dropout_off():
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(size=(64, 4)) * 3 + 5).astype(np.float32), rng.integers(0, 3, 64).astype(np.int32)
+    state = steps.init_state(_NormNet(nnx.Rngs(1)), optax.sgd, 0.1)
+    p = jax.device_get(state.params)
+    h = x @ np.asarray(p["hidden"]["kernel"]) + np.asarray(p["hidden"]["bias"])
+
+    def loss_after(norm):
+        logits = np.maximum(norm(h), 0) @ np.asarray(p["out"]["kernel"]) + np.asarray(p["out"]["bias"])
+        m = logits.max(1, keepdims=True)
+        return np.mean(m[:, 0] + np.log(np.exp(logits - m).sum(1)) - logits[np.arange(len(y)), y])
+
+    own = steps.evaluate(steps.batch_statistics(state), (x, y), batch_size=64)["loss"]
+    running = steps.evaluate(state, (x, y), batch_size=64)["loss"]  # the initial averages: mean 0, variance 1
+    np.testing.assert_allclose(float(own), loss_after(lambda a: (a - a.mean(0)) / np.sqrt(a.var(0) + 1e-5)), rtol=1e-4)
+    np.testing.assert_allclose(float(running), loss_after(lambda a: a / np.sqrt(1 + 1e-5)), rtol=1e-4)
+    assert abs(float(own) - float(running)) > 0.05
+    plain = steps.init_state(MLP(4, (8,), 3, rngs=nnx.Rngs(0)), optax.sgd, 0.1)
+    assert steps.batch_statistics(plain).eval_graphdef == plain.eval_graphdef  # nothing to change
