@@ -21,7 +21,9 @@ cost 2-4% of validation loss after two epochs, which candidates 2x apart could n
 `candidate_rates`, `pick` and `refine` are pure; `verify` runs the stage around a function that trains the
 candidates. The range test gives it its own compiled program (`lrjax.range_test`): each candidate runs
 the test's first `steps` batches at a constant rate that cools down to zero over the last quarter
-(`candidate_schedule`), one after another, and is scored on the first validation examples. No second
+(`candidate_schedule`), one after another, and is scored on the first validation examples, normalised
+by their own batch statistics (`lrjax.steps.batch_statistics`: after 40 steps BatchNorm's running averages
+are still mostly their initial values, docs/suggestion.md "BatchNorm in the stage"). No second
 training program is compiled: against a six-member `lrjax.sweep` of the same candidates the stage took
 1.3-1.5 s instead of 3.8-4.8 s after a one-epoch test of the MLP (sgd, Fashion-MNIST), and 0.7-1.1 s
 instead of 3.5-4.1 s after a 188-step one (adam, 6000 images), in fresh processes on a shared 2-core
