@@ -14,7 +14,8 @@ test (the optimizer's default range, `lrjax.optimizers.range_defaults`, one epoc
 except where the cell says otherwise); take every suggestion method's rate (`lrjax.suggest.METHODS`,
 plus the exploratory rules of `EXTRA`); train, in ONE sweep, a log grid over the range test's span
 (first rate to the divergence point, or the last rate) plus the distinct suggested rates as extra
-members, all from the same initial weights and batch order, for the same epochs. Report per method the
+members, all from the same initial weights and batch order, for the same epochs (cells with `replicas`: a rate's
+score is the mean over that many batch orders, the seed's first). Report per method the
 mean and worst best-validation accuracy at its rate as a fraction of the best grid rate's, and how
 often it diverged. The JSON keeps every grid rate's accuracy and a summary of each curve (its lag
 growth, warnings); the curves themselves go to --curves. Records of a cell already in --json are kept
@@ -51,10 +52,13 @@ CELLS = {
     # SGD's default growth (x1.005) would reach only 2.5e-3 in the subset's 188 steps: the range is
     # given as start -> end instead, ending where SGD on this CNN diverges (~3). The CNN grids are 2x apart
     # around the best rates of round f's 6-point grids over the test's span (16-40x apart: too coarse to
-    # resolve the best within 2x)
+    # resolve the best within 2x). Each CNN rate scores the mean of 3 replicas (`replicas`: the seed's weights,
+    # 3 batch orders): one 3-epoch run's accuracy moves by ~1% between rates 1% apart (round h, seed 2 of
+    # cnn-adam: 0.8524 at 2.02e-3, 0.8566 at 2e-3), more than the bars' margin, so one run cannot resolve the best
     "cnn-sgd": dict(model="cnn", optimizer="sgd", train=6000, grid=8, epochs=3, range=dict(end_lr=10.0),
-                    grid_span=(2.5e-3, 0.32)),
-    "cnn-adam": dict(model="cnn", optimizer="adam", train=6000, grid=8, epochs=3, grid_span=(6.25e-5, 8e-3)),
+                    grid_span=(2.5e-3, 0.32), replicas=3),
+    "cnn-adam": dict(model="cnn", optimizer="adam", train=6000, grid=8, epochs=3, grid_span=(6.25e-5, 8e-3),
+                     replicas=3),
     # issue 23's cells: a short-data cell (188 steps an epoch) and the char-level Transformer LM
     # (experiments/charlm.py, 5992 windows of 64 bytes, 188 steps an epoch), scored by validation loss
     "mlp-adam-short": dict(model="mlp", optimizer="adam", train=6000, grid=10, epochs=4),
@@ -201,10 +205,12 @@ def score_cell(cell: dict, data, seeds, log=print, done=lambda records, curves: 
             known = (trained or {}).get(seed, {}) if optimizer is opt else {}
             found = [known_score(known, lr) for lr in lrs]
             todo = [lr for lr, f in zip(lrs, found) if f is None]
-            if todo:
-                s = lrjax.sweep(model_fn, optimizer, data, todo, seeds=[seed], epochs=cell["epochs"], batch_size=32,
-                                loss_fn=loss_fn)
-                new = iter(zip(s.best("val_loss")[0] if by_loss else s.best_val_accuracy[0], s.diverged[0]))
+            if todo:  # replica k: the seed's initial weights, batch order seed + 1000 k (replica 0: the seed's own)
+                orders = [seed + 1000 * k for k in range(cell.get("replicas", 1))]
+                s = lrjax.sweep(lambda _order: model_fn(seed), optimizer, data, todo, seeds=orders,
+                                epochs=cell["epochs"], batch_size=32, loss_fn=loss_fn)
+                best = s.best("val_loss") if by_loss else s.best_val_accuracy
+                new = iter(zip(best.mean(axis=0), s.diverged.any(axis=0)))
             found = [f if f is not None else next(new) for f in found]
             return np.array([f[0] for f in found]), np.array([f[1] for f in found])
 
